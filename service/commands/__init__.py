@@ -1,0 +1,1 @@
+"""One module per ``rerank`` subcommand (see ``service.cli``)."""

@@ -1,0 +1,294 @@
+"""The one core behind both fronts: auth, limits, rate limits, scoring, ranking, billing.
+
+The gRPC servicer and the HTTP gateway translate their wire formats into a ``RerankCall``
+and back, and map ``ServiceError`` with ``service.errors``; everything in between happens
+here, once. The order of a call is fixed and is what makes billing exact:
+
+1. authenticate the key (``Authenticator``);
+2. validate against ``Limits`` (documented in docs/API.md);
+3. replay: a call whose idempotency key was already billed returns the stored reply,
+   free; the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
+4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
+5. score every query through the ``Engine`` (the in-process batcher, or a remote server);
+6. bill: one usage record per successful call, written with its idempotency key in one
+   transaction (``UsageLedger.record``); if that write fails the call fails, unbilled.
+
+A call that fails, is rejected or is cancelled before step 6 completes is never billed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Protocol
+
+from service.errors import Code, ServiceError, from_worker
+from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one call may carry; over any of these is INVALID_ARGUMENT (or 413 for bytes)."""
+
+    max_documents: int = 1000  # per call, summed over its queries
+    max_queries: int = 64  # queries in one batch call
+    max_query_chars: int = 32_768
+    max_instruction_chars: int = 8_192
+    max_document_chars: int = 262_144  # longer documents are refused before tokenizing
+    max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
+
+
+@dataclass(frozen=True, slots=True)
+class RerankQuery:
+    query: str
+    documents: Sequence[str]
+    instruction: str | None = None
+    top_n: int | None = None  # None or 0: all
+    return_documents: bool = False
+    truncation: Truncation = Truncation.END
+
+
+@dataclass(frozen=True, slots=True)
+class RerankCall:
+    queries: Sequence[RerankQuery]
+    api_key: str | None = None  # the bearer token as sent, if any
+    model: str | None = None  # None or "": the served model
+    request_id: str | None = None
+    idempotency_key: str | None = None
+
+    def fingerprint(self) -> str:
+        """Hash of what the caller asked for, to tell a retry from a different call."""
+        body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
+                                    q.return_documents, q.truncation.value) for q in self.queries]]
+        return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class RankedDoc:
+    index: int
+    score: float
+    logit: float
+    truncated: bool
+    document: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueryOutcome:
+    results: list[RankedDoc]  # best first, cut to top_n
+    documents: int  # billed documents (all sent, not only the top_n returned)
+    prompt_tokens: int
+    computed_tokens: int
+
+
+@dataclass(frozen=True, slots=True)
+class RerankReply:
+    request_id: str
+    model: str
+    outcomes: list[QueryOutcome]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    replayed: bool = False  # served from the idempotency record, not billed again
+
+    @property
+    def billed_documents(self) -> int:
+        return sum(o.documents for o in self.outcomes)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(o.prompt_tokens for o in self.outcomes)
+
+    @property
+    def computed_tokens(self) -> int:
+        return sum(o.computed_tokens for o in self.outcomes)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> RerankReply:
+        raw = json.loads(text)
+        outcomes = [QueryOutcome([RankedDoc(**r) for r in o.pop("results")], **o) for o in raw.pop("outcomes")]
+        return cls(outcomes=outcomes, **raw)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling; ``key_id`` is what usage is billed to."""
+
+    key_id: str
+    name: str
+    rate_limit_rps: float | None = None  # requests per second, None: unlimited
+    rate_limit_dps: float | None = None  # documents per second
+    quota_documents: int | None = None  # lifetime document quota
+
+
+ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    model: str
+    max_length: int
+    dtype: str
+    device: str
+    limits: Limits
+
+
+# -- seams ------------------------------------------------------------------------------
+class Engine(Protocol):
+    """Scores one query's documents; raises ServiceError."""
+
+    async def score(self, request: ScoreRequest) -> ScoreResult: ...
+    def info(self) -> dict[str, str]: ...  # model, max_length, dtype, device
+
+
+class Authenticator(Protocol):
+    async def authenticate(self, api_key: str | None) -> Principal: ...  # raises ServiceError
+
+
+class RateLimiter(Protocol):
+    async def admit(self, principal: Principal, documents: int) -> None: ...  # raises RATE_LIMITED
+
+
+class UsageLedger(Protocol):
+    async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
+        """The stored reply of an already billed call; IDEMPOTENCY_CONFLICT if the body differs."""
+
+    async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
+                     fingerprint: str) -> RerankReply:
+        """Bill ``reply`` once. On a lost race for the same idempotency key, the winner's reply."""
+
+
+class OpenAccess:
+    """Auth switched off (trusted networks only): every caller is ``ANONYMOUS``."""
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        return ANONYMOUS
+
+
+class NoRateLimit:
+    async def admit(self, principal: Principal, documents: int) -> None:
+        return None
+
+
+class BatcherEngine:
+    """The in-process engine: the worker's batcher, with its errors mapped."""
+
+    def __init__(self, batcher: object) -> None:
+        from worker.batcher import Batcher  # no torch: the runner was built by the caller
+
+        assert isinstance(batcher, Batcher)
+        self.batcher = batcher
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        try:
+            return await self.batcher.score(request)
+        except WorkerError as exc:
+            raise from_worker(exc) from exc
+
+    def info(self) -> dict[str, str]:
+        return self.batcher.runner.describe()
+
+
+class RerankCore:
+    def __init__(self, engine: Engine, *, model_name: str, limits: Limits | None = None,
+                 auth: Authenticator | None = None, limiter: RateLimiter | None = None,
+                 ledger: UsageLedger | None = None, model_aliases: Sequence[str] = ()) -> None:
+        self.engine = engine
+        self.model_name = model_name
+        self.accepted_models = {model_name, *model_aliases}
+        self.limits = limits or Limits()
+        self.auth = auth or OpenAccess()
+        self.limiter = limiter or NoRateLimit()
+        self.ledger = ledger
+
+    def model_info(self) -> ModelInfo:
+        info = self.engine.info()
+        return ModelInfo(self.model_name, int(info["max_length"]), info["dtype"], info["device"], self.limits)
+
+    async def rerank(self, call: RerankCall) -> RerankReply:
+        started = time.perf_counter()
+        principal = await self.auth.authenticate(call.api_key)
+        self.validate(call)
+        fingerprint = call.fingerprint()
+        if call.idempotency_key and self.ledger is not None:
+            stored = await self.ledger.replay(principal, call.idempotency_key, fingerprint)
+            if stored is not None:
+                return stored
+        documents = sum(len(q.documents) for q in call.queries)
+        await self.limiter.admit(principal, documents)
+        results = await asyncio.gather(*(self.engine.score(_to_request(q)) for q in call.queries))
+        reply = RerankReply(
+            request_id=call.request_id or uuid.uuid4().hex,
+            model=self.model_name,
+            outcomes=[_rank(q, r) for q, r in zip(call.queries, results)],
+            timings_ms={"total": round(1000 * (time.perf_counter() - started), 3)},
+        )
+        if self.ledger is not None:
+            reply = await self.ledger.record(principal, reply, call.idempotency_key, fingerprint)
+        return reply
+
+    def validate(self, call: RerankCall) -> None:
+        lim = self.limits
+        if call.model and call.model not in self.accepted_models:
+            raise ServiceError(Code.NOT_FOUND, f"model {call.model!r} is not served here; "
+                                               f"this server serves {self.model_name!r}")
+        if not call.queries:
+            raise ServiceError(Code.INVALID_ARGUMENT, "no queries: send at least one query")
+        if len(call.queries) > lim.max_queries:
+            raise _invalid(f"{len(call.queries)} queries in one call; the limit is {lim.max_queries}")
+        total = sum(len(q.documents) for q in call.queries)
+        if total > lim.max_documents:
+            raise _invalid(f"{total} documents in one call; the limit is {lim.max_documents}: "
+                           "split the call")
+        for n, q in enumerate(call.queries):
+            _check_query(q, lim, f"queries[{n}]." if len(call.queries) > 1 else "")
+
+
+def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
+    if not q.query.strip():
+        raise _invalid(f"{where}query is empty")
+    if len(q.query) > lim.max_query_chars:
+        raise _invalid(f"{where}query has {len(q.query)} characters; the limit is {lim.max_query_chars}")
+    if q.instruction is not None and len(q.instruction) > lim.max_instruction_chars:
+        raise _invalid(f"{where}instruction has {len(q.instruction)} characters; "
+                       f"the limit is {lim.max_instruction_chars}")
+    if not q.documents:
+        raise _invalid(f"{where}documents is empty: send at least one document")
+    if q.top_n is not None and q.top_n < 0:
+        raise _invalid(f"{where}top_n must be positive (or 0/absent for all), got {q.top_n}")
+    for i, doc in enumerate(q.documents):
+        if len(doc) > lim.max_document_chars:
+            raise _invalid(f"{where}documents[{i}] has {len(doc)} characters; the limit is "
+                           f"{lim.max_document_chars}")
+    for text in (q.query, q.instruction or "", *q.documents):
+        _check_text(text, where)
+
+
+def _check_text(text: str, where: str) -> None:
+    # Lone surrogates cannot be encoded as UTF-8, so no tokenizer or wire format takes them.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise _invalid(f"{where}text is not valid Unicode (lone surrogate at {exc.start})") from None
+
+
+def _invalid(message: str) -> ServiceError:
+    return ServiceError(Code.INVALID_ARGUMENT, message)
+
+
+def _to_request(q: RerankQuery) -> ScoreRequest:
+    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation)
+
+
+def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:
+    ranked = sorted(result.scores, key=lambda s: (-s.logit, s.index))
+    if q.top_n:
+        ranked = ranked[: q.top_n]
+    docs = [RankedDoc(s.index, s.score, s.logit, s.truncated,
+                      q.documents[s.index] if q.return_documents else None) for s in ranked]
+    return QueryOutcome(docs, len(result.scores), result.prompt_tokens, result.computed_tokens)

@@ -1,0 +1,245 @@
+"""The dynamic batcher: the one piece between the event loop and the model thread.
+
+Theory of operation
+-------------------
+``score(request)`` tokenizes on a thread pool (off the loop and off the model thread, so
+the next batch's tokens are ready while the model runs), turns the request into a
+``Group`` of per-document entries, appends them to the ``TokenBudgetQueue`` and awaits the
+group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` until work
+arrives, optionally lingers up to ``max_wait_ms`` for more, takes ``next_batch()``, runs
+``runner.score`` on a single model thread and settles what finished.
+
+Invariants
+----------
+* Every group's future is settled exactly once, result or exception, always guarded by
+  ``done()``: a caller never hangs, and a late settle never raises.
+* A caller that gives up (cancellation from a deadline or a disconnect) marks its group
+  cancelled; its queued entries are dropped before they reach the model.
+* A model error fails the groups in that batch only; the loop keeps serving.
+* No polling: the loop waits on the event, with a timeout only while lingering.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from worker.prompt import Prompts
+from worker.queue import Entry, TokenBudgetQueue
+from worker.types import (BatchScores, DocScore, ModelFailure, Overloaded, Runner, ScoreRequest,
+                          ScoreResult, ShuttingDown)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BatcherConfig:
+    max_batch_tokens: int = 8192  # padded cost: longest row * rows
+    max_batch_size: int = 64
+    max_wait_ms: float = 2.0  # linger for more work when the model is idle; 0: never
+    max_queued_docs: int = 4096  # backpressure: more is Overloaded
+    window: int = 512  # look-ahead for length bucketing
+    prefix_reuse: bool = True  # share the query prefix across a request's documents
+    tokenizer_threads: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class BatchStats:
+    """What one batch did, for metrics; handed to ``on_batch``."""
+
+    rows: int
+    requests: int
+    computed_tokens: int
+    padded_tokens: int
+    seconds: float
+    failed: bool
+
+
+@dataclass(eq=False)
+class Group:
+    """One request in flight: its prompts, its partial results and its future."""
+
+    prompts: Prompts
+    future: asyncio.Future[ScoreResult]
+    logits: list[float | None]
+    remaining: int
+    enqueued_at: float = field(default_factory=time.perf_counter)
+    computed_tokens: int = 0
+    cancelled: bool = False
+
+    def result(self) -> ScoreResult:
+        scores = [
+            DocScore(index=i, score=_sigmoid(logit), logit=logit, tokens=len(ids), truncated=cut)
+            for i, (logit, ids, cut) in enumerate(
+                zip(self.logits, self.prompts.sequences, self.prompts.truncated))
+            if logit is not None
+        ]
+        if len(scores) != len(self.logits):
+            raise AssertionError("a group settled with unscored documents: this is a bug")
+        return ScoreResult(scores, prompt_tokens=sum(len(s) for s in self.prompts.sequences),
+                           computed_tokens=self.computed_tokens,
+                           timings_ms={"queue_and_model": 1000 * (time.perf_counter() - self.enqueued_at)})
+
+
+class Batcher:
+    def __init__(self, runner: Runner, config: BatcherConfig | None = None,
+                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+        self.runner = runner
+        self.config = config or BatcherConfig()
+        self.queue = TokenBudgetQueue(self.config.max_batch_tokens, self.config.max_batch_size,
+                                      self.config.window)
+        self.on_batch = on_batch
+        self._wake = asyncio.Event()
+        self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self._tokenizers = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._in_flight: set[Group] = set()
+        self._seconds_per_token = 0.0  # moving estimate, for retry hints
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
+
+    async def warmup(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(self._model_thread, self.runner.warmup)
+
+    async def close(self, grace_s: float = 0.0) -> None:
+        """Stop taking work, finish what is queued within ``grace_s``, fail the rest."""
+        self._closed = True
+        if self._in_flight:
+            await asyncio.wait([g.future for g in self._in_flight], timeout=grace_s or None)
+        for group in list(self._in_flight):
+            self._fail(group, ShuttingDown("the server is shutting down; retry on another replica"))
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._model_thread.shutdown(wait=True)
+        self._tokenizers.shutdown(wait=False)
+
+    @property
+    def accepting(self) -> bool:
+        return not self._closed
+
+    @property
+    def queued_docs(self) -> int:
+        return len(self.queue)
+
+    # -- the caller's side ---------------------------------------------------------------
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        """Scores in input order; raises InvalidInput, Overloaded, ShuttingDown or ModelFailure."""
+        self._admit(len(request.documents))
+        loop = asyncio.get_running_loop()
+        prompts = await loop.run_in_executor(
+            self._tokenizers, self.runner.builder.build, request.query, request.documents,
+            request.instruction, request.truncation)
+        self._admit(len(request.documents))  # the queue may have filled while we tokenized
+        group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
+                      len(prompts.sequences))
+        reuse = self.config.prefix_reuse and len(prompts.sequences) > 1
+        prefix_len = prompts.shared_len if reuse else 0
+        self.queue.append(Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences))
+        self._in_flight.add(group)
+        self._wake.set()
+        try:
+            return await group.future
+        finally:
+            if not group.future.done() or group.future.cancelled():
+                group.cancelled = True  # queued entries are dropped, not computed
+            self._in_flight.discard(group)
+
+    def _admit(self, docs: int) -> None:
+        if self._closed:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if len(self.queue) + docs > self.config.max_queued_docs:
+            self.queue.drop_cancelled()
+        if len(self.queue) + docs > self.config.max_queued_docs:
+            wait = max(0.05, self.queue.queued_tokens * self._seconds_per_token)
+            raise Overloaded(f"{len(self.queue)} documents queued (limit "
+                             f"{self.config.max_queued_docs}); retry in {wait:.2f}s", wait)
+
+    # -- the loop's side -----------------------------------------------------------------
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not len(self.queue):
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            await self._linger()
+            batch = self.queue.next_batch()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            try:
+                out = await loop.run_in_executor(self._model_thread, self.runner.score, batch)
+            except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
+                log.exception("model failed on a batch of %d documents", len(batch))
+                self._settle_failed(batch, exc, time.perf_counter() - started)
+            else:
+                self._settle(batch, out, time.perf_counter() - started)
+
+    async def _linger(self) -> None:
+        """While the queue could take more, wait up to max_wait_ms from the oldest arrival."""
+        deadline = time.perf_counter() + self.config.max_wait_ms / 1000
+        while not self._full():
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _full(self) -> bool:
+        return (self.queue.queued_tokens >= self.config.max_batch_tokens
+                or len(self.queue) >= self.config.max_batch_size)
+
+    def _settle(self, batch: list[Entry], out: BatchScores, seconds: float) -> None:
+        groups: set[Group] = set()
+        for entry, logit, computed in zip(batch, out.logits, out.computed, strict=True):
+            group = entry.owner
+            assert isinstance(group, Group)
+            group.logits[entry.index] = logit
+            group.computed_tokens += computed
+            group.remaining -= 1
+            groups.add(group)
+            if group.remaining == 0 and not group.future.done():
+                group.future.set_result(group.result())
+        tokens = sum(out.computed)
+        if tokens:
+            self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / tokens
+        self._report(BatchStats(len(batch), len(groups), tokens, out.padded_tokens, seconds, False))
+
+    def _settle_failed(self, batch: list[Entry], exc: BaseException, seconds: float) -> None:
+        groups = {entry.owner for entry in batch}
+        for group in groups:
+            assert isinstance(group, Group)
+            self._fail(group, ModelFailure(f"the model failed on this request's batch: {exc}"))
+        self._report(BatchStats(len(batch), len(groups), 0, 0, seconds, True))
+
+    def _fail(self, group: Group, exc: Exception) -> None:
+        group.cancelled = True
+        if not group.future.done():
+            group.future.set_exception(exc)
+
+    def _report(self, stats: BatchStats) -> None:
+        if self.on_batch is not None:
+            try:
+                self.on_batch(stats)
+            except Exception:  # noqa: BLE001 - metrics must never break serving
+                log.exception("on_batch hook failed")
+
+
+def _sigmoid(x: float) -> float:
+    if x >= 0:
+        return 1.0 / (1.0 + math.exp(-x))
+    z = math.exp(x)
+    return z / (1.0 + z)

@@ -1,0 +1,210 @@
+"""A scoring-only forward pass over a loaded ``Qwen3ForCausalLM``'s own modules.
+
+The reference is ``model(input_ids).logits[:, -1, [no, yes]]``. This computes the same
+numbers and skips everything a reranker does not need:
+
+* no padding in the matrix work: every linear layer and MLP runs on the batch's tokens
+  packed into one ``[tokens, hidden]`` matrix; only attention sees a padded layout, built
+  per batch with an explicit mask (so neither padding side nor position ids can leak);
+* a shared prefix (system prompt + instruction + query) can be passed in as per-layer K/V
+  computed once; each row's positions continue from its own prefix length;
+* the last layer computes queries, attention and MLP for the last position only, and the
+  head is the two LM-head rows for ``yes`` and ``no``: no vocabulary-sized logits anywhere.
+
+The module list, norms, projections, MLPs and rotary frequencies are the checkpoint's, so
+this stays exact for every Qwen3 size (0.6B, 4B, 8B).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each [kv_heads, len, dim]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each row's tokens sit in the packed and padded views of one forward pass."""
+
+    lengths: list[int]  # new tokens per row
+    past_lengths: list[int]  # prefix tokens per row (0: none)
+    positions: torch.Tensor  # [tokens] rotary position of each packed token
+    pad_index: torch.Tensor  # [tokens] flat index of each packed token in [rows * max_len]
+    last_index: torch.Tensor  # [rows] packed index of each row's last token
+    mask: torch.Tensor  # [rows, 1, max_len, past_max + max_len] bool, True = may attend
+    last_mask: torch.Tensor  # [rows, 1, 1, past_max + max_len] for last-position queries
+
+    @property
+    def rows(self) -> int:
+        return len(self.lengths)
+
+    @property
+    def max_len(self) -> int:
+        return max(self.lengths)
+
+    @property
+    def past_max(self) -> int:
+        return max(self.past_lengths)
+
+
+def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device) -> Layout:
+    rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
+    lens = torch.tensor(lengths)
+    pasts = torch.tensor(past_lengths)
+    row_of = torch.repeat_interleave(torch.arange(rows), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    offset = torch.arange(int(lens.sum())) - starts[row_of]
+    q_pos = torch.arange(max_len)
+    k_pos = torch.arange(past_max + max_len)
+    in_past = k_pos[None, :] < pasts[:, None]  # [rows, keys]
+    doc_k = k_pos - past_max  # key slot -> position within the row's new tokens
+    causal = (doc_k[None, :] >= 0) & (doc_k[None, :] <= q_pos[:, None])  # [max_len, keys]
+    real_k = doc_k[None, :] < lens[:, None]  # [rows, keys]
+    mask = in_past[:, None, :] | (causal[None] & real_k[:, None, :])
+    mask |= (doc_k == 0)[None, None, :]  # padded query rows attend one key: no NaN rows
+    last_mask = in_past | ((doc_k[None, :] >= 0) & real_k)
+    return Layout(
+        lengths=lengths, past_lengths=past_lengths,
+        positions=(pasts[row_of] + offset).to(device),
+        pad_index=(row_of * max_len + offset).to(device),
+        last_index=(starts + lens - 1).to(device),
+        mask=mask[:, None].to(device),
+        last_mask=last_mask[:, None, None].to(device),
+    )
+
+
+class Qwen3Scorer:
+    """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
+
+    def __init__(self, model: torch.nn.Module, yes_id: int, no_id: int) -> None:
+        config = model.config
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by this scorer")
+        self.model = model.model
+        self.layers = list(self.model.layers)
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.inv_freq = self.model.rotary_emb.inv_freq.float()
+        self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
+        head = model.get_output_embeddings().weight
+        self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
+
+    @property
+    def device(self) -> torch.device:
+        return self.inv_freq.device
+
+    def kv_bytes_per_token(self) -> int:
+        dtype = self.model.embed_tokens.weight.dtype
+        return 2 * len(self.layers) * self.kv_heads * self.head_dim * dtype.itemsize
+
+    def prefill(self, sequences: list[list[int]]) -> list[KV]:
+        """Per-layer K/V of each sequence, to serve as a shared prefix later."""
+        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device)
+        collected: list[KV] = [[] for _ in sequences]
+        self._run(sequences, [None] * len(sequences), layout, collected)
+        return collected
+
+    def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
+        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
+        past_lengths = [0 if p is None else p[0][0].shape[1] for p in pasts]
+        layout = make_layout([len(t) for t in tails], past_lengths, self.device)
+        hidden = self._run(tails, pasts, layout, None)
+        hidden = self.model.norm(hidden).float()
+        yes_no = hidden @ self.yes_no.T
+        return yes_no[:, 0] - yes_no[:, 1]
+
+    def _run(self, tokens: list[list[int]], pasts: list[KV | None], layout: Layout,
+             collect: list[KV] | None) -> torch.Tensor:
+        flat = [t for seq in tokens for t in seq]
+        ids = torch.tensor(flat, dtype=torch.long)
+        if self.device.type == "cuda":
+            ids = ids.pin_memory()
+        x = self.model.embed_tokens(ids.to(self.device, non_blocking=True))
+        cos, sin = self._rotary(layout.positions, x.dtype)
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            only_last = i == last
+            if only_last and collect is not None:
+                self._keys_values(layer, x, cos, sin, layout, pasts, i, collect)
+                return x  # a prefix needs K/V, never the last layer's output
+            x = self._layer(layer, x, cos, sin, layout, pasts, i, only_last, collect)
+        return x
+
+    def _layer(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
+               only_last: bool, collect: list[KV] | None) -> torch.Tensor:
+        attn = layer.self_attn
+        h = layer.input_layernorm(x)
+        k, v = self._keys_values(layer, x, cos, sin, layout, pasts, index, collect, h)
+        if only_last:
+            x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
+        q = attn.q_norm(attn.q_proj(h).view(-1, self.heads, self.head_dim))
+        q = _rope(q, cos, sin)
+        out = self._attend(q, k, v, layout, only_last)
+        x = x + attn.o_proj(out)
+        return x + layer.mlp(layer.post_attention_layernorm(x))
+
+    def _keys_values(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
+                     collect: list[KV] | None, h: torch.Tensor | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded keys/values ``[rows, kv_heads, past_max + max_len, dim]`` for one layer."""
+        attn = layer.self_attn
+        h = layer.input_layernorm(x) if h is None else h
+        k = attn.k_norm(attn.k_proj(h).view(-1, self.kv_heads, self.head_dim))
+        k = _rope(k, cos, sin)
+        v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
+        if collect is not None:
+            for row, (ks, vs) in enumerate(zip(_split(k, layout), _split(v, layout))):
+                collect[row].append((ks.transpose(0, 1).contiguous(), vs.transpose(0, 1).contiguous()))
+        return self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
+
+    def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
+                which: int) -> torch.Tensor:
+        rows, max_len, past_max = layout.rows, layout.max_len, layout.past_max
+        new = t.new_zeros(rows * max_len, self.kv_heads, self.head_dim)
+        new[layout.pad_index] = t
+        new = new.view(rows, max_len, self.kv_heads, self.head_dim).transpose(1, 2)
+        if past_max == 0:
+            return new
+        padded = t.new_zeros(rows, self.kv_heads, past_max + max_len, self.head_dim)
+        for row, past in enumerate(pasts):
+            if past is not None:
+                part = past[index][which]
+                padded[row, :, : part.shape[1]] = part
+        padded[:, :, past_max:] = new
+        return padded
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+                only_last: bool) -> torch.Tensor:
+        rows, width = layout.rows, self.heads * self.head_dim
+        if only_last:
+            qp = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+            out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.last_mask, enable_gqa=True)
+            return out.transpose(1, 2).reshape(rows, width)
+        max_len = layout.max_len
+        qp = q.new_zeros(rows * max_len, self.heads, self.head_dim)
+        qp[layout.pad_index] = q
+        qp = qp.view(rows, max_len, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.mask, enable_gqa=True)
+        return out.transpose(1, 2).reshape(rows * max_len, width)[layout.pad_index]
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _split(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, ...]:
+    return torch.split(t, layout.lengths)

@@ -1,0 +1,148 @@
+"""The model runner: loads a Qwen3-Reranker checkpoint and scores batches synchronously.
+
+``ModelRunner.score`` is the only code that touches the model, and it runs on the batcher's
+single model thread: it owns the prefix K/V cache without locks. Tokenization lives in
+``PromptBuilder`` and runs on other threads, before work reaches the queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from worker.prompt import PromptBuilder
+from worker.qwen3 import KV, Qwen3Scorer
+from worker.types import BatchScores, Truncation, WorkItem
+
+log = logging.getLogger(__name__)
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}")
+    return names[dtype]
+
+
+class PrefixCache:
+    """LRU of shared-prefix K/V, bounded in bytes; a miss is recomputed, never wrong."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._entries: OrderedDict[tuple[int, ...], tuple[KV, int]] = OrderedDict()
+
+    def get(self, key: tuple[int, ...]) -> KV | None:
+        hit = self._entries.get(key)
+        if hit is None:
+            return None
+        self._entries.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple[int, ...], kv: KV) -> None:
+        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        if key in self._entries or size > self.max_bytes:
+            return
+        self._entries[key] = (kv, size)
+        self.bytes += size
+        while self.bytes > self.max_bytes:
+            _, (_, dropped) = self._entries.popitem(last=False)
+            self.bytes -= dropped
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+class ModelRunner:  # implements worker.types.Runner
+    """Scores batches of ``WorkItem`` with a real Qwen3-Reranker checkpoint."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: object, *, model_id: str,
+                 max_length: int = 8192, prefix_cache_mb: int = 512) -> None:
+        limit = int(getattr(model.config, "max_position_embeddings", 32768))
+        if not 1 <= max_length <= limit:
+            raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
+        self.model_id = model_id
+        self.builder = PromptBuilder(tokenizer, max_length)
+        self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id)
+        self.cache = PrefixCache(prefix_cache_mb * 2**20)
+        self.dtype = next(model.parameters()).dtype
+
+    @classmethod
+    def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
+             max_length: int = 8192, prefix_cache_mb: int = 512) -> ModelRunner:
+        """Load by hub id or local directory, the normal ``from_pretrained`` way."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        dev = pick_device(device)
+        torch_dtype = pick_dtype(dtype, dev)
+        started = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(model_id)
+        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
+        if model.config.model_type != "qwen3":
+            raise ValueError(f"{model_id} is a {model.config.model_type!r} model, not a Qwen3 reranker")
+        model.to(dev).eval().requires_grad_(False)
+        log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
+        return cls(model, tokenizer, model_id=model_id, max_length=max_length,
+                   prefix_cache_mb=prefix_cache_mb)
+
+    def describe(self) -> dict[str, str]:
+        return {"model": self.model_id, "device": str(self.scorer.device),
+                "dtype": str(self.dtype).removeprefix("torch."),
+                "max_length": str(self.builder.max_length)}
+
+    def warmup(self) -> None:
+        """Run each code path once (prefill, prefix reuse, plain rows) so first calls are warm."""
+        prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
+                                     None, Truncation.END)
+        items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
+        self.score(items + [_Item(prompts.sequences[0], 0)])
+        self.cache = PrefixCache(self.cache.max_bytes)
+
+    @torch.inference_mode()
+    def score(self, items: Sequence[WorkItem]) -> BatchScores:
+        computed = [len(it.ids) - it.prefix_len for it in items]
+        pasts: list[KV | None] = [None] * len(items)
+        missing: dict[tuple[int, ...], list[int]] = {}
+        for i, it in enumerate(items):
+            if it.prefix_len:
+                key = tuple(it.ids[: it.prefix_len])
+                kv = self.cache.get(key)
+                if kv is None:
+                    missing.setdefault(key, []).append(i)
+                pasts[i] = kv
+        if missing:
+            self._prefill(missing, pasts, computed)
+        tails = [it.ids[it.prefix_len:] for it in items]
+        logits = self.scorer.score(tails, pasts).tolist()
+        return BatchScores(logits, computed, len(items) * max(len(t) for t in tails))
+
+    def _prefill(self, missing: dict[tuple[int, ...], list[int]], pasts: list[KV | None],
+                 computed: list[int]) -> None:
+        keys = list(missing)
+        for key, kv in zip(keys, self.scorer.prefill([list(k) for k in keys])):
+            self.cache.put(key, kv)
+            first, *_ = missing[key]
+            computed[first] += len(key)
+            for i in missing[key]:
+                pasts[i] = kv
+
+
+@dataclass(frozen=True, slots=True)
+class _Item:
+    ids: list[int]
+    prefix_len: int
+
