@@ -1,0 +1,171 @@
+"""The batcher, deterministically: a fake runner that blocks on an event, no sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from worker.batcher import Batcher, BatcherConfig, BatchStats
+from worker.fake import FakeRunner, fake_logit
+from worker.types import InvalidInput, ModelFailure, Overloaded, ScoreRequest, ShuttingDown, Truncation
+
+
+async def entered(runner: FakeRunner) -> None:
+    """Wait until the model thread is inside score()."""
+    assert await asyncio.to_thread(runner.entered.wait, 10), "the model was never called"
+    runner.entered.clear()
+
+
+@pytest.fixture
+async def blocked() -> AsyncIterator[tuple[Batcher, FakeRunner, list[BatchStats]]]:
+    runner = FakeRunner()
+    runner.gate.clear()
+    stats: list[BatchStats] = []
+    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
+                                            max_queued_docs=20), on_batch=stats.append)
+    batcher.start()
+    yield batcher, runner, stats
+    runner.gate.set()
+    await batcher.close()
+
+
+def request(n: int, query: str = "q") -> ScoreRequest:
+    return ScoreRequest(query, [f"document number {i} " * (i + 1) for i in range(n)])
+
+
+async def test_results_in_input_order_with_fake_scores(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, _ = blocked
+    runner.gate.set()
+    result = await batcher.score(request(5))
+    prompts = runner.builder.build("q", request(5).documents, None, Truncation.END)
+    assert [s.index for s in result.scores] == [0, 1, 2, 3, 4]
+    assert [s.logit for s in result.scores] == [fake_logit(ids) for ids in prompts.sequences]
+    assert result.prompt_tokens == sum(map(len, prompts.sequences))
+
+
+async def test_waiting_requests_are_coalesced_into_one_batch(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, stats = blocked
+    first = asyncio.ensure_future(batcher.score(request(1, "first")))
+    await entered(runner)  # the model is busy with `first`
+    others = [asyncio.ensure_future(batcher.score(request(3, f"q{i}"))) for i in range(3)]
+    while batcher.queued_docs < 9:
+        await asyncio.sleep(0)  # let the three requests finish tokenizing
+    runner.gate.set()
+    await asyncio.gather(first, *others)
+    assert [len(b) for b in runner.batches] == [1, 9]
+    assert stats[1].requests == 3 and not stats[1].failed
+
+
+async def test_budget_splits_batches() -> None:
+    runner = FakeRunner()
+    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=200, max_batch_size=3, max_wait_ms=0))
+    batcher.start()
+    try:
+        await batcher.score(ScoreRequest("q", ["x " * n for n in range(1, 12)]))
+    finally:
+        await batcher.close()
+    for rows in runner.batches:
+        costs = [length - prefix for length, prefix in rows]
+        assert len(rows) <= 3
+        assert len(rows) == 1 or max(costs) * len(rows) <= 200
+    assert sum(map(len, runner.batches)) == 11
+
+
+async def test_cancelled_caller_leaves_no_work(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, _ = blocked
+    first = asyncio.ensure_future(batcher.score(request(1, "first")))
+    await entered(runner)
+    doomed = asyncio.ensure_future(batcher.score(request(4, "doomed")))
+    while batcher.queued_docs < 4:
+        await asyncio.sleep(0)
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    runner.gate.set()
+    await first
+    after = await batcher.score(request(2, "after"))
+    assert len(after.scores) == 2
+    assert [len(b) for b in runner.batches] == [1, 2]  # the 4 cancelled rows never ran
+    assert batcher.queued_docs == 0
+
+
+async def test_deadline_cancels_like_a_caller(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, _ = blocked
+    first = asyncio.ensure_future(batcher.score(request(1)))
+    await entered(runner)
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(batcher.score(request(3)), timeout=0.05)
+    runner.gate.set()
+    await first
+    await batcher.score(request(1))
+    assert sum(map(len, runner.batches)) == 2
+
+
+async def test_model_error_fails_only_its_batch(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, stats = blocked
+    runner.fail_next = True
+    runner.gate.set()
+    with pytest.raises(ModelFailure, match="injected model fault"):
+        await batcher.score(request(3))
+    result = await batcher.score(request(2))
+    assert len(result.scores) == 2
+    assert [s.failed for s in stats] == [True, False]
+
+
+async def test_full_queue_is_overloaded_with_retry_hint(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, _ = blocked
+    first = asyncio.ensure_future(batcher.score(request(1)))
+    await entered(runner)
+    queued = asyncio.ensure_future(batcher.score(request(15)))
+    while batcher.queued_docs < 15:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await batcher.score(request(6))  # 15 + 6 > 20
+    assert info.value.retry_after_s > 0
+    runner.gate.set()
+    await asyncio.gather(first, queued)
+
+
+async def test_invalid_input_is_raised_before_queueing(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, runner, _ = blocked
+    runner.gate.set()
+    with pytest.raises(InvalidInput):
+        await batcher.score(ScoreRequest("q", ["word " * 10_000], truncation=Truncation.NONE))
+    assert batcher.queued_docs == 0 and runner.batches == []
+
+
+async def test_close_finishes_in_flight_then_refuses() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    in_flight = asyncio.ensure_future(batcher.score(request(2)))
+    await entered(runner)
+    closing = asyncio.ensure_future(batcher.close(grace_s=10))
+    await asyncio.sleep(0)
+    with pytest.raises(ShuttingDown):
+        await batcher.score(request(1))
+    runner.gate.set()
+    await closing
+    assert len((await in_flight).scores) == 2
+
+
+async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    first = asyncio.ensure_future(batcher.score(request(1)))
+    await entered(runner)
+    queued = asyncio.ensure_future(batcher.score(request(2)))
+    while batcher.queued_docs < 2:
+        await asyncio.sleep(0)
+    closing = asyncio.ensure_future(batcher.close(grace_s=0.01))
+    with pytest.raises(ShuttingDown):
+        await queued
+    runner.gate.set()  # let the model thread finish so close() can join it
+    await closing
+    with pytest.raises(ShuttingDown):
+        await first

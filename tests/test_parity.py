@@ -1,0 +1,217 @@
+"""Scores equal the contract's reference under every batching, padding and prefix path.
+
+The reference is the scoring contract's: each (query, document) prompt alone through
+``Qwen3ForCausalLM``, logits at the last position, softmax over (no, yes). The service's
+scorer shares no code with it beyond the checkpoint's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from worker.batcher import Batcher, BatcherConfig
+from worker.runner import ModelRunner
+from worker.types import ScoreRequest, Truncation
+
+MAX_LENGTH = 1024
+TOL_SCORE = 1e-5
+TOL_LOGIT = 1e-4
+
+QUERIES = [
+    ("capital of France", None),
+    ("¿Cuál es la capital de Francia?", "Given a question in Spanish, retrieve passages that answer it"),
+    ("sort a list in python", "Given a programming question, retrieve code that solves it"),
+    ("東京の人口", None),
+]
+DOCUMENTS = [
+    "Paris is the capital and most populous city of France.",
+    "Bananas are yellow.",
+    "",
+    " ",
+    "París es la capital de Francia.",
+    "東京都の人口は約1400万人です。",
+    "def sort_list(xs):\n    return sorted(xs)\n",
+    "SELECT * FROM cities WHERE country = 'FR' ORDER BY population DESC;",
+    "Paris is the capital and most populous city of France.",  # duplicate
+    "🙂 emoji-only? 🎉🎉",
+    "A long document about rivers. " * 60,  # ~400 tokens
+    "Long code:\n" + "for i in range(10):\n    print(i * i)\n" * 40,
+]
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir: Path) -> ModelRunner:
+    return ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH)
+
+
+@pytest.fixture(scope="module")
+def reference_model(tiny_model_dir: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+
+@torch.inference_mode()
+def reference_logit(model: torch.nn.Module, ids: list[int]) -> float:
+    logits = model(torch.tensor([ids])).logits[0, -1]
+    return float(logits[9693] - logits[2152])
+
+
+@torch.inference_mode()
+def reference_score(model: torch.nn.Module, ids: list[int]) -> float:
+    logits = model(torch.tensor([ids])).logits[0, -1, [2152, 9693]]
+    return float(torch.softmax(logits, dim=-1)[1])
+
+
+@pytest.fixture(scope="module")
+def expected(runner: ModelRunner, reference_model: torch.nn.Module) -> dict[tuple[int, int], tuple[float, float]]:
+    """(query number, document number) -> (reference score, reference log-odds)."""
+    out = {}
+    for qn, (query, instruction) in enumerate(QUERIES):
+        prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+        for dn, ids in enumerate(prompts.sequences):
+            out[qn, dn] = (reference_score(reference_model, ids), reference_logit(reference_model, ids))
+    return out
+
+
+def test_scores_spread_so_parity_can_see_errors(expected: dict[tuple[int, int], tuple[float, float]]) -> None:
+    logits = [lo for _, lo in expected.values()]
+    assert max(logits) - min(logits) > 2.0, "scores hug one value: a wrong answer would pass"
+
+
+CONFIGS = {
+    "one-row-batches": BatcherConfig(max_batch_tokens=1, max_batch_size=1),
+    "small-budget": BatcherConfig(max_batch_tokens=600, max_batch_size=8, max_wait_ms=5),
+    "large-budget": BatcherConfig(max_batch_tokens=100_000, max_batch_size=256, max_wait_ms=20),
+    "no-prefix-reuse": BatcherConfig(max_batch_tokens=4096, max_batch_size=64, prefix_reuse=False, max_wait_ms=5),
+    "no-linger": BatcherConfig(max_batch_tokens=2048, max_batch_size=16, max_wait_ms=0),
+}
+
+
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+async def test_concurrent_requests_match_reference(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], config_name: str
+) -> None:
+    batcher = Batcher(runner, CONFIGS[config_name])
+    batcher.start()
+    rng = random.Random(config_name)
+    orders = [rng.sample(range(len(DOCUMENTS)), len(DOCUMENTS)) for _ in QUERIES]
+    try:
+        results = await asyncio.gather(*(
+            batcher.score(ScoreRequest(q, [DOCUMENTS[d] for d in order], ins, Truncation.NONE))
+            for (q, ins), order in zip(QUERIES, orders)))
+    finally:
+        await batcher.close()
+    for qn, (result, order) in enumerate(zip(results, orders)):
+        assert [s.index for s in result.scores] == list(range(len(order)))
+        for s, dn in zip(result.scores, order):
+            score, logit = expected[qn, dn]
+            assert s.score == pytest.approx(score, abs=TOL_SCORE), (qn, dn)
+            assert s.logit == pytest.approx(logit, abs=TOL_LOGIT), (qn, dn)
+            assert not s.truncated
+
+
+async def test_single_document_requests_mixed_with_large_ones(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """One batch holds rows with a shared prefix, rows of other requests and plain rows."""
+    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=50_000, max_batch_size=128, max_wait_ms=50))
+    batcher.start()
+    q0, i0 = QUERIES[0]
+    q1, i1 = QUERIES[1]
+    try:
+        singles = [batcher.score(ScoreRequest(q1, [DOCUMENTS[d]], i1, Truncation.NONE)) for d in range(6)]
+        big = batcher.score(ScoreRequest(q0, DOCUMENTS, i0, Truncation.NONE))
+        *single_results, big_result = await asyncio.gather(*singles, big)
+    finally:
+        await batcher.close()
+    for d, result in enumerate(single_results):
+        assert result.scores[0].score == pytest.approx(expected[1, d][0], abs=TOL_SCORE)
+    for d, s in enumerate(big_result.scores):
+        assert s.score == pytest.approx(expected[0, d][0], abs=TOL_SCORE)
+    # the prefix was computed once for the big request, not once per document
+    assert big_result.computed_tokens < big_result.prompt_tokens
+
+
+def test_right_padding_bug_would_be_caught(
+    runner: ModelRunner, reference_model: torch.nn.Module
+) -> None:
+    """Power check: the classic bug (right padding, logits read at the last column) moves
+    the short rows' scores far beyond tolerance, so the parity tests above would see it."""
+    prompts = runner.builder.build("capital of France", DOCUMENTS[:2] + DOCUMENTS[10:11], None, Truncation.NONE)
+    seqs = prompts.sequences
+    width = max(map(len, seqs))
+    ids = torch.tensor([s + [151643] * (width - len(s)) for s in seqs])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+    with torch.inference_mode():
+        logits = reference_model(ids, attention_mask=mask).logits[:, -1]
+    buggy = (logits[:, 9693] - logits[:, 2152]).tolist()
+    right = [reference_logit(reference_model, s) for s in seqs]
+    assert abs(buggy[0] - right[0]) > 100 * TOL_LOGIT
+    assert buggy[2] == pytest.approx(right[2], abs=TOL_LOGIT)  # the longest row has no pad
+
+
+def test_prefix_position_bug_would_be_caught(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Power check: RoPE ignores a shift of all positions, but not document positions that
+    restart at 0 after a cached prefix; the parity tolerance is far below that error."""
+    import worker.qwen3 as qwen3
+    from worker.runner import _Item
+
+    real = qwen3.make_layout
+
+    def restart_positions(lengths, past_lengths, device):  # type: ignore[no-untyped-def]
+        layout = real(lengths, past_lengths, device)
+        shift = torch.repeat_interleave(torch.tensor(past_lengths), torch.tensor(lengths))
+        return qwen3.Layout(**{**layout.__dict__, "positions": layout.positions - shift})
+
+    query, instruction = QUERIES[0]
+    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
+    items = [_Item(s, prompts.shared_len) for s in prompts.sequences]
+    runner.cache = type(runner.cache)(runner.cache.max_bytes)
+    monkeypatch.setattr(qwen3, "make_layout", restart_positions)
+    buggy = runner.score(items).logits
+    monkeypatch.undo()
+    assert max(abs(b - expected[0, d][1]) for d, b in enumerate(buggy)) > 100 * TOL_LOGIT
+    assert runner.score(items).logits == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
+
+
+def test_runner_rows_equal_reference_with_and_without_prefix(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """The runner alone: plain rows, prefix rows and a mix in one batch, in any order."""
+    from worker.runner import _Item
+
+    query, instruction = QUERIES[2]
+    prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+    for reuse in ([False] * 12, [True] * 12, [i % 3 == 0 for i in range(12)]):
+        items = [_Item(s, prompts.shared_len if r else 0) for s, r in zip(prompts.sequences, reuse)]
+        order = list(reversed(range(len(items))))
+        out = runner.score([items[i] for i in order])
+        for logit, dn in zip(out.logits, order):
+            assert logit == pytest.approx(expected[2, dn][1], abs=TOL_LOGIT)
+        assert out.computed[0] >= 1
+
+
+async def test_truncated_documents_match_the_reference_on_their_cut_ids(
+    runner: ModelRunner, reference_model: torch.nn.Module
+) -> None:
+    batcher = Batcher(runner, BatcherConfig())
+    batcher.start()
+    docs = ["short", "overflowing " * 2000, "also " * 1500]
+    try:
+        result = await batcher.score(ScoreRequest("overflow test", docs))
+    finally:
+        await batcher.close()
+    prompts = runner.builder.build("overflow test", docs, None, Truncation.END)
+    assert [s.truncated for s in result.scores] == [False, True, True]
+    for s, ids in zip(result.scores, prompts.sequences):
+        assert len(ids) <= MAX_LENGTH
+        assert s.score == pytest.approx(reference_score(reference_model, ids), abs=TOL_SCORE)
