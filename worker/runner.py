@@ -12,6 +12,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -70,7 +71,7 @@ class PrefixCache:
 class ModelRunner:  # implements worker.types.Runner
     """Scores batches of ``WorkItem`` with a real Qwen3-Reranker checkpoint."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer: object, *, model_id: str,
+    def __init__(self, model: Any, tokenizer: Any, *, model_id: str,
                  max_length: int = 8192, prefix_cache_mb: int = 512) -> None:
         limit = int(getattr(model.config, "max_position_embeddings", 32768))
         if not 1 <= max_length <= limit:
@@ -91,7 +92,7 @@ class ModelRunner:  # implements worker.types.Runner
         torch_dtype = pick_dtype(dtype, dev)
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
-        model = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
+        model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
         if model.config.model_type != "qwen3":
             raise ValueError(f"{model_id} is a {model.config.model_type!r} model, not a Qwen3 reranker")
         model.to(dev).eval().requires_grad_(False)

@@ -1,0 +1,262 @@
+"""Engine benchmark: the serving path against the model card's plain transformers loop.
+
+Builds (once, cached) a random-weight checkpoint of the real Qwen3-Reranker-0.6B shape (speed
+does not depend on weight values), then scores fixed seeded workloads twice in one process:
+
+* ``engine``: the real serving path, ``Batcher`` + ``ModelRunner`` (token-budget batches,
+  packed tokens, shared-prefix reuse, last-position yes/no head);
+* ``card``: the model card's loop: batches of 8 in input order, left padding, the full
+  ``model(**inputs).logits`` (every position, whole vocabulary), softmax over (no, yes).
+
+and reports tokens/s (prompt tokens: what the card must compute), docs/s, latency
+percentiles, GFLOP/s against this machine's fp32 GEMM rate measured in the same run, peak
+RSS of the engine phase, and the largest score difference between the two.
+
+    python bench/engine.py                       # CPU, fp32, all workloads
+    python bench/engine.py --workloads short     # one workload
+    python bench/engine.py --device cuda --dtype bfloat16 --docs 100 --doc-tokens 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.batcher import Batcher, BatcherConfig  # noqa: E402
+from worker.offline import make_random_reranker  # noqa: E402
+from worker.prompt import PREFIX, SUFFIX, format_body  # noqa: E402
+from worker.runner import ModelRunner  # noqa: E402
+from worker.types import ScoreRequest  # noqa: E402
+
+WORDS = ("search ranking model query document passage answer city river capital history "
+         "science code python function value result system network data train test score "
+         "paris france tokyo japan banana yellow green energy market price").split()
+
+
+@dataclass
+class Workload:
+    name: str
+    requests: list[ScoreRequest]
+
+
+def text_of_tokens(tokenizer, rng: random.Random, n: int) -> str:  # type: ignore[no-untyped-def]
+    words = [rng.choice(WORDS) for _ in range(n)]
+    while len(tokenizer(" ".join(words), add_special_tokens=False)["input_ids"]) > n:
+        words.pop()
+    return " ".join(words)
+
+
+def build_workloads(tokenizer, args: argparse.Namespace) -> dict[str, Workload]:  # type: ignore[no-untyped-def]
+    rng = random.Random(args.seed)
+    query = "which passages explain how the capital city grew along the river"
+
+    def docs(count: int, lo: int, hi: int) -> list[str]:
+        return [text_of_tokens(tokenizer, rng, rng.randint(lo, hi)) for _ in range(count)]
+
+    fixed = args.doc_tokens
+    return {
+        "mixed": Workload(f"1 query x {args.docs} docs, 50-400 tokens",
+                          [ScoreRequest(query, docs(args.docs, 50, 400))]),
+        "short": Workload(f"1 query x {2 * args.docs} docs, ~60 tokens",
+                          [ScoreRequest(query, docs(2 * args.docs, 55, 65))]),
+        "concurrent": Workload(f"{args.concurrent} concurrent requests x 4 docs, 50-150 tokens",
+                               [ScoreRequest(f"{query} #{i}", docs(4, 50, 150)) for i in range(args.concurrent)]),
+        "fixed": Workload(f"1 query x {args.docs} docs, {fixed} tokens",
+                          [ScoreRequest(query, docs(args.docs, fixed, fixed))]),
+    }
+
+
+def card_prompt_ids(tokenizer, request: ScoreRequest, max_length: int) -> list[list[int]]:  # type: ignore[no-untyped-def]
+    prefix = tokenizer.encode(PREFIX, add_special_tokens=False)
+    suffix = tokenizer.encode(SUFFIX, add_special_tokens=False)
+    pairs = [format_body(request.query, d, request.instruction) for d in request.documents]
+    body = tokenizer(pairs, padding=False, truncation="longest_first", return_attention_mask=False,
+                     max_length=max_length - len(prefix) - len(suffix))["input_ids"]
+    return [prefix + list(ids) + suffix for ids in body]
+
+
+@torch.inference_mode()
+def card_scores(model, tokenizer, request: ScoreRequest, max_length: int, batch: int = 8) -> list[float]:  # type: ignore[no-untyped-def]
+    """The model card's loop, verbatim in substance."""
+    yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
+    ids = card_prompt_ids(tokenizer, request, max_length)
+    scores: list[float] = []
+    for start in range(0, len(ids), batch):
+        inputs = tokenizer.pad({"input_ids": ids[start:start + batch]}, padding=True, return_tensors="pt")
+        inputs = {k: v.to(model.device) for k, v in inputs.items()}
+        logits = model(**inputs).logits[:, -1, :]
+        pair = torch.stack([logits[:, no], logits[:, yes]], dim=1).float()
+        scores += torch.nn.functional.log_softmax(pair, dim=1)[:, 1].exp().tolist()
+    return scores
+
+
+def gemm_gflops(device: torch.device, dtype: torch.dtype, rows: int = 2048) -> float:
+    a = torch.randn(rows, 1024, device=device, dtype=dtype)
+    b = torch.randn(1024, 3072, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, start = 10, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * rows * 1024 * 3072 * reps / (time.perf_counter() - start) / 1e9
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def linear_flops_per_token(config) -> float:  # type: ignore[no-untyped-def]
+    h, i, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    q = config.num_attention_heads * config.head_dim
+    kv = config.num_key_value_heads * config.head_dim
+    return 2.0 * layers * (h * q + 2 * h * kv + q * h + 3 * h * i)
+
+
+async def run_engine(runner: ModelRunner, config: BatcherConfig,
+                     workload: Workload) -> tuple[list[list[float]], list[float], int]:
+    batcher = Batcher(runner, config)
+    batcher.start()
+    latencies: list[float] = []
+
+    computed = 0
+
+    async def one(request: ScoreRequest) -> list[float]:
+        nonlocal computed
+        started = time.perf_counter()
+        result = await batcher.score(request)
+        latencies.append(time.perf_counter() - started)
+        computed += result.computed_tokens
+        return [s.score for s in result.scores]
+
+    try:
+        results = await asyncio.gather(*(one(r) for r in workload.requests))
+    finally:
+        await batcher.close()
+    return list(results), latencies, computed
+
+
+def percentile(values: list[float], q: float) -> float:
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default=".cache/models/qwen3-reranker-0.6b-random")
+    parser.add_argument("--size", default="0.6b", choices=["0.6b", "tiny"])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--workloads", default="mixed,short,concurrent")
+    parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--doc-tokens", type=int, default=256, help="length for the 'fixed' workload")
+    parser.add_argument("--concurrent", type=int, default=8)
+    parser.add_argument("--max-batch-tokens", type=int, default=None)
+    parser.add_argument("--max-batch-size", type=int, default=None)
+    parser.add_argument("--no-card", action="store_true", help="skip the model-card baseline")
+    parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
+        make_random_reranker(model_dir, args.size)
+    runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype)
+    device, dtype = runner.scorer.device, runner.dtype
+    defaults = BatcherConfig.for_device(device.type)
+    config = BatcherConfig(
+        max_batch_tokens=args.max_batch_tokens or defaults.max_batch_tokens,
+        max_batch_size=args.max_batch_size or defaults.max_batch_size,
+        max_wait_ms=defaults.max_wait_ms, prefix_reuse=args.prefix_reuse == "on")
+    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
+          f"max_batch_tokens={config.max_batch_tokens} max_batch_size={config.max_batch_size} "
+          f"prefix_reuse={config.prefix_reuse}", flush=True)
+    runner.warmup()
+    tokenizer = runner.builder.tokenizer
+    workloads = build_workloads(tokenizer, args)
+    flops_tok = linear_flops_per_token(runner.scorer.model.config)
+    gemm = gemm_gflops(device, dtype)
+    print(f"fp GEMM rate in this process: {gemm:.1f} GFLOP/s", flush=True)
+
+    rows = []
+    engine_scores = {}
+    for name in args.workloads.split(","):
+        wl = workloads[name]
+        prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.truncation) for r in wl.requests]
+        prompt_tokens = sum(len(s) for p in prompts for s in p.sequences)
+        docs = sum(len(r.documents) for r in wl.requests)
+        sync(device)
+        started = time.perf_counter()
+        scores, latencies, computed = asyncio.run(run_engine(runner, config, wl))
+        sync(device)
+        seconds = time.perf_counter() - started
+        engine_scores[name] = scores
+        rows.append(dict(workload=name, desc=wl.name, path="engine", seconds=seconds, docs=docs,
+                         prompt_tokens=prompt_tokens, computed_tokens=computed,
+                         tokens_per_s=prompt_tokens / seconds, docs_per_s=docs / seconds,
+                         p50_ms=1000 * percentile(latencies, 50), p95_ms=1000 * percentile(latencies, 95),
+                         executed_gflops=computed * flops_tok / seconds / 1e9))
+        print(json.dumps(rows[-1]), flush=True)
+    engine_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    if not args.no_card:
+        del runner
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        for name in args.workloads.split(","):
+            wl = workloads[name]
+            latencies, scores = [], []
+            sync(device)
+            started = time.perf_counter()
+            for r in wl.requests:  # the card's loop serves one request at a time
+                t0 = time.perf_counter()
+                scores.append(card_scores(model, tokenizer, r, 8192))
+                sync(device)
+                latencies.append(time.perf_counter() - t0)
+            seconds = time.perf_counter() - started
+            mine = next(row for row in rows if row["workload"] == name)
+            diff = max(abs(a - b) for xs, ys in zip(engine_scores[name], scores) for a, b in zip(xs, ys))
+            rows.append(dict(workload=name, desc=wl.name, path="card", seconds=seconds, docs=mine["docs"],
+                             prompt_tokens=mine["prompt_tokens"], tokens_per_s=mine["prompt_tokens"] / seconds,
+                             docs_per_s=mine["docs"] / seconds, p50_ms=1000 * percentile(latencies, 50),
+                             p95_ms=1000 * percentile(latencies, 95), speedup=seconds / mine["seconds"],
+                             max_score_diff=diff))
+            print(json.dumps(rows[-1]), flush=True)
+
+    print_table(rows, gemm, engine_rss_gb, device, dtype)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "engine_peak_rss_gb": engine_rss_gb,
+                                               "device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
+    return 0
+
+
+def print_table(rows: list[dict], gemm: float, rss_gb: float, device: torch.device, dtype: torch.dtype) -> None:  # type: ignore[type-arg]
+    print(f"\n{device} {dtype}; GEMM {gemm:.0f} GFLOP/s; engine peak RSS {rss_gb:.2f} GB\n")
+    print("| workload | path | docs/s | tokens/s | p50 ms | p95 ms | executed GFLOP/s | speedup | max |score diff| |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['desc']} | {r['path']} | {r['docs_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r.get('executed_gflops', float('nan')):.1f} | "
+              f"{r.get('speedup', 1.0):.2f}x | {r.get('max_score_diff', 0.0):.2e} |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
