@@ -226,7 +226,9 @@ class RerankCore:
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
             outcomes=[_rank(q, r) for q, r in zip(call.queries, results)],
-            timings_ms={"total": round(1000 * (time.perf_counter() - started), 3)},
+            timings_ms={"total": round(1000 * (time.perf_counter() - started), 3),
+                        # the slowest query's queue + model time: the rest of total is overhead
+                        "engine": round(max(r.timings_ms.get("queue_and_model", 0.0) for r in results), 3)},
         )
         if self.ledger is not None:
             reply = await self.ledger.record(principal, reply, call.idempotency_key, fingerprint)

@@ -1,0 +1,148 @@
+"""The knobs of ``rerank serve``, one list for the flags, the environment and the app.
+
+Each ``ServeConfig`` field is a flag (``max_batch_tokens`` -> ``--max-batch-tokens``, or its
+``flag``) and an environment variable (``RERANK_MAX_BATCH_TOKENS``); a flag beats the
+environment, which beats the default. Adding a field adds the knob everywhere at once, with
+its help text and default in ``rerank serve --help``. Light imports only: no grpc, no torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.core import Limits
+from worker.batcher import BatcherConfig
+
+ENV_PREFIX = "RERANK_"
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    cert: Path
+    key: Path
+
+
+_LIMITS = Limits()
+_BATCHING = BatcherConfig()
+
+
+def knob(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field with its ``--help`` text; ``flag`` overrides the derived spelling."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = knob(None, "model to serve: a Hugging Face hub id or a local checkpoint directory")
+    model_name: str | None = knob(None, "the name callers send in `model` (default: --model as given)")
+    host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)")
+    grpc_port: int = knob(50051, "gRPC port; 0 picks a free one (the log says which)")
+    metrics_port: int | None = knob(None, "serve Prometheus /metrics on this port (default: off)")
+    # -- the model
+    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
+    dtype: str | None = knob(None, "float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
+    prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
+    # -- batching (None: the worker's default for the device)
+    max_batch_tokens: int | None = knob(None, "padded tokens in one model batch (default: per device)")
+    max_batch_size: int | None = knob(None, "documents in one model batch (default: per device)")
+    max_wait_ms: float | None = knob(None, "linger this long for more work when the model is idle "
+                                           "(default: per device)")
+    max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are "
+                                                           "refused with RESOURCE_EXHAUSTED")
+    prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once")
+    tokenizer_threads: int = knob(_BATCHING.tokenizer_threads, "threads tokenizing requests")
+    # -- limits per call
+    max_documents: int = knob(_LIMITS.max_documents, "documents in one call, summed over its queries")
+    max_queries: int = knob(_LIMITS.max_queries, "queries in one RerankBatch call")
+    max_query_chars: int = knob(_LIMITS.max_query_chars, "characters in a query")
+    max_instruction_chars: int = knob(_LIMITS.max_instruction_chars, "characters in an instruction")
+    max_document_chars: int = knob(_LIMITS.max_document_chars, "characters in one document")
+    max_request_bytes: int = knob(_LIMITS.max_request_bytes, "bytes in one request message (gRPC max "
+                                                             "receive size)")
+    # -- TLS and shutdown
+    tls_cert: Path | None = knob(None, "PEM certificate chain; with --tls-key, serve gRPC over TLS")
+    tls_key: Path | None = knob(None, "PEM private key for --tls-cert")
+    drain_delay_s: float = knob(0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls")
+    grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
+    # -- EXTENSION POINT (issue #4, HTTP gateway): these exist so the spellings are stable;
+    # ``extension_components`` and ``extension_core_parts`` below are where they get wired.
+    http_port: int | None = knob(None, "HTTP gateway port (arrives with the HTTP gateway)")
+    db_url: str | None = knob(None, "database URL for API keys and usage (arrives with the gateway)",
+                              flag="--db")
+    auth: bool = knob(False, "require API keys (arrives with the key store)")
+
+    def limits(self) -> Limits:
+        return Limits(max_documents=self.max_documents, max_queries=self.max_queries,
+                      max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
+                      max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
+
+    def batcher_config(self, device: str) -> BatcherConfig:
+        base = _device_batching(device)
+        chosen = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
+                  "max_wait_ms": self.max_wait_ms}
+        return dataclasses.replace(
+            base, **{k: v for k, v in chosen.items() if v is not None}, max_queued_docs=self.max_queued_docs,
+            prefix_reuse=self.prefix_reuse, tokenizer_threads=self.tokenizer_threads)
+
+    def tls(self) -> TlsFiles | None:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both --tls-cert and --tls-key")
+        return TlsFiles(Path(self.tls_cert), Path(self.tls_key)) if self.tls_cert and self.tls_key else None
+
+
+def _device_batching(device: str) -> BatcherConfig:
+    # ``for_device`` is the worker's table of per-device defaults, where it has one
+    for_device = getattr(BatcherConfig, "for_device", None)
+    return for_device(device.split(":")[0]) if for_device else BatcherConfig()
+
+
+# -- flags and environment -------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
+    """One flag per field; defaults come from ``env`` (default ``os.environ``), then the field."""
+    env = os.environ if env is None else env
+    hints = typing.get_type_hints(ServeConfig)
+    for f in dataclasses.fields(ServeConfig):
+        kind = _base_type(hints[f.name])
+        var = ENV_PREFIX + f.name.upper()
+        default = _parse_env(var, env[var], kind) if var in env else f.default
+        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env {var}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text,
+                                action=argparse.BooleanOptionalAction)
+        else:
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
+                                metavar=f.name.upper() if flag != "--db" else "URL")
+
+
+def from_args(args: argparse.Namespace) -> ServeConfig:
+    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+
+
+def _base_type(hint: Any) -> type:
+    """``int | None`` -> int."""
+    if isinstance(hint, types.UnionType):
+        (kind,) = [t for t in typing.get_args(hint) if t is not type(None)]
+        return typing.cast(type, kind)
+    return typing.cast(type, hint)
+
+
+def _parse_env(var: str, raw: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            if raw.strip().lower() not in _TRUE | _FALSE:
+                raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
+            return raw.strip().lower() in _TRUE
+        return kind(raw)
+    except ValueError as exc:
+        raise SystemExit(f"rerank serve: environment {var}={raw!r} is not a valid {kind.__name__}: {exc}") from None

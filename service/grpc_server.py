@@ -1,0 +1,220 @@
+"""The gRPC front: ``rerank.v1.RerankService`` on a ``grpc.aio`` server, with health and reflection.
+
+Each RPC is message in, ``RerankCore`` call, message out; ``service.wire`` converts and
+``service.errors.Code.grpc_status`` picks the status, so nothing here decides what a call may
+contain or what it costs. What is gRPC's own lives here: reading the bearer key from
+metadata, the retry hint as trailing metadata, message size limits, health, reflection, and
+turning an undecodable request (invalid UTF-8 in a string field) into INVALID_ARGUMENT.
+
+Cancellation needs no code: when a caller cancels or its deadline passes, grpc.aio cancels
+the handler's task, the ``CancelledError`` reaches ``Batcher.score`` while it awaits, and
+the batcher drops the request's queued documents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from rerank.v1 import rerank_pb2 as pb
+from rerank.v1 import rerank_pb2_grpc as pb_grpc
+from service import wire
+from service.config import TlsFiles
+from service.core import Limits, RerankCall, RerankCore, RerankReply
+from service.errors import Code, ServiceError
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+access_log = logging.getLogger("rerank.access")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankService"].full_name
+RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
+# Room for the reply's own fields on top of echoed documents (return_documents).
+_REPLY_OVERHEAD_PER_DOC = 64
+
+
+@dataclass
+class _CallRecord:
+    """What the access log line and the metrics say about one call."""
+
+    method: str
+    peer: str
+    call: RerankCall | None = None
+    reply: RerankReply | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+
+class RerankServicer(pb_grpc.RerankServiceServicer):
+    def __init__(self, core: RerankCore, metrics: Metrics) -> None:
+        self.core = core
+        self.metrics = metrics
+
+    async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
+        async with self._track("Rerank", context) as record:
+            record.call = wire.call_from_request(request, _api_key(context))
+            record.reply = await self.core.rerank(record.call)
+            return wire.response_from_reply(record.reply)
+
+    async def RerankBatch(self, request: pb.RerankBatchRequest,
+                          context: grpc.aio.ServicerContext) -> pb.RerankBatchResponse:
+        async with self._track("RerankBatch", context) as record:
+            record.call = wire.call_from_batch(request, _api_key(context))
+            record.reply = await self.core.rerank(record.call)
+            return wire.batch_response_from_reply(record.reply)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest,
+                           context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        async with self._track("GetModelInfo", context):
+            return wire.model_info_message(self.core.model_info())
+
+    @asynccontextmanager
+    async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
+        """Map errors to statuses, and log and count every call exactly once."""
+        record = _CallRecord(method, context.peer())
+        try:
+            yield record
+        except ServiceError as exc:
+            self._finish(record, exc.code.grpc_status, exc.message)
+            await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, _retry_metadata(exc))
+        except asyncio.CancelledError:  # the caller went away or its deadline passed
+            self._finish(record, "CANCELLED", "caller cancelled or deadline passed; work dropped")
+            raise
+        except Exception:
+            log.exception("%s failed", method)
+            self._finish(record, "INTERNAL", "unexpected error")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
+        else:
+            self._finish(record, "OK", "")
+
+    def _finish(self, record: _CallRecord, code: str, message: str) -> None:
+        seconds = time.perf_counter() - record.started
+        self.metrics.observe_request(record.method, code, seconds)
+        access_log.info("%s", _access_line(record, code, message, seconds))
+
+
+def _api_key(context: grpc.aio.ServicerContext) -> str | None:
+    return wire.bearer_key(context.invocation_metadata())
+
+
+def _retry_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
+    if exc.retry_after_s is None:
+        return ()
+    return ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
+
+
+def _access_line(record: _CallRecord, code: str, message: str, seconds: float) -> str:
+    # One line per call; never document text or keys (the message of a core error names
+    # sizes and positions, not contents)
+    call, reply = record.call, record.reply
+    parts = [f"rpc={record.method}", f"code={code}", f"ms={1000 * seconds:.1f}", f"peer={record.peer}"]
+    if call is not None:
+        parts += [f"request_id={reply.request_id if reply else call.request_id or '-'}",
+                  f"queries={len(call.queries)}", f"documents={sum(len(q.documents) for q in call.queries)}"]
+    if reply is not None:
+        parts += [f"prompt_tokens={reply.prompt_tokens}", f"computed_tokens={reply.computed_tokens}",
+                  f"replayed={reply.replayed}"]
+    if message:
+        parts.append(f"message={message!r}")
+    return " ".join(parts)
+
+
+# -- undecodable requests ------------------------------------------------------------------
+class _Undecodable:
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """Turns a request protobuf cannot parse (e.g. invalid UTF-8 in a string) into a clean
+    INVALID_ARGUMENT; left alone, gRPC answers INTERNAL "Exception deserializing request"."""
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: Any) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer),
+                                unary_unary=_refusing(handler.unary_unary, handler_call_details.method))
+
+
+def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError as exc:
+            return _Undecodable(str(exc))
+    return parse
+
+
+def _refusing(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, _Undecodable):
+            access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message=undecodable request", method,
+                            context.peer())
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid protobuf message: {request.error} "
+                                "(string fields must be valid UTF-8)")
+        return await behaviour(request, context)
+    return handle
+
+
+# -- the server ------------------------------------------------------------------------------
+def message_options(limits: Limits) -> list[tuple[str, int]]:
+    """Receive at most ``max_request_bytes``; send enough for a reply that echoes every
+    document a request may carry (the size check on documents then happens once, on receipt)."""
+    send = limits.max_request_bytes + limits.max_documents * _REPLY_OVERHEAD_PER_DOC + 2**16
+    return [("grpc.max_receive_message_length", limits.max_request_bytes),
+            ("grpc.max_send_message_length", send)]
+
+
+class GrpcServer:
+    """A component of the app: ``start`` binds and serves, ``stop`` drains."""
+
+    def __init__(self, core: RerankCore, metrics: Metrics, *, host: str, port: int,
+                 tls: TlsFiles | None = None) -> None:
+        self.host = host
+        self.port = port
+        self.tls = tls
+        self.stopping = False  # set once new calls are refused
+        self.health = health.aio.HealthServicer()
+        self.server = grpc.aio.server(interceptors=[DecodeGuard()], options=message_options(core.limits))
+        pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(core, metrics), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        address = f"{self.host}:{self.port}"
+        if self.tls is None:
+            self.port = self.server.add_insecure_port(address)
+        else:
+            creds = grpc.ssl_server_credentials([(self.tls.key.read_bytes(), self.tls.cert.read_bytes())])
+            self.port = self.server.add_secure_port(address, creds)
+        await self.server.start()
+        log.info("gRPC listening on %s:%d (%s)", self.host, self.port, "TLS" if self.tls else "plaintext")
+
+    async def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):  # "" is the whole server, as health checkers ask
+            await self.health.set(name, status)
+
+    async def drain(self) -> None:
+        """NOT_SERVING from now on, while calls are still taken (load balancers move away)."""
+        await self.health.enter_graceful_shutdown()
+
+    async def stop(self, grace_s: float) -> None:
+        """Refuse new calls, let in-flight ones finish for ``grace_s``, then cancel them."""
+        await self.drain()
+        self.stopping = True
+        await self.server.stop(grace_s)

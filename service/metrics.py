@@ -1,0 +1,93 @@
+"""Prometheus metrics: what the fronts and the batcher did, on one registry per server.
+
+Each ``Metrics`` owns its own ``CollectorRegistry`` rather than the process-global one, so
+several servers (tests, or a gateway beside the gRPC server) never collide on names. The
+batcher reports through its ``on_batch`` hook; the fronts call ``observe_request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from worker.batcher import BatchStats
+
+log = logging.getLogger(__name__)
+
+_LATENCY_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_TOKENS = (64, 256, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_RATIO = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("rerank_requests", "Calls by front method and status code.",
+                                ["method", "code"], registry=r)
+        self.request_seconds = Histogram("rerank_request_seconds", "Call latency, by front method.",
+                                         ["method"], buckets=_LATENCY_S, registry=r)
+        self.queue_documents = Gauge("rerank_queue_documents", "Documents waiting in the batcher's queue.",
+                                     registry=r)
+        self.batch_rows = Histogram("rerank_batch_rows", "Documents per model batch.", buckets=_ROWS,
+                                    registry=r)
+        self.batch_tokens = Histogram("rerank_batch_tokens", "Tokens the model computed per batch.",
+                                      buckets=_TOKENS, registry=r)
+        self.batch_seconds = Histogram("rerank_batch_seconds", "Model time per batch.", buckets=_LATENCY_S,
+                                       registry=r)
+        self.padding_ratio = Histogram(
+            "rerank_batch_padding_ratio", "1 - computed/padded tokens per batch: the share of the "
+            "batch's padded size that was padding (clamped to [0, 1]).", buckets=_RATIO, registry=r)
+        self.documents_scored = Counter("rerank_documents_scored", "Documents the model scored.", registry=r)
+        self.batches_failed = Counter("rerank_batches_failed", "Batches the model failed on.", registry=r)
+        self.ready = Gauge("rerank_ready", "1 when the model is loaded and warm.", registry=r)
+        self.queue_documents.set_function(lambda: 0)
+
+    def watch_queue(self, depth: Callable[[], int]) -> None:
+        """Sample queue depth at scrape time, from the batcher once it exists."""
+        self.queue_documents.set_function(depth)
+
+    def on_batch(self, stats: BatchStats) -> None:
+        """The batcher's ``on_batch`` hook; runs on the event loop after every batch."""
+        self.batch_seconds.observe(stats.seconds)
+        if stats.failed:
+            self.batches_failed.inc()
+            return
+        self.batch_rows.observe(stats.rows)
+        self.batch_tokens.observe(stats.computed_tokens)
+        self.documents_scored.inc(stats.rows)
+        if stats.padded_tokens:
+            # computed counts a newly prefilled shared prefix too, which padded does not, so
+            # the raw ratio can go negative on a batch that prefilled: clamp, don't mislead
+            ratio = 1 - stats.computed_tokens / stats.padded_tokens
+            self.padding_ratio.observe(min(1.0, max(0.0, ratio)))
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.request_seconds.labels(method).observe(seconds)
+
+
+class MetricsServer:
+    """``/metrics`` on its own HTTP port (prometheus_client's server, on a daemon thread)."""
+
+    def __init__(self, metrics: Metrics, host: str, port: int) -> None:
+        self.metrics = metrics
+        self.host = host
+        self.port = port
+        self._server: Any = None
+
+    async def start(self) -> None:
+        self._server, _ = start_http_server(self.port, self.host, registry=self.metrics.registry)
+        self.port = int(self._server.server_port)
+        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
+
+    async def stop(self, grace_s: float) -> None:
+        if self._server is not None:
+            server, self._server = self._server, None
+            await asyncio.to_thread(server.shutdown)  # blocks up to its 0.5 s poll interval
+            server.server_close()

@@ -1,0 +1,98 @@
+"""``rerank.v1`` messages to the core's values and back: pure functions, no I/O.
+
+Only wire-format facts live here (empty string means absent, enum numbers, field shapes);
+every rule about what a call may contain is the core's (``RerankCore.validate``), so the gRPC
+and HTTP fronts cannot disagree on it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rerank.v1 import rerank_pb2 as pb
+from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.errors import Code, ServiceError
+from worker.types import Truncation
+
+_TRUNCATION = {
+    pb.TRUNCATION_UNSPECIFIED: Truncation.END,
+    pb.TRUNCATION_END: Truncation.END,
+    pb.TRUNCATION_NONE: Truncation.NONE,
+}
+
+
+def call_from_request(req: pb.RerankRequest, api_key: str | None) -> RerankCall:
+    query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
+                   req.top_n, req.return_documents, req.truncation)
+    return _call([query], req.model, req.request_id, api_key)
+
+
+def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None) -> RerankCall:
+    queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
+                      q.top_n, q.return_documents, q.truncation) for q in req.queries]
+    return _call(queries, req.model, req.request_id, api_key)
+
+
+def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
+    if len(reply.outcomes) != 1:
+        raise AssertionError(f"a Rerank call came back with {len(reply.outcomes)} outcomes: this is a bug")
+    outcome = reply.outcomes[0]
+    return pb.RerankResponse(request_id=reply.request_id, model=reply.model,
+                             results=_ranked(outcome.results), usage=_usage([outcome]),
+                             timing=_timing(reply), replayed=reply.replayed)
+
+
+def batch_response_from_reply(reply: RerankReply) -> pb.RerankBatchResponse:
+    queries = [pb.QueryResults(results=_ranked(o.results), usage=_usage([o])) for o in reply.outcomes]
+    return pb.RerankBatchResponse(request_id=reply.request_id, model=reply.model, queries=queries,
+                                  usage=_usage(reply.outcomes), timing=_timing(reply),
+                                  replayed=reply.replayed)
+
+
+def model_info_message(info: ModelInfo) -> pb.ModelInfo:
+    lim = info.limits
+    limits = pb.Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
+                       max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
+                       max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
+    return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype,
+                        device=info.device, limits=limits)
+
+
+def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The key of ``authorization: Bearer <key>``; another scheme passes through whole, so
+    the authenticator (not the wire layer) decides what to refuse."""
+    for name, value in metadata or ():
+        if name.lower() == "authorization" and isinstance(value, str):
+            scheme, _, token = value.strip().partition(" ")
+            return token.strip() if scheme.lower() == "bearer" and token.strip() else value.strip()
+    return None
+
+
+def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None) -> RerankCall:
+    # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
+    return RerankCall(queries, api_key=api_key, model=model or None, request_id=request_id or None,
+                      idempotency_key=request_id or None)
+
+
+def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,
+           return_documents: bool, truncation: int) -> RerankQuery:
+    if truncation not in _TRUNCATION:
+        raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
+                                                  "TRUNCATION_END or TRUNCATION_NONE")
+    return RerankQuery(query, list(documents), instruction, top_n or None, return_documents,
+                       _TRUNCATION[truncation])  # type: ignore[index]
+
+
+def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:
+    return [pb.RankedDocument(index=r.index, score=r.score, logit=r.logit, truncated=r.truncated,
+                              document=r.document) for r in results]
+
+
+def _usage(outcomes: Sequence[QueryOutcome]) -> pb.Usage:
+    return pb.Usage(documents=sum(o.documents for o in outcomes),
+                    prompt_tokens=sum(o.prompt_tokens for o in outcomes),
+                    computed_tokens=sum(o.computed_tokens for o in outcomes))
+
+
+def _timing(reply: RerankReply) -> pb.Timing:
+    return pb.Timing(total_ms=reply.timings_ms.get("total", 0.0), engine_ms=reply.timings_ms.get("engine", 0.0))

@@ -1,0 +1,46 @@
+"""Helpers for tests of the service: a real App (gRPC on port 0) around a given runner."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from service.app import App, CoreParts
+from service.config import ServeConfig
+from worker.fake import FakeRunner
+from worker.types import Runner
+
+
+@asynccontextmanager
+async def running_app(runner: Runner | None = None, *, parts: CoreParts | None = None,
+                      ready: bool = True, **config: Any) -> AsyncIterator[App]:
+    """An App serving ``runner`` (a FakeRunner by default) on 127.0.0.1, a free port."""
+    runner = runner if runner is not None else FakeRunner()
+    settings = {"model": "fake", "host": "127.0.0.1", "grpc_port": 0, "max_wait_ms": 0.0, **config}
+    app = App(ServeConfig(**settings), load_runner=lambda: runner, core_parts=parts or CoreParts())
+    await app.start()
+    try:
+        if ready:
+            await app.wait_ready()
+        yield app
+    finally:
+        if isinstance(runner, FakeRunner):
+            runner.gate.set()  # never leave the model thread blocked: close() joins it
+        await app.stop(grace_s=0)
+
+
+def target(app: App) -> str:
+    return f"127.0.0.1:{app.grpc.port}"
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait for something another task or thread makes true (a server-side effect the
+    client cannot observe directly, such as a cancellation reaching the batcher)."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
