@@ -92,6 +92,7 @@ def card_scores(model, tokenizer, request: ScoreRequest, max_length: int, batch:
     """The model card's loop, verbatim in substance."""
     yes, no = tokenizer.convert_tokens_to_ids("yes"), tokenizer.convert_tokens_to_ids("no")
     ids = card_prompt_ids(tokenizer, request, max_length)
+    tokenizer.padding_side = "left"  # as the card loads it
     scores: list[float] = []
     for start in range(0, len(ids), batch):
         inputs = tokenizer.pad({"input_ids": ids[start:start + batch]}, padding=True, return_tensors="pt")

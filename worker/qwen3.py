@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (key, value), each [kv_heads, len, dim]
+KV = torch.Tensor  # one prefix's keys and values: [layers, 2, kv_heads, length, head_dim]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,9 @@ class Qwen3Scorer:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
+        # Memory-efficient CUDA attention takes a mask but not grouped K/V heads: expand them
+        # there; CPU's flash kernel takes both.
+        self.expand_kv = self.device.type == "cuda"
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
 
@@ -107,22 +110,23 @@ class Qwen3Scorer:
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later."""
         layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device)
-        collected: list[KV] = [[] for _ in sequences]
-        self._run(sequences, [None] * len(sequences), layout, collected)
-        return collected
+        per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
+        self._run(sequences, Pasts.none(), layout, per_layer)
+        stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
+        return [kv.permute(0, 1, 3, 2, 4).contiguous() for kv in torch.split(stacked, layout.lengths, dim=2)]
 
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
-        past_lengths = [0 if p is None else p[0][0].shape[1] for p in pasts]
+        past_lengths = [0 if p is None else p.shape[3] for p in pasts]
         layout = make_layout([len(t) for t in tails], past_lengths, self.device)
-        hidden = self._run(tails, pasts, layout, None)
+        hidden = self._run(tails, Pasts.group(pasts, self.device), layout, None)
         hidden = self.model.norm(hidden).float()
         yes_no = hidden @ self.yes_no.T
         diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
         return diff
 
-    def _run(self, tokens: list[list[int]], pasts: list[KV | None], layout: Layout,
-             collect: list[KV] | None) -> torch.Tensor:
+    def _run(self, tokens: list[list[int]], pasts: Pasts, layout: Layout,
+             collect: list[torch.Tensor] | None) -> torch.Tensor:
         flat = [t for seq in tokens for t in seq]
         ids = torch.tensor(flat, dtype=torch.long)
         if self.device.type == "cuda":
@@ -139,8 +143,8 @@ class Qwen3Scorer:
         return x
 
     def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
-               only_last: bool, collect: list[KV] | None) -> torch.Tensor:
+               sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
+               only_last: bool, collect: list[torch.Tensor] | None) -> torch.Tensor:
         attn = layer.self_attn
         h = layer.input_layernorm(x)
         k, v = self._keys_values(layer, x, cos, sin, layout, pasts, index, collect, h)
@@ -154,8 +158,8 @@ class Qwen3Scorer:
         return x
 
     def _keys_values(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
-                     collect: list[KV] | None, h: torch.Tensor | None = None,
+                     sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
+                     collect: list[torch.Tensor] | None, h: torch.Tensor | None = None,
                      ) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded keys/values ``[rows, kv_heads, past_max + max_len, dim]`` for one layer."""
         attn = layer.self_attn
@@ -164,11 +168,10 @@ class Qwen3Scorer:
         k = _rope(k, cos, sin)
         v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
         if collect is not None:
-            for row, (ks, vs) in enumerate(zip(_split(k, layout), _split(v, layout))):
-                collect[row].append((ks.transpose(0, 1).contiguous(), vs.transpose(0, 1).contiguous()))
+            collect.append(torch.stack((k, v)))
         return self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
 
-    def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: list[KV | None], index: int,
+    def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                 which: int) -> torch.Tensor:
         rows, max_len, past_max = layout.rows, layout.max_len, layout.past_max
         new = t.new_zeros(rows * max_len, self.kv_heads, self.head_dim)
@@ -177,25 +180,27 @@ class Qwen3Scorer:
         if past_max == 0:
             return new
         padded = t.new_zeros(rows, self.kv_heads, past_max + max_len, self.head_dim)
-        for row, past in enumerate(pasts):
-            if past is not None:
-                part = past[index][which]
-                padded[row, :, : part.shape[1]] = part
+        for kv, row_index in pasts.groups:  # one copy per distinct prefix, broadcast to its rows
+            padded[row_index, :, : kv.shape[3]] = kv[index, which].unsqueeze(0)
         padded[:, :, past_max:] = new
         return padded
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                 only_last: bool) -> torch.Tensor:
         rows, width = layout.rows, self.heads * self.head_dim
+        if self.expand_kv:
+            groups = self.heads // self.kv_heads
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        gqa = not self.expand_kv
         if only_last:
             qp = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.last_mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.last_mask, enable_gqa=gqa)
             return out.transpose(1, 2).reshape(rows, width)
         max_len = layout.max_len
         qp = q.new_zeros(rows * max_len, self.heads, self.head_dim)
         qp[layout.pad_index] = q
         qp = qp.view(rows, max_len, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.mask, enable_gqa=True)
+        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.mask, enable_gqa=gqa)
         return out.transpose(1, 2).reshape(rows * max_len, width)[layout.pad_index]
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,5 +216,22 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def _split(t: torch.Tensor, layout: Layout) -> tuple[torch.Tensor, ...]:
-    return torch.split(t, layout.lengths)
+@dataclass(frozen=True)
+class Pasts:
+    """A batch's prefixes, each once, with the rows that continue it."""
+
+    groups: list[tuple[KV, torch.Tensor]]  # (prefix K/V, row indices on the device)
+
+    @classmethod
+    def none(cls) -> Pasts:
+        return cls([])
+
+    @classmethod
+    def group(cls, pasts: list[KV | None], device: torch.device) -> Pasts:
+        rows: dict[int, list[int]] = {}
+        tensors: dict[int, KV] = {}
+        for row, kv in enumerate(pasts):
+            if kv is not None:
+                rows.setdefault(id(kv), []).append(row)
+                tensors[id(kv)] = kv
+        return cls([(tensors[key], torch.tensor(r, device=device)) for key, r in rows.items()])

@@ -55,7 +55,7 @@ class PrefixCache:
         return hit[0]
 
     def put(self, key: tuple[int, ...], kv: KV) -> None:
-        size = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in kv)
+        size = kv.numel() * kv.element_size()
         if key in self._entries or size > self.max_bytes:
             return
         self._entries[key] = (kv, size)
@@ -106,11 +106,18 @@ class ModelRunner:  # implements worker.types.Runner
                 "max_length": str(self.builder.max_length)}
 
     def warmup(self) -> None:
-        """Run each code path once (prefill, prefix reuse, plain rows) so first calls are warm."""
+        """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
+        batch shapes, so kernels are chosen and the allocator has grown before traffic."""
         prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
                                      None, Truncation.END)
         items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
-        self.score(items + [_Item(prompts.sequences[0], 0)])
+        self.score([*items, _Item(prompts.sequences[0], 0)])
+        if self.scorer.device.type == "cuda":
+            for rows, length in ((8, 128), (32, 256), (64, 512)):
+                doc = "warm " * length
+                shaped = self.builder.build("warm up", [doc] * rows, None, Truncation.END)
+                self.score([_Item(ids, shaped.shared_len) for ids in shaped.sequences])
+            torch.cuda.synchronize()
         self.cache = PrefixCache(self.cache.max_bytes)
 
     @torch.inference_mode()

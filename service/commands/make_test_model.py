@@ -13,11 +13,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", choices=["tiny", "0.6b"], default="tiny",
                         help="tiny: 2 layers, hidden 64; 0.6b: the real Qwen3-Reranker-0.6B shape")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer-from", default=None,
+                        help="copy the tokenizer of this checkpoint instead of building Qwen3's")
 
 
 def run(args: argparse.Namespace) -> int:
     from worker.offline import make_random_reranker
 
-    path = make_random_reranker(args.out_dir, args.size, seed=args.seed)
+    path = make_random_reranker(args.out_dir, args.size, seed=args.seed, tokenizer_from=args.tokenizer_from)
     print(path)
     return 0

@@ -1,0 +1,111 @@
+"""One attempt over the wire: gRPC through ``AsyncRerankClient``, HTTP through httpx.
+
+Both map what happened to a ``Verdict`` by the same rule: an answer that leaves the outcome
+unknown or says "later" (connection lost, UNAVAILABLE/503, deadline, cancelled by a stopping
+server) is RETRY, since the idempotency key makes a resend safe; RESOURCE_EXHAUSTED/429 is
+REJECTED; anything else that is not a success is FAILED.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from bench.load.driver import Attempt, Verdict
+from bench.load.workload import LogicalRequest
+
+_GRPC_RETRY = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}
+_HTTP_RETRY = {502, 503, 504}
+
+
+def grpc_verdict(code: str) -> Verdict:
+    if code == "OK":
+        return Verdict.OK
+    if code in _GRPC_RETRY:
+        return Verdict.RETRY
+    return Verdict.REJECTED if code == "RESOURCE_EXHAUSTED" else Verdict.FAILED
+
+
+def http_verdict(status: int) -> Verdict:
+    if status == 200:
+        return Verdict.OK
+    if status in _HTTP_RETRY:
+        return Verdict.RETRY
+    return Verdict.REJECTED if status == 429 else Verdict.FAILED
+
+
+class GrpcTransport:
+    """The real client with its own retries off: the driver retries, with the same request id.
+
+    ``targets`` of more than one address are balanced by gRPC itself (``round_robin``)."""
+
+    name = "grpc"
+
+    def __init__(self, targets: Sequence[str], *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+        from clients import AsyncRerankClient
+
+        options: list[tuple[str, Any]] = []
+        target = targets[0]
+        if len(targets) > 1:
+            target = "ipv4:" + ",".join(targets)
+            options.append(("grpc.lb_policy_name", "round_robin"))
+        self.client = AsyncRerankClient(target, api_key=api_key, timeout_s=timeout_s, retries=0,
+                                        options=options)
+
+    async def send(self, request: LogicalRequest) -> Attempt:
+        from clients import RerankError
+
+        started = time.perf_counter()
+        try:
+            result = await self.client.rerank(request.query, list(request.documents), request_id=request.key)
+        except RerankError as exc:
+            return Attempt(grpc_verdict(exc.code.name), exc.code.name, time.perf_counter() - started,
+                           retry_after_s=exc.retry_after_s)
+        return Attempt(Verdict.OK, "OK", time.perf_counter() - started, result.usage.documents, result.replayed)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+
+class HttpTransport:
+    """POST /v1/rerank with ``Idempotency-Key``; several base URLs are used in turn."""
+
+    name = "http"
+
+    def __init__(self, base_urls: Sequence[str], *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+        import httpx
+
+        self._errors: tuple[type[Exception], ...] = (httpx.TransportError,)
+        self.clients = [httpx.AsyncClient(base_url=url, timeout=timeout_s, limits=httpx.Limits(
+            max_connections=None, max_keepalive_connections=None)) for url in base_urls]
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._turn = 0
+
+    async def send(self, request: LogicalRequest) -> Attempt:
+        client = self.clients[self._turn % len(self.clients)]
+        self._turn += 1
+        body = {"query": request.query, "documents": list(request.documents)}
+        started = time.perf_counter()
+        try:
+            response = await client.post("/v1/rerank", json=body,
+                                         headers={**self.headers, "Idempotency-Key": request.key})
+        except self._errors as exc:  # refused, reset, timed out: the outcome is unknown
+            return Attempt(Verdict.RETRY, type(exc).__name__, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        if response.status_code != 200:
+            return Attempt(http_verdict(response.status_code), f"HTTP {response.status_code}", seconds,
+                           retry_after_s=_retry_after(response.headers.get("Retry-After")))
+        reply = response.json()
+        return Attempt(Verdict.OK, "OK", seconds, int(reply["usage"]["documents"]), bool(reply["meta"]["replayed"]))
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.aclose()
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:  # an HTTP date: not sent by this server
+        return None
