@@ -16,6 +16,7 @@ from collections.abc import Sequence
 # subcommand -> module; a module missing from a client-only install is simply left out
 COMMANDS = {
     "make-test-model": "service.commands.make_test_model",
+    "keys": "service.commands.keys",
 }
 
 

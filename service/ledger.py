@@ -1,0 +1,157 @@
+"""The usage ledger: exactly one usage record per successful call, never two for a retry.
+
+``record`` writes the usage record and, for a call with an idempotency key, the stored
+reply, in one transaction. The idempotency table's primary key (caller, idempotency key)
+settles concurrent duplicates: the first commit wins, the loser's insert fails, its
+transaction (usage record included) rolls back, and it returns the winner's reply, unbilled.
+
+Once scoring has finished the write is shielded from cancellation: a caller that goes away
+mid-write cannot leave it half done, and a retry with the same idempotency key gets the
+result for free. A call whose write fails (database down) fails with UNAVAILABLE, unbilled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+from sqlalchemy import func, insert, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from service.core import Principal, RerankReply
+from service.db import idempotency_records, unavailable, usage_records
+from service.errors import Code, ServiceError
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    requests: int = 0
+    documents: int = 0  # the billed quantity
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
+                           self.prompt_tokens + other.prompt_tokens,
+                           self.computed_tokens + other.computed_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    key_id: str
+    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
+    total: UsageTotals
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    key_id: str
+    request_id: str
+    model: str
+    queries: int
+    documents: int
+    prompt_tokens: int
+    computed_tokens: int
+    idempotency_key: str | None
+    created_at: datetime
+
+
+class SqlLedger:
+    """A ``UsageLedger`` on the ledger database (SQLite or PostgreSQL)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
+        table = idempotency_records
+        with unavailable("looking up the idempotency key"):
+            async with self.engine.connect() as conn:
+                row = (await conn.execute(
+                    select(table.c.fingerprint, table.c.reply)
+                    .where(table.c.key_id == principal.key_id,
+                           table.c.idempotency_key == idempotency_key))).first()
+        if row is None:
+            return None
+        if row.fingerprint != fingerprint:
+            raise ServiceError(Code.IDEMPOTENCY_CONFLICT,
+                               "this idempotency key was already used for a different request; "
+                               "send a new key for a new request")
+        return dataclasses.replace(RerankReply.from_json(row.reply), replayed=True)
+
+    async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
+                     fingerprint: str) -> RerankReply:
+        return await asyncio.shield(self._record(principal, reply, idempotency_key, fingerprint))
+
+    async def _record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
+                      fingerprint: str) -> RerankReply:
+        now = datetime.now(UTC)
+        with unavailable("billing the call"):
+            try:
+                async with self.engine.begin() as conn:
+                    if idempotency_key:  # first: a duplicate fails before anything is written
+                        await conn.execute(insert(idempotency_records).values(
+                            key_id=principal.key_id, idempotency_key=idempotency_key,
+                            fingerprint=fingerprint, reply=reply.to_json(), created_at=now))
+                    await conn.execute(insert(usage_records).values(
+                        key_id=principal.key_id, request_id=reply.request_id, model=reply.model,
+                        queries=len(reply.outcomes), documents=reply.billed_documents,
+                        prompt_tokens=reply.prompt_tokens, computed_tokens=reply.computed_tokens,
+                        idempotency_key=idempotency_key or None, created_at=now,
+                        day=now.date().isoformat()))
+                return reply
+            except IntegrityError:
+                if not idempotency_key:
+                    raise
+        # A concurrent duplicate committed first: its reply stands, and this call is free.
+        stored = await self.replay(principal, idempotency_key, fingerprint)
+        if stored is None:
+            raise AssertionError("idempotency record missing after a unique violation: this is a bug")
+        return stored
+
+    # -- reading ---------------------------------------------------------------------------
+    async def used_documents(self, key_id: str) -> int:
+        """Documents billed to ``key_id`` so far (for quotas)."""
+        with unavailable("reading usage"):
+            async with self.engine.connect() as conn:
+                total = await conn.scalar(select(func.coalesce(func.sum(usage_records.c.documents), 0))
+                                          .where(usage_records.c.key_id == key_id))
+        return int(total or 0)
+
+    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
+        """Usage of one key by UTC day, ``since`` and ``until`` inclusive."""
+        u = usage_records
+        query = (select(u.c.day, func.count(), func.sum(u.c.documents), func.sum(u.c.prompt_tokens),
+                        func.sum(u.c.computed_tokens))
+                 .where(u.c.key_id == key_id).group_by(u.c.day).order_by(u.c.day))
+        if since is not None:
+            query = query.where(u.c.day >= since.isoformat())
+        if until is not None:
+            query = query.where(u.c.day <= until.isoformat())
+        with unavailable("reading usage"):
+            async with self.engine.connect() as conn:
+                rows = (await conn.execute(query)).all()
+        days = [(str(day), UsageTotals(*(int(v) for v in values))) for day, *values in rows]
+        return UsageReport(key_id, days, sum((t for _, t in days), UsageTotals()))
+
+    async def billed_by_key(self) -> dict[str, int]:
+        """Documents billed so far, per key."""
+        u = usage_records
+        with unavailable("reading usage"):
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(u.c.key_id, func.sum(u.c.documents)).group_by(u.c.key_id))
+                return {key_id: int(total) for key_id, total in rows}
+
+    async def records(self, key_id: str | None = None) -> list[UsageRecord]:
+        """Every usage record (of one key), oldest first: for audits and tests."""
+        u = usage_records
+        query = select(u.c.key_id, u.c.request_id, u.c.model, u.c.queries, u.c.documents,
+                       u.c.prompt_tokens, u.c.computed_tokens, u.c.idempotency_key,
+                       u.c.created_at).order_by(u.c.id)
+        if key_id is not None:
+            query = query.where(u.c.key_id == key_id)
+        with unavailable("reading usage"):
+            async with self.engine.connect() as conn:
+                return [UsageRecord(*row) for row in await conn.execute(query)]

@@ -1,0 +1,266 @@
+"""Keys and the usage ledger through the real core, on SQLite and on PostgreSQL.
+
+Every test runs twice (``db_url``): on a fresh SQLite file and on a fresh PostgreSQL
+database (skipped where no PostgreSQL is available). The model is ``FakeRunner``; its
+``gate`` holds batches so concurrent calls really overlap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+
+import pytest
+from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from sqlalchemy import insert, select, text
+
+from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
+from service.db import api_keys, create_schema, idempotency_records, open_engine, usage_records
+from service.errors import Code, ServiceError
+from service.keys import KEY_PREFIX, KeyStore, hash_key
+from service.ledger import SqlLedger
+from service.ratelimit import KeyRateLimiter
+from worker.batcher import Batcher, BatcherConfig
+from worker.fake import FakeRunner
+
+MODEL = "tiny-reranker"
+
+
+@dataclass
+class Stack:
+    core: RerankCore
+    keys: KeyStore
+    ledger: SqlLedger
+    runner: FakeRunner
+    batcher: Batcher
+
+
+@pytest.fixture
+async def stack(db_url: str) -> AsyncIterator[Stack]:  # noqa: F811 - the imported fixture
+    engine = open_engine(db_url)
+    await create_schema(engine)
+    runner = FakeRunner()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, max_queued_docs=256))
+    batcher.start()
+    keys, ledger = KeyStore(engine), SqlLedger(engine)
+    core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger,
+                      limiter=KeyRateLimiter(quota=ledger))
+    yield Stack(core, keys, ledger, runner, batcher)
+    runner.gate.set()
+    await batcher.close()
+    await engine.dispose()
+
+
+def call(key: str | None, docs: int = 3, query: str = "what is a reranker", *,
+         idem: str | None = None, **kw: object) -> RerankCall:
+    q = RerankQuery(query, [f"document number {i}" for i in range(docs)], **kw)  # type: ignore[arg-type]
+    return RerankCall([q], api_key=key, idempotency_key=idem)
+
+
+async def code_of(coro: object) -> Code:
+    with pytest.raises(ServiceError) as err:
+        await coro  # type: ignore[misc]
+    return err.value.code
+
+
+async def held(runner: FakeRunner) -> None:
+    """Wait until the model thread is inside ``score`` (and blocked on the gate)."""
+    await asyncio.to_thread(runner.entered.wait, 10)
+
+
+# -- keys -----------------------------------------------------------------------------------
+async def test_key_authenticates_to_its_principal(stack: Stack) -> None:
+    new = await stack.keys.create("alice", rate_limit_rps=5, rate_limit_dps=50, quota_documents=1000)
+    assert new.key.startswith(KEY_PREFIX) and len(new.key) >= len(KEY_PREFIX) + 43
+    principal = await stack.keys.authenticate(new.key)
+    assert (principal.key_id, principal.name) == (new.record.key_id, "alice")
+    assert (principal.rate_limit_rps, principal.rate_limit_dps, principal.quota_documents) == (5, 50, 1000)
+
+
+async def test_only_the_hash_is_stored(stack: Stack) -> None:
+    new = await stack.keys.create("alice")
+    async with stack.keys.engine.connect() as conn:
+        rows = [tuple(str(v) for v in row) for row in await conn.execute(select(api_keys))]
+    assert rows and not any(new.key in value for row in rows for value in row)
+    assert any(hash_key(new.key) in row for row in rows)
+
+
+@pytest.mark.parametrize("key", [None, "", "rk_live_", "Bearer x", KEY_PREFIX + "A" * 43, "sk-" + "a" * 60,
+                                 KEY_PREFIX + "A" * 42 + "!"])
+async def test_missing_malformed_or_unknown_key_is_unauthenticated(stack: Stack, key: str | None) -> None:
+    await stack.keys.create("someone")
+    assert await code_of(stack.keys.authenticate(key)) is Code.UNAUTHENTICATED
+
+
+async def test_revoked_key_is_refused_and_bills_nothing(stack: Stack) -> None:
+    new = await stack.keys.create("mallory")
+    await stack.core.rerank(call(new.key))
+    revoked = await stack.keys.revoke(new.record.key_id)
+    assert revoked is not None and revoked.revoked
+    assert await code_of(stack.core.rerank(call(new.key))) is Code.PERMISSION_DENIED
+    assert len(await stack.ledger.records(new.record.key_id)) == 1
+    assert await stack.keys.revoke("key_nonexistent") is None
+    assert [k.revoked for k in await stack.keys.list()] == [True]
+
+
+# -- one record per successful call ---------------------------------------------------------
+async def test_concurrent_calls_give_exactly_one_record_each(stack: Stack) -> None:
+    alice, bob = await stack.keys.create("alice"), await stack.keys.create("bob")
+    sizes = [1, 2, 3, 5, 8, 13, 1, 4]
+    stack.runner.gate.clear()
+    tasks = [asyncio.create_task(stack.core.rerank(call(k.key, n)))
+             for n in sizes for k in (alice, bob)]
+    await held(stack.runner)
+    stack.runner.gate.set()
+    replies = await asyncio.gather(*tasks)
+    for k in (alice, bob):
+        records = await stack.ledger.records(k.record.key_id)
+        assert len(records) == len(sizes)
+        assert sorted(r.documents for r in records) == sorted(sizes)
+        assert {r.model for r in records} == {MODEL}
+    assert len({r.request_id for r in replies}) == len(tasks)
+    report = await stack.ledger.usage(alice.record.key_id)
+    assert (report.total.requests, report.total.documents) == (len(sizes), sum(sizes))
+    assert report.total.prompt_tokens == sum(r.prompt_tokens for r in replies) // 2
+
+
+async def test_retry_with_idempotency_key_is_billed_once(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    first = await stack.core.rerank(call(key, 4, idem="order-42"))
+    again = await stack.core.rerank(call(key, 4, idem="order-42"))
+    assert again.replayed and not first.replayed
+    assert dataclasses.replace(again, replayed=False) == first  # the first result, as it was
+    assert len(await stack.ledger.records()) == 1
+    assert len(stack.runner.batches) == 1  # the retry was not even scored
+
+
+async def test_concurrent_duplicates_bill_once_and_share_the_winners_reply(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    stack.runner.gate.clear()
+    tasks = [asyncio.create_task(stack.core.rerank(call(key, 2, idem="dup"))) for _ in range(8)]
+    await held(stack.runner)  # every duplicate is past replay and queued for scoring
+    stack.runner.gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert len(await stack.ledger.records()) == 1
+    assert [r.replayed for r in replies].count(False) == 1
+    assert len({r.request_id for r in replies}) == 1
+
+
+async def test_same_idempotency_key_with_another_body_is_a_conflict(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    await stack.core.rerank(call(key, 2, idem="k1"))
+    for other in (call(key, 3, idem="k1"), call(key, 2, "another query", idem="k1"),
+                  call(key, 2, idem="k1", top_n=1)):
+        assert await code_of(stack.core.rerank(other)) is Code.IDEMPOTENCY_CONFLICT
+    assert len(await stack.ledger.records()) == 1
+
+
+async def test_idempotency_keys_are_per_api_key(stack: Stack) -> None:
+    alice, bob = (await stack.keys.create("alice")).key, (await stack.keys.create("bob")).key
+    await stack.core.rerank(call(alice, 2, idem="same"))
+    assert not (await stack.core.rerank(call(bob, 5, idem="same"))).replayed
+    assert len(await stack.ledger.records()) == 2
+
+
+async def test_concurrent_conflicting_bodies_one_wins_one_conflicts(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    stack.runner.gate.clear()
+    a = asyncio.create_task(stack.core.rerank(call(key, 2, idem="race")))
+    b = asyncio.create_task(stack.core.rerank(call(key, 3, idem="race")))
+    await held(stack.runner)
+    stack.runner.gate.set()
+    results = await asyncio.gather(a, b, return_exceptions=True)
+    errors = [r for r in results if isinstance(r, ServiceError)]
+    assert len(errors) == 1 and errors[0].code is Code.IDEMPOTENCY_CONFLICT
+    records = await stack.ledger.records()
+    assert len(records) == 1
+
+
+# -- failures bill nothing ------------------------------------------------------------------
+async def test_failed_calls_write_nothing(stack: Stack) -> None:
+    new = await stack.keys.create("alice", rate_limit_rps=100, quota_documents=1000)
+    key = new.key
+    assert await code_of(stack.core.rerank(call(key, query="   "))) is Code.INVALID_ARGUMENT
+    assert await code_of(stack.core.rerank(call(key, 0))) is Code.INVALID_ARGUMENT
+    assert await code_of(stack.core.rerank(call(key, 2000))) is Code.INVALID_ARGUMENT
+    assert await code_of(stack.core.rerank(call(key, 300))) is Code.OVERLOADED  # queue holds 256
+    assert await code_of(stack.core.rerank(call(key, idem="has space"))) is Code.INVALID_ARGUMENT
+    bad_model = RerankCall(call(key).queries, api_key=key, model="gpt-5")
+    assert await code_of(stack.core.rerank(bad_model)) is Code.NOT_FOUND
+    stack.runner.fail_next = True
+    assert await code_of(stack.core.rerank(call(key))) is Code.INTERNAL
+    assert await code_of(stack.core.rerank(call(None))) is Code.UNAUTHENTICATED
+    assert await stack.ledger.records() == []
+
+
+async def test_cancelled_call_writes_nothing(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    stack.runner.gate.clear()
+    task = asyncio.create_task(stack.core.rerank(call(key, 3, idem="cancel-me")))
+    await held(stack.runner)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    stack.runner.gate.set()
+    assert await stack.ledger.records() == []
+    assert not (await stack.core.rerank(call(key, 3, idem="cancel-me"))).replayed  # computed anew
+
+
+async def test_rate_limited_and_over_quota_calls_write_nothing(stack: Stack) -> None:
+    limited = (await stack.keys.create("limited", rate_limit_rps=1)).key
+    await stack.core.rerank(call(limited))
+    with pytest.raises(ServiceError) as err:
+        await stack.core.rerank(call(limited))
+    assert err.value.code is Code.RATE_LIMITED and err.value.retry_after_s
+    quota = await stack.keys.create("quota", quota_documents=5)
+    await stack.core.rerank(call(quota.key, 3))
+    assert await code_of(stack.core.rerank(call(quota.key, 3))) is Code.QUOTA_EXCEEDED
+    await stack.core.rerank(call(quota.key, 2))  # exactly up to the quota
+    assert [r.documents for r in await stack.ledger.records(quota.record.key_id)] == [3, 2]
+    assert len(await stack.ledger.records()) == 3
+
+
+async def test_ledger_write_failure_fails_the_call_unbilled(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    async with stack.ledger.engine.begin() as conn:
+        await conn.execute(text("DROP TABLE usage_records"))  # the write now fails
+    with pytest.raises(ServiceError) as err:
+        await stack.core.rerank(call(key, 2, idem="lost"))
+    assert err.value.code is Code.UNAVAILABLE and err.value.retry_after_s
+    async with stack.ledger.engine.connect() as conn:  # its idempotency record rolled back too
+        assert (await conn.execute(select(idempotency_records))).all() == []
+
+
+async def test_unreachable_database_is_unavailable(tmp_path: object) -> None:
+    for url in ("postgresql://nobody@127.0.0.1:1/none", "sqlite:////nonexistent/dir/ledger.sqlite3"):
+        engine = open_engine(url)
+        try:
+            assert await code_of(KeyStore(engine).authenticate(KEY_PREFIX + "A" * 43)) is Code.UNAVAILABLE
+        finally:
+            await engine.dispose()
+
+
+# -- usage ----------------------------------------------------------------------------------
+async def test_usage_by_day_and_total(stack: Stack) -> None:
+    rows = [("key_a", "2025-01-01", 3, 30), ("key_a", "2025-01-01", 2, 20), ("key_a", "2025-01-03", 7, 70),
+            ("key_b", "2025-01-01", 100, 1000)]
+    async with stack.ledger.engine.begin() as conn:
+        for n, (key_id, day, docs, tokens) in enumerate(rows):
+            await conn.execute(insert(usage_records).values(
+                key_id=key_id, request_id=f"r{n}", model=MODEL, queries=1, documents=docs,
+                prompt_tokens=tokens, computed_tokens=tokens // 2, idempotency_key=None,
+                created_at=datetime.now(UTC), day=day))
+    report = await stack.ledger.usage("key_a")
+    assert [(d, t.requests, t.documents, t.prompt_tokens) for d, t in report.days] == [
+        ("2025-01-01", 2, 5, 50), ("2025-01-03", 1, 7, 70)]
+    assert (report.total.requests, report.total.documents, report.total.computed_tokens) == (3, 12, 60)
+    since = await stack.ledger.usage("key_a", since=date(2025, 1, 2))
+    assert [d for d, _ in since.days] == ["2025-01-03"]
+    until = await stack.ledger.usage("key_a", until=date(2025, 1, 2))
+    assert until.total.documents == 5
+    assert await stack.ledger.used_documents("key_b") == 100
+    assert await stack.ledger.used_documents("key_c") == 0
+    assert await stack.ledger.billed_by_key() == {"key_a": 12, "key_b": 100}

@@ -1,0 +1,127 @@
+"""Admission arithmetic: token buckets on a fake clock, debt, replica share, quotas."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.core import Principal
+from service.errors import Code, ServiceError
+from service.ratelimit import KeyRateLimiter, TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Usage:
+    def __init__(self, used: int) -> None:
+        self.used = used
+
+    async def used_documents(self, key_id: str) -> int:
+        return self.used
+
+
+def key(rps: float | None = None, dps: float | None = None, quota: int | None = None) -> Principal:
+    return Principal("key_1", "one", rps, dps, quota)
+
+
+@pytest.mark.parametrize(("rate", "tokens", "cost", "wait"), [
+    (10, 10, 1, 0.0),  # a full bucket pays
+    (10, 0.5, 1, 0.05),  # half a token short at 10/s
+    (2, 0, 1, 0.5),
+    (10, 10, 500, 0.0),  # larger than the bucket: a full bucket admits it (into debt)
+    (10, 9, 500, 0.1),  # ... but only a full one
+    (10, -40, 1, 4.1),  # the debt of an earlier large call is paid first
+    (0.5, 0, 1, 2.0),  # under one per second: the bucket still holds one call
+])
+def test_bucket_wait(rate: float, tokens: float, cost: float, wait: float) -> None:
+    bucket = TokenBucket(rate, tokens, stamp=0.0)
+    assert bucket.wait_s(cost, now=0.0) == pytest.approx(wait)
+
+
+def test_bucket_refills_to_capacity_only() -> None:
+    bucket = TokenBucket(5, 0, stamp=0.0)
+    assert bucket.wait_s(5, now=100.0) == 0.0
+    assert bucket.tokens == 5  # a long idle spell does not bank more than one second
+
+
+async def test_requests_per_second_is_prompt_429_with_exact_retry() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    for _ in range(3):
+        await limiter.admit(key(rps=3), 1)
+    with pytest.raises(ServiceError) as err:
+        await limiter.admit(key(rps=3), 1)
+    assert err.value.code is Code.RATE_LIMITED
+    assert err.value.retry_after_s == pytest.approx(1 / 3)
+    clock.now += 1 / 3
+    await limiter.admit(key(rps=3), 1)
+
+
+async def test_documents_per_second_counts_documents_and_allows_debt() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    await limiter.admit(key(dps=100), 250)  # full bucket: admitted, 150 in debt
+    with pytest.raises(ServiceError) as err:
+        await limiter.admit(key(dps=100), 1)
+    assert err.value.retry_after_s == pytest.approx(1.51)
+    clock.now += 1.51
+    await limiter.admit(key(dps=100), 1)
+
+
+async def test_refused_call_takes_nothing() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    await limiter.admit(key(rps=100, dps=10), 10)
+    with pytest.raises(ServiceError):
+        await limiter.admit(key(rps=100, dps=10), 5)  # dps refuses; rps must not be charged
+    clock.now += 1
+    for _ in range(10):  # one second of dps refilled; rps bucket still has ~99
+        await limiter.admit(key(rps=100, dps=10), 1)
+
+
+async def test_defaults_apply_to_keys_without_limits_and_share_divides() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(default_rps=4, share=0.5, clock=clock)
+    await limiter.admit(key(), 1)
+    await limiter.admit(key(), 1)
+    with pytest.raises(ServiceError):
+        await limiter.admit(key(), 1)  # 4 rps across 2 replicas: 2 here
+
+
+async def test_unlimited_key_is_never_limited() -> None:
+    limiter = KeyRateLimiter(clock=Clock())
+    for _ in range(1000):
+        await limiter.admit(key(), 1000)
+
+
+async def test_changed_limits_take_effect() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    await limiter.admit(key(rps=1), 1)
+    with pytest.raises(ServiceError):
+        await limiter.admit(key(rps=1), 1)
+    await limiter.admit(key(rps=5), 1)  # a new limit starts a new, full bucket
+
+
+@pytest.mark.parametrize(("used", "documents", "admitted"), [
+    (0, 100, True), (90, 10, True), (90, 11, False), (100, 1, False),
+])
+async def test_quota(used: int, documents: int, admitted: bool) -> None:
+    limiter = KeyRateLimiter(quota=Usage(used), clock=Clock())
+    if admitted:
+        await limiter.admit(key(quota=100), documents)
+        return
+    with pytest.raises(ServiceError) as err:
+        await limiter.admit(key(quota=100), documents)
+    assert err.value.code is Code.QUOTA_EXCEEDED
+    assert err.value.retry_after_s is None  # waiting does not help
+
+
+def test_share_must_be_a_fraction() -> None:
+    with pytest.raises(ValueError):
+        KeyRateLimiter(share=0)
