@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -41,6 +42,12 @@ class Limits:
     max_instruction_chars: int = 8_192
     max_document_chars: int = 262_144  # longer documents are refused before tokenizing
     max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
+
+
+# Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
+# through headers, log lines and every database's text columns.
+MAX_ID_CHARS = 255
+ID_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_CHARS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,6 +246,9 @@ class RerankCore:
         if call.model and call.model not in self.accepted_models:
             raise ServiceError(Code.NOT_FOUND, f"model {call.model!r} is not served here; "
                                                f"this server serves {self.model_name!r}")
+        for label, value in (("request id", call.request_id), ("idempotency key", call.idempotency_key)):
+            if value and not ID_PATTERN.fullmatch(value):
+                raise _invalid(f"the {label} must be 1-{MAX_ID_CHARS} visible ASCII characters (no spaces)")
         if not call.queries:
             raise ServiceError(Code.INVALID_ARGUMENT, "no queries: send at least one query")
         if len(call.queries) > lim.max_queries:
