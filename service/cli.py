@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 # subcommand -> module; a module missing from a client-only install is simply left out
 COMMANDS = {
+    "serve": "service.commands.serve",
+    "score": "service.commands.score",
     "make-test-model": "service.commands.make_test_model",
     "keys": "service.commands.keys",
 }

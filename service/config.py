@@ -22,6 +22,7 @@ from service.core import Limits
 from worker.batcher import BatcherConfig
 
 ENV_PREFIX = "RERANK_"
+_METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
 
 
@@ -35,30 +36,36 @@ _LIMITS = Limits()
 _BATCHING = BatcherConfig()
 
 
-def knob(default: Any, help: str, flag: str | None = None) -> Any:
-    """A config field with its ``--help`` text; ``flag`` overrides the derived spelling."""
-    return field(default=default, metadata={"help": help, "flag": flag})
+def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None,
+         flag: str | None = None) -> Any:
+    """A config field and its flag: ``help`` text, what a None default means (``unset``),
+    and spellings where the derived ones would mislead."""
+    return field(default=default, metadata={"help": help, "unset": unset, "metavar": metavar, "flag": flag})
 
 
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str | None = knob(None, "model to serve: a Hugging Face hub id or a local checkpoint directory")
-    model_name: str | None = knob(None, "the name callers send in `model` (default: --model as given)")
-    host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)")
+    model: str | None = knob(None, "model to serve: a Hugging Face hub id or a local checkpoint directory",
+                             metavar="PATH_OR_HUB_ID", unset="required")
+    model_name: str | None = knob(None, "the name callers send in `model`; --model's value is accepted too",
+                                  metavar="NAME", unset="--model as given")
+    host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)", metavar="H")
     grpc_port: int = knob(50051, "gRPC port; 0 picks a free one (the log says which)")
-    metrics_port: int | None = knob(None, "serve Prometheus /metrics on this port (default: off)")
+    metrics_port: int | None = knob(None, "serve Prometheus /metrics on this port", unset="off")
     # -- the model
-    device: str | None = knob(None, "torch device (default: cuda if available, else cpu)")
-    dtype: str | None = knob(None, "float32, bfloat16 or float16 (default: bfloat16 on cuda, float32 on cpu)")
+    device: str | None = knob(None, "torch device, e.g. cpu, cuda, cuda:1", unset="cuda if available, else cpu",
+                              metavar="DEVICE")
+    dtype: str | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
+                             metavar="DTYPE")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
-    # -- batching (None: the worker's default for the device)
-    max_batch_tokens: int | None = knob(None, "padded tokens in one model batch (default: per device)")
-    max_batch_size: int | None = knob(None, "documents in one model batch (default: per device)")
-    max_wait_ms: float | None = knob(None, "linger this long for more work when the model is idle "
-                                           "(default: per device)")
-    max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are "
-                                                           "refused with RESOURCE_EXHAUSTED")
+    # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
+    max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
+    max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")
+    max_wait_ms: float | None = knob(None, "linger this long for more work when the model is idle",
+                                     unset="per device")
+    max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are refused "
+                                                           "with RESOURCE_EXHAUSTED")
     prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once")
     tokenizer_threads: int = knob(_BATCHING.tokenizer_threads, "threads tokenizing requests")
     # -- limits per call
@@ -67,18 +74,19 @@ class ServeConfig:
     max_query_chars: int = knob(_LIMITS.max_query_chars, "characters in a query")
     max_instruction_chars: int = knob(_LIMITS.max_instruction_chars, "characters in an instruction")
     max_document_chars: int = knob(_LIMITS.max_document_chars, "characters in one document")
-    max_request_bytes: int = knob(_LIMITS.max_request_bytes, "bytes in one request message (gRPC max "
-                                                             "receive size)")
+    max_request_bytes: int = knob(_LIMITS.max_request_bytes, "bytes in one request message: the gRPC "
+                                                             "max receive size")
     # -- TLS and shutdown
-    tls_cert: Path | None = knob(None, "PEM certificate chain; with --tls-key, serve gRPC over TLS")
-    tls_key: Path | None = knob(None, "PEM private key for --tls-cert")
+    tls_cert: Path | None = knob(None, "PEM certificate chain; with --tls-key, serve gRPC over TLS",
+                                 unset="plaintext")
+    tls_key: Path | None = knob(None, "PEM private key for --tls-cert", unset="plaintext")
     drain_delay_s: float = knob(0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls")
     grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
     # -- EXTENSION POINT (issue #4, HTTP gateway): these exist so the spellings are stable;
-    # ``extension_components`` and ``extension_core_parts`` below are where they get wired.
-    http_port: int | None = knob(None, "HTTP gateway port (arrives with the HTTP gateway)")
+    # service.app.extension_core_parts / extension_components are where they get wired.
+    http_port: int | None = knob(None, "HTTP gateway port (arrives with the HTTP gateway)", unset="off")
     db_url: str | None = knob(None, "database URL for API keys and usage (arrives with the gateway)",
-                              flag="--db")
+                              unset="none", metavar="URL", flag="--db")
     auth: bool = knob(False, "require API keys (arrives with the key store)")
 
     def limits(self) -> Limits:
@@ -101,9 +109,7 @@ class ServeConfig:
 
 
 def _device_batching(device: str) -> BatcherConfig:
-    # ``for_device`` is the worker's table of per-device defaults, where it has one
-    for_device = getattr(BatcherConfig, "for_device", None)
-    return for_device(device.split(":")[0]) if for_device else BatcherConfig()
+    return BatcherConfig.for_device(device.split(":")[0])  # "cuda:1" -> "cuda"
 
 
 # -- flags and environment -------------------------------------------------------------------
@@ -115,14 +121,17 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         kind = _base_type(hints[f.name])
         var = ENV_PREFIX + f.name.upper()
         default = _parse_env(var, env[var], kind) if var in env else f.default
-        flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} [env {var}]"
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        # "%(default).0s" prints nothing, but tells rerank's help formatter that the default
+        # is already shown, so a None default reads as what it means, not "None"
+        shown = f.metadata["unset"] + "%(default).0s" if default is None else "%(default)s"
+        help_text = f"{f.metadata['help']} [env {var}] (default: {shown})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
         else:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
-                                metavar=f.name.upper() if flag != "--db" else "URL")
+                                metavar=f.metadata["metavar"] or _METAVARS[kind])
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:

@@ -1,0 +1,157 @@
+"""End to end with the tiny real model: client -> gRPC -> core -> batcher -> Qwen3 -> back.
+
+The reference is the scoring contract's, computed independently of the service: each
+(query, document) prompt alone through transformers' ``AutoModelForCausalLM``, logits at the
+last position, softmax over (no=2152, yes=9693).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+
+from clients import AsyncRerankClient, Query, RerankResult
+from serving import running_app, target
+from service.app import App
+from worker.prompt import PromptBuilder
+from worker.runner import ModelRunner
+from worker.types import BatchScores, Truncation, WorkItem
+
+MAX_LENGTH = 192
+NO_ID, YES_ID = 2152, 9693
+TOL_SCORE = 1e-5
+TOL_LOGIT = 1e-4
+
+QUERIES = [("what is the capital of France?", None),
+           ("sort a list in python", "Given a programming question, retrieve code that solves it"),
+           ("東京の人口", None)]
+DOCUMENTS = ["Paris is the capital and most populous city of France.", "Bananas are yellow.",
+             "def sort_list(xs):\n    return sorted(xs)\n", "東京都の人口は約1400万人です。", "",
+             "A long document about rivers and their deltas. " * 30]  # over MAX_LENGTH: truncated
+
+
+class GatedRunner:
+    """The real runner, with a gate to hold the model thread (so concurrent callers can be
+    queued deterministically) and a record of batch sizes."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
+        self.builder = runner.builder
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.batch_rows: list[int] = []
+
+    def score(self, items: Sequence[WorkItem]) -> BatchScores:
+        self.entered.set()
+        self.gate.wait()
+        self.batch_rows.append(len(items))
+        return self.runner.score(items)
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+
+    def describe(self) -> dict[str, str]:
+        return self.runner.describe()
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_dir: Path) -> GatedRunner:
+    return GatedRunner(ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH))
+
+
+@pytest.fixture(scope="module")
+async def app(runner: GatedRunner) -> AsyncIterator[App]:
+    async with running_app(runner, model="tiny-qwen3", max_wait_ms=0.0) as served:
+        yield served
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> dict[tuple[int, int], tuple[float, float, bool]]:
+    """(query number, document number) -> (score, log-odds, truncated), one pair at a time."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(tiny_model_dir), MAX_LENGTH)
+    out = {}
+    with torch.inference_mode():
+        for qn, (query, instruction) in enumerate(QUERIES):
+            prompts = builder.build(query, DOCUMENTS, instruction, Truncation.END)
+            for dn, ids in enumerate(prompts.sequences):
+                two = model(torch.tensor([ids])).logits[0, -1, [NO_ID, YES_ID]]
+                out[qn, dn] = (float(torch.softmax(two, dim=-1)[1]), float(two[1] - two[0]),
+                               prompts.truncated[dn])
+    return out
+
+
+def assert_matches(result: RerankResult, qn: int, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+    assert sorted(result.indices) == list(range(len(DOCUMENTS)))
+    for r in result.results:
+        score, logit, truncated = reference[qn, r.index]
+        assert r.score == pytest.approx(score, abs=TOL_SCORE)
+        assert r.logit == pytest.approx(logit, abs=TOL_LOGIT)
+        assert r.truncated == truncated
+    scores = [r.score for r in result.results]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_reference_scores_spread_and_one_document_is_truncated(
+        reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+    # a parity test against near-constant scores could not see a wrong answer
+    scores = [s for s, _, _ in reference.values()]
+    assert max(scores) - min(scores) > 0.2
+    assert [t for (qn, _), (_, _, t) in reference.items() if qn == 0].count(True) == 1
+
+
+async def test_scores_equal_the_reference(app: App, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+    async with AsyncRerankClient(target(app)) as client:
+        for qn, (query, instruction) in enumerate(QUERIES):
+            assert_matches(await client.rerank(query, DOCUMENTS, instruction=instruction), qn, reference)
+
+
+async def test_batch_call_scores_equal_the_reference(
+        app: App, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+    queries = [Query(q, DOCUMENTS, instruction=i) for q, i in QUERIES]
+    async with AsyncRerankClient(target(app)) as client:
+        results = await client.rerank_batch(queries)
+    for qn, result in enumerate(results):
+        assert_matches(result, qn, reference)
+
+
+async def test_concurrent_clients_share_batches_without_cross_talk(
+        app: App, runner: GatedRunner, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+    clients = [AsyncRerankClient(target(app)) for _ in range(6)]
+    try:
+        runner.gate.clear()
+        runner.entered.clear()
+        holder = asyncio.create_task(clients[0].rerank("hold", ["the model"]))
+        await asyncio.to_thread(runner.entered.wait, 10)
+        before = len(runner.batch_rows)
+        calls = [asyncio.create_task(c.rerank(QUERIES[n % 3][0], DOCUMENTS, instruction=QUERIES[n % 3][1]))
+                 for n, c in enumerate(clients)]
+        while app.batcher is not None and app.batcher.queued_docs < len(clients) * len(DOCUMENTS):
+            await asyncio.sleep(0.01)
+        runner.gate.set()
+        results = await asyncio.gather(*calls)
+        await holder
+    finally:
+        runner.gate.set()
+        for c in clients:
+            await c.close()
+    for n, result in enumerate(results):
+        assert_matches(result, n % 3, reference)
+    assert max(runner.batch_rows[before:]) > len(DOCUMENTS)  # callers' documents ran together
+
+
+async def test_truncation_off_refuses_the_long_document(app: App) -> None:
+    from clients import RerankError
+
+    async with AsyncRerankClient(target(app)) as client:
+        with pytest.raises(RerankError) as err:
+            await client.rerank("q", DOCUMENTS, truncate=False)
+    assert err.value.code.name == "INVALID_ARGUMENT" and "document 5 needs" in err.value.details

@@ -1,0 +1,63 @@
+"""``service.wire``: the pure mapping between rerank.v1 messages and the core's values."""
+
+from __future__ import annotations
+
+import pytest
+
+from rerank.v1 import rerank_pb2 as pb
+from service import wire
+from service.core import QueryOutcome, RankedDoc, RerankReply
+from service.errors import ServiceError
+from worker.types import Truncation
+
+
+@pytest.mark.parametrize(("metadata", "key"), [
+    (None, None),
+    ([], None),
+    ([("x-other", "1")], None),
+    ([("authorization", "Bearer sk-1")], "sk-1"),
+    ([("authorization", "bearer   sk-2  ")], "sk-2"),
+    ([("Authorization", "Bearer sk-3")], "sk-3"),
+    ([("authorization", "Basic dXNlcg==")], "Basic dXNlcg=="),  # passed on: the authenticator refuses it
+    ([("authorization", "Bearer")], "Bearer"),
+    ([("authorization-bin", b"\x00")], None),
+])
+def test_bearer_key(metadata: list[tuple[str, str | bytes]] | None, key: str | None) -> None:
+    assert wire.bearer_key(metadata) == key
+
+
+@pytest.mark.parametrize(("truncation", "expected"), [
+    (pb.TRUNCATION_UNSPECIFIED, Truncation.END), (pb.TRUNCATION_END, Truncation.END),
+    (pb.TRUNCATION_NONE, Truncation.NONE),
+])
+def test_truncation(truncation: pb.Truncation.ValueType, expected: Truncation) -> None:
+    call = wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], truncation=truncation), None)
+    assert call.queries[0].truncation is expected
+
+
+def test_empty_fields_mean_absent_and_the_request_id_is_the_idempotency_key() -> None:
+    bare = wire.call_from_request(pb.RerankRequest(query="q", documents=["a", "b"]), None)
+    assert (bare.model, bare.request_id, bare.idempotency_key) == (None, None, None)
+    assert (bare.queries[0].instruction, bare.queries[0].top_n) == (None, None)
+    full = wire.call_from_request(pb.RerankRequest(model="m", query="q", documents=["a"], instruction="",
+                                                   top_n=3, return_documents=True, request_id="r1"), "sk")
+    assert (full.model, full.request_id, full.idempotency_key, full.api_key) == ("m", "r1", "r1", "sk")
+    assert full.queries[0].instruction == ""  # set but empty is not the default instruction
+    assert (full.queries[0].top_n, full.queries[0].return_documents) == (3, True)
+
+
+def test_an_unknown_truncation_number_is_refused() -> None:
+    with pytest.raises(ServiceError) as err:
+        wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], truncation=9), None)  # type: ignore[arg-type]
+    assert err.value.code.grpc_status == "INVALID_ARGUMENT"
+
+
+def test_batch_reply_keeps_query_order_and_sums_usage() -> None:
+    outcomes = [QueryOutcome([RankedDoc(1, 0.9, 2.2, False, "b"), RankedDoc(0, 0.1, -2.2, True)], 2, 40, 30),
+                QueryOutcome([RankedDoc(0, 0.5, 0.0, False)], 1, 20, 20)]
+    reply = RerankReply("r", "m", outcomes, {"total": 5.0, "engine": 4.0}, replayed=True)
+    msg = wire.batch_response_from_reply(reply)
+    assert [[r.index for r in q.results] for q in msg.queries] == [[1, 0], [0]]
+    assert msg.queries[0].results[0].document == "b" and not msg.queries[0].results[1].HasField("document")
+    assert (msg.usage.documents, msg.usage.prompt_tokens, msg.usage.computed_tokens) == (3, 60, 50)
+    assert (msg.timing.total_ms, msg.timing.engine_ms, msg.replayed) == (5.0, 4.0, True)

@@ -1,0 +1,165 @@
+"""``rerank serve`` and ``rerank score`` as operators and scripts run them."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service import cli
+from service import config as serve_config
+from service.config import ServeConfig
+
+RERANK = [sys.executable, "-m", "service.cli"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
+    parser = argparse.ArgumentParser()
+    serve_config.add_arguments(parser, env=env or {})
+    return serve_config.from_args(parser.parse_args(argv))
+
+
+def test_help_lists_every_knob_with_its_default() -> None:
+    out = subprocess.run([*RERANK, "serve", "--help"], capture_output=True, text=True, check=True,
+                         cwd=ROOT).stdout
+    text = " ".join(out.split())
+    for f in dataclasses.fields(ServeConfig):
+        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+        assert f"RERANK_{f.name.upper()}" in text
+    for spelled in ("--model PATH_OR_HUB_ID", "--host H", "--grpc-port N", "--http-port N", "--db URL",
+                    "(default: 50051)", "(default: 0.0.0.0)", "(default: 4096)", "(default: per device)"):
+        assert spelled in text, spelled
+
+
+def test_flags_beat_the_environment_which_beats_defaults() -> None:
+    env = {"RERANK_MODEL": "/models/x", "RERANK_GRPC_PORT": "7001", "RERANK_PREFIX_REUSE": "false",
+           "RERANK_MAX_WAIT_MS": "1.5", "RERANK_DB_URL": "sqlite:///u.db"}
+    config = parse(["--grpc-port", "7002"], env)
+    assert (config.model, config.grpc_port, config.prefix_reuse, config.max_wait_ms) == ("/models/x", 7002, False, 1.5)
+    assert config.db_url == "sqlite:///u.db" and config.host == "0.0.0.0"
+    assert parse(["--db", "postgresql://h/db", "--no-prefix-reuse"]).db_url == "postgresql://h/db"
+    assert parse([]).max_batch_tokens is None  # the device's default, chosen once the model is loaded
+
+
+def test_a_bad_environment_value_is_a_clear_error() -> None:
+    with pytest.raises(SystemExit, match="RERANK_GRPC_PORT='http'"):
+        parse([], {"RERANK_GRPC_PORT": "http"})
+
+
+def test_batching_knobs_override_the_device_defaults() -> None:
+    config = parse(["--max-batch-tokens", "1234", "--max-queued-docs", "9"])
+    batching = config.batcher_config("cuda:0")
+    assert (batching.max_batch_tokens, batching.max_queued_docs) == (1234, 9)
+    assert batching.max_batch_size == config.batcher_config("cuda").max_batch_size != \
+        config.batcher_config("cpu").max_batch_size
+
+
+@pytest.mark.parametrize("argv", [["--auth"], ["--db", "sqlite://"], ["--http-port", "8080"],
+                                  ["--tls-cert", "c.pem"]])
+def test_what_this_build_cannot_do_is_refused_not_ignored(argv: list[str]) -> None:
+    assert cli.main(["serve", "--model", "unused", "--grpc-port", "0", *argv]) == 2
+
+
+def test_serve_without_a_model_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RERANK_MODEL", raising=False)
+    assert cli.main(["serve"]) == 2
+
+
+# -- the real thing, in a subprocess ---------------------------------------------------------
+class Server:
+    """``rerank serve`` in a subprocess; its log lines arrive on a queue."""
+
+    def __init__(self, argv: list[str]) -> None:
+        self.proc = subprocess.Popen([*RERANK, "serve", *argv], cwd=ROOT, stderr=subprocess.PIPE,
+                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout_s: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            self.log.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no {pattern!r} in the log:\n{''.join(self.log)}")
+
+
+@pytest.fixture()
+def served(tiny_model_dir: Path) -> Iterator[tuple[Server, str]]:
+    server = Server(["--model", str(tiny_model_dir), "--host", "127.0.0.1", "--grpc-port", "0",
+                     "--max-length", "256", "--grace-s", "5"])
+    try:
+        port = server.wait_for(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
+        server.wait_for(r"ready: ")
+        yield server, f"127.0.0.1:{port}"
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()
+        server.reader.join(5)
+        assert server.proc.stderr is not None
+        server.proc.stderr.close()
+
+
+def score(address: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    # run `rerank score` and report whether anything heavier than the client was imported
+    code = ("import sys; from service import cli; rc = cli.main(sys.argv[1:]); "
+            "heavy = [m for m in ('torch', 'transformers', 'prometheus_client', 'service.app') if m in sys.modules];"
+            "print('HEAVY', heavy, file=sys.stderr); sys.exit(rc)")
+    return subprocess.run([sys.executable, "-c", code, "score", "--target", address, *args], cwd=ROOT,
+                          input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_serve_score_and_sigterm(served: tuple[Server, str]) -> None:
+    server, address = served
+    with grpc.insecure_channel(address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == health_pb2.HealthCheckResponse.SERVING
+
+    ranked = score(address, "capital of France", "Bananas are yellow.", "Paris is the capital of France.")
+    assert ranked.returncode == 0, ranked.stderr
+    lines = ranked.stdout.splitlines()
+    assert len(lines) == 2 and all(re.match(r"\s+\d+\s+0\.\d{4}\s+\[[01]\]\s+\S", line) for line in lines)
+    assert "HEAVY []" in ranked.stderr  # the client path needs no torch, no server extras
+
+    as_json = score(address, "capital of France", "--json", "--documents-file", "-", stdin="one\ntwo\n\nthree\n")
+    assert [r["index"] for r in json.loads(as_json.stdout)["results"]] != []
+    assert json.loads(as_json.stdout)["usage"]["documents"] == 3
+
+    refused = score(address, "capital of France")  # no documents
+    assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr
+
+    server.wait_for(r"rpc=Rerank code=OK .*documents=2")  # one access line per call
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.proc.wait(timeout=30) == 0
+    server.wait_for(r"stopped")
