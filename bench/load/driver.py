@@ -32,6 +32,7 @@ class Attempt:
     billed_documents: int = 0  # what the reply's usage says (0 unless OK)
     replayed: bool = False  # served from the idempotency record, not billed again
     retry_after_s: float | None = None
+    started: float = 0.0  # time.perf_counter() at send: places the attempt on a fault's timeline
 
 
 class Transport(Protocol):
@@ -110,15 +111,17 @@ class LevelRun:
 
 
 async def run_level(transport: Transport, level: Level, workload: Workload, policy: RetryPolicy,
-                    first_n: int = 0, on_outcome: Callable[[Outcome], None] | None = None) -> LevelRun:
-    """Run one level to completion; request numbers start at ``first_n`` (keys stay unique)."""
+                    first_n: int = 0, on_outcome: Callable[[Outcome], None] | None = None,
+                    stop: asyncio.Event | None = None) -> LevelRun:
+    """Run one level to completion (or until ``stop`` is set); request numbers start at
+    ``first_n``, so several levels of one workload never share a key."""
     run = LevelRun(level, transport.name)
     deadline = time.perf_counter() + level.time_limit_s
     started = time.perf_counter()
 
     async def client(c: int) -> None:
         for i in range(level.requests_per_client):
-            if time.perf_counter() >= deadline:
+            if time.perf_counter() >= deadline or (stop is not None and stop.is_set()):
                 return
             outcome = await send_logical(transport, workload.make(first_n + c * level.requests_per_client + i),
                                          policy)

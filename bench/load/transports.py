@@ -45,7 +45,10 @@ class GrpcTransport:
     def __init__(self, targets: Sequence[str], *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
         from clients import AsyncRerankClient
 
-        options: list[tuple[str, Any]] = []
+        # reconnect soon after a server comes back (gRPC's default backoff grows to 120 s)
+        options: list[tuple[str, Any]] = [("grpc.initial_reconnect_backoff_ms", 100),
+                                          ("grpc.min_reconnect_backoff_ms", 100),
+                                          ("grpc.max_reconnect_backoff_ms", 1000)]
         target = targets[0]
         if len(targets) > 1:
             target = "ipv4:" + ",".join(targets)
@@ -61,8 +64,9 @@ class GrpcTransport:
             result = await self.client.rerank(request.query, list(request.documents), request_id=request.key)
         except RerankError as exc:
             return Attempt(grpc_verdict(exc.code.name), exc.code.name, time.perf_counter() - started,
-                           retry_after_s=exc.retry_after_s)
-        return Attempt(Verdict.OK, "OK", time.perf_counter() - started, result.usage.documents, result.replayed)
+                           retry_after_s=exc.retry_after_s, started=started)
+        return Attempt(Verdict.OK, "OK", time.perf_counter() - started, result.usage.documents, result.replayed,
+                       started=started)
 
     async def close(self) -> None:
         await self.client.close()
@@ -91,13 +95,14 @@ class HttpTransport:
             response = await client.post("/v1/rerank", json=body,
                                          headers={**self.headers, "Idempotency-Key": request.key})
         except self._errors as exc:  # refused, reset, timed out: the outcome is unknown
-            return Attempt(Verdict.RETRY, type(exc).__name__, time.perf_counter() - started)
+            return Attempt(Verdict.RETRY, type(exc).__name__, time.perf_counter() - started, started=started)
         seconds = time.perf_counter() - started
         if response.status_code != 200:
             return Attempt(http_verdict(response.status_code), f"HTTP {response.status_code}", seconds,
-                           retry_after_s=_retry_after(response.headers.get("Retry-After")))
+                           retry_after_s=_retry_after(response.headers.get("Retry-After")), started=started)
         reply = response.json()
-        return Attempt(Verdict.OK, "OK", seconds, int(reply["usage"]["documents"]), bool(reply["meta"]["replayed"]))
+        return Attempt(Verdict.OK, "OK", seconds, int(reply["usage"]["documents"]), bool(reply["meta"]["replayed"]),
+                       started=started)
 
     async def close(self) -> None:
         for client in self.clients:
