@@ -7,8 +7,16 @@
         print(ranked.indices, [r.score for r in ranked.results])
 """
 
-from clients.client import (AsyncRerankClient, ModelInfo, Query, RankedResult, RerankClient, RerankError,
-                            RerankResult, Usage)
+from clients.client import (
+    AsyncRerankClient,
+    ModelInfo,
+    Query,
+    RankedResult,
+    RerankClient,
+    RerankError,
+    RerankResult,
+    Usage,
+)
 
 __all__ = ["AsyncRerankClient", "ModelInfo", "Query", "RankedResult", "RerankClient", "RerankError",
            "RerankResult", "Usage"]

@@ -24,7 +24,6 @@ from typing import Any, Literal
 
 import grpc
 import grpc.aio
-
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
 
@@ -147,7 +146,8 @@ def _channel_spec(target: str, *, api_key: str | None, tls: bool, root_certifica
         ("grpc.service_config", service_config(retries)), ("grpc.enable_retries", int(retries > 0)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes), *options]
-    credentials, metadata = None, ()
+    credentials: grpc.ChannelCredentials | None = None
+    metadata: tuple[tuple[str, str], ...] = ()
     if tls:
         credentials = grpc.ssl_channel_credentials(root_certificates)
         if api_key:

@@ -96,8 +96,8 @@ class ServeConfig:
 
     def batcher_config(self, device: str) -> BatcherConfig:
         base = _device_batching(device)
-        chosen = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
-                  "max_wait_ms": self.max_wait_ms}
+        chosen: dict[str, Any] = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
+                                  "max_wait_ms": self.max_wait_ms}
         return dataclasses.replace(
             base, **{k: v for k, v in chosen.items() if v is not None}, max_queued_docs=self.max_queued_docs,
             prefix_reuse=self.prefix_reuse, tokenizer_threads=self.tokenizer_threads)

@@ -25,13 +25,13 @@ import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
+
 from service import wire
 from service.config import TlsFiles
 from service.core import Limits, RerankCall, RerankCore, RerankReply
-from service.errors import Code, ServiceError
+from service.errors import ServiceError
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class _Undecodable:
         self.error = error
 
 
-class DecodeGuard(grpc.aio.ServerInterceptor):
+class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
     """Turns a request protobuf cannot parse (e.g. invalid UTF-8 in a string) into a clean
     INVALID_ARGUMENT; left alone, gRPC answers INTERNAL "Exception deserializing request"."""
 

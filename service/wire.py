@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from rerank.v1 import rerank_pb2 as pb
+
 from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
 from worker.types import Truncation
@@ -75,12 +76,12 @@ def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str 
 
 
 def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,
-           return_documents: bool, truncation: int) -> RerankQuery:
+           return_documents: bool, truncation: pb.Truncation.ValueType) -> RerankQuery:
     if truncation not in _TRUNCATION:
         raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
                                                   "TRUNCATION_END or TRUNCATION_NONE")
     return RerankQuery(query, list(documents), instruction, top_n or None, return_documents,
-                       _TRUNCATION[truncation])  # type: ignore[index]
+                       _TRUNCATION[truncation])
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-
-from clients import AsyncRerankClient, RerankClient, RerankError
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
 from serving import running_app, target
+
+from clients import AsyncRerankClient, RerankClient, RerankError
 from service.app import CoreParts
 from service.core import Principal
 

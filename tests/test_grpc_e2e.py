@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from serving import running_app, target
 
 from clients import AsyncRerankClient, Query, RerankResult
-from serving import running_app, target
 from service.app import App
 from worker.prompt import PromptBuilder
 from worker.runner import ModelRunner
@@ -33,6 +33,9 @@ QUERIES = [("what is the capital of France?", None),
 DOCUMENTS = ["Paris is the capital and most populous city of France.", "Bananas are yellow.",
              "def sort_list(xs):\n    return sorted(xs)\n", "東京都の人口は約1400万人です。", "",
              "A long document about rivers and their deltas. " * 30]  # over MAX_LENGTH: truncated
+
+
+Reference = dict[tuple[int, int], tuple[float, float, bool]]  # (query, doc) -> (score, log-odds, cut)
 
 
 class GatedRunner:
@@ -72,7 +75,7 @@ async def app(runner: GatedRunner) -> AsyncIterator[App]:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> dict[tuple[int, int], tuple[float, float, bool]]:
+def reference(tiny_model_dir: Path) -> Reference:
     """(query number, document number) -> (score, log-odds, truncated), one pair at a time."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -89,7 +92,7 @@ def reference(tiny_model_dir: Path) -> dict[tuple[int, int], tuple[float, float,
     return out
 
 
-def assert_matches(result: RerankResult, qn: int, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+def assert_matches(result: RerankResult, qn: int, reference: Reference) -> None:
     assert sorted(result.indices) == list(range(len(DOCUMENTS)))
     for r in result.results:
         score, logit, truncated = reference[qn, r.index]
@@ -101,21 +104,21 @@ def assert_matches(result: RerankResult, qn: int, reference: dict[tuple[int, int
 
 
 def test_reference_scores_spread_and_one_document_is_truncated(
-        reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+        reference: Reference) -> None:
     # a parity test against near-constant scores could not see a wrong answer
     scores = [s for s, _, _ in reference.values()]
     assert max(scores) - min(scores) > 0.2
     assert [t for (qn, _), (_, _, t) in reference.items() if qn == 0].count(True) == 1
 
 
-async def test_scores_equal_the_reference(app: App, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+async def test_scores_equal_the_reference(app: App, reference: Reference) -> None:
     async with AsyncRerankClient(target(app)) as client:
         for qn, (query, instruction) in enumerate(QUERIES):
             assert_matches(await client.rerank(query, DOCUMENTS, instruction=instruction), qn, reference)
 
 
 async def test_batch_call_scores_equal_the_reference(
-        app: App, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+        app: App, reference: Reference) -> None:
     queries = [Query(q, DOCUMENTS, instruction=i) for q, i in QUERIES]
     async with AsyncRerankClient(target(app)) as client:
         results = await client.rerank_batch(queries)
@@ -124,7 +127,7 @@ async def test_batch_call_scores_equal_the_reference(
 
 
 async def test_concurrent_clients_share_batches_without_cross_talk(
-        app: App, runner: GatedRunner, reference: dict[tuple[int, int], tuple[float, float, bool]]) -> None:
+        app: App, runner: GatedRunner, reference: Reference) -> None:
     clients = [AsyncRerankClient(target(app)) for _ in range(6)]
     try:
         runner.gate.clear()

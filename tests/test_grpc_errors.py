@@ -10,10 +10,10 @@ import asyncio
 
 import grpc
 import pytest
-
-from clients import AsyncRerankClient, Query, RerankError
 from rerank.v1 import rerank_pb2 as pb
 from serving import eventually, running_app, target
+
+from clients import AsyncRerankClient, Query, RerankError
 from service.app import App
 from worker.fake import FakeRunner
 

@@ -14,13 +14,13 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rerank.v1 import rerank_pb2 as pb
+from serving import eventually, running_app, target
 
 from clients import AsyncRerankClient, Query, RerankClient, RerankError
-from rerank.v1 import rerank_pb2 as pb
 from service.app import CoreParts
 from service.core import Principal
 from service.errors import Code, ServiceError
-from serving import eventually, running_app, target
 from worker.fake import FakeRunner, fake_logit
 from worker.types import Truncation
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from rerank.v1 import rerank_pb2 as pb
+
 from service import wire
 from service.core import QueryOutcome, RankedDoc, RerankReply
 from service.errors import ServiceError
