@@ -138,13 +138,17 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
     """Turns a request protobuf cannot parse (e.g. invalid UTF-8 in a string) into a clean
     INVALID_ARGUMENT; left alone, gRPC answers INTERNAL "Exception deserializing request"."""
 
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: Any) -> Any:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
         return handler._replace(request_deserializer=_lenient(handler.request_deserializer),
-                                unary_unary=_refusing(handler.unary_unary, handler_call_details.method))
+                                unary_unary=_refusing(handler.unary_unary, handler_call_details.method,
+                                                      self.metrics))
 
 
 def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -156,10 +160,13 @@ def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return parse
 
 
-def _refusing(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Callable[..., Any]:
+    method = path.rsplit("/", 1)[-1]  # "/rerank.v1.RerankService/Rerank" -> "Rerank", as the servicer counts
+
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
-            access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message=undecodable request", method,
+            metrics.observe_request(method, "INVALID_ARGUMENT", 0.0)
+            access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message='undecodable request'", method,
                             context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request is not a valid protobuf message: {request.error} "
@@ -187,7 +194,7 @@ class GrpcServer:
         self.tls = tls
         self.stopping = False  # set once new calls are refused
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[DecodeGuard()], options=message_options(core.limits))
+        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=message_options(core.limits))
         pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(core, metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -71,6 +71,8 @@ async def test_invalid_utf8_on_the_wire_is_a_clean_invalid_argument() -> None:
             await send_bytes(raw, timeout=5)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "UTF-8" in (err.value.details() or "")
+        assert app.metrics.registry.get_sample_value(
+            "rerank_requests_total", {"method": "Rerank", "code": "INVALID_ARGUMENT"}) == 1
         async with AsyncRerankClient(target(app)) as client:
             assert len((await client.rerank("still serving", ["d"])).results) == 1
 

@@ -110,7 +110,8 @@ async def test_concurrent_callers_are_batched_together_and_get_their_own_results
 
 async def test_api_key_reaches_the_core_from_bearer_metadata() -> None:
     class Keys:
-        seen: list[str | None] = []
+        def __init__(self) -> None:
+            self.seen: list[str | None] = []
 
         async def authenticate(self, api_key: str | None) -> Principal:
             self.seen.append(api_key)
