@@ -151,6 +151,45 @@ async def run_engine(runner: ModelRunner, config: BatcherConfig,
     return list(results), latencies, computed
 
 
+def measure_engine(runner: ModelRunner, config: BatcherConfig, wl: Workload, name: str,
+                   flops_tok: float) -> tuple[dict, list[list[float]]]:  # type: ignore[type-arg]
+    device = runner.scorer.device
+    prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.truncation) for r in wl.requests]
+    prompt_tokens = sum(len(s) for p in prompts for s in p.sequences)
+    docs = sum(len(r.documents) for r in wl.requests)
+    sync(device)
+    started = time.perf_counter()
+    scores, latencies, computed = asyncio.run(run_engine(runner, config, wl))
+    sync(device)
+    seconds = time.perf_counter() - started
+    row = dict(workload=name, desc=wl.name, path="engine", seconds=seconds, docs=docs,
+               prompt_tokens=prompt_tokens, computed_tokens=computed,
+               tokens_per_s=prompt_tokens / seconds, docs_per_s=docs / seconds,
+               p50_ms=1000 * percentile(latencies, 50), p95_ms=1000 * percentile(latencies, 95),
+               executed_gflops=computed * flops_tok / seconds / 1e9)
+    print(json.dumps(row), flush=True)
+    return row, scores
+
+
+def measure_card(model, tokenizer, wl: Workload, name: str, device: torch.device) -> dict:  # type: ignore[no-untyped-def, type-arg]
+    prompt_tokens = sum(len(s) for r in wl.requests for s in card_prompt_ids(tokenizer, r, 8192))
+    docs = sum(len(r.documents) for r in wl.requests)
+    latencies, scores = [], []
+    sync(device)
+    started = time.perf_counter()
+    for r in wl.requests:  # the card's loop serves one request at a time
+        t0 = time.perf_counter()
+        scores.append(card_scores(model, tokenizer, r, 8192))
+        sync(device)
+        latencies.append(time.perf_counter() - t0)
+    seconds = time.perf_counter() - started
+    row = dict(workload=name, desc=wl.name, path="card", seconds=seconds, docs=docs,
+               prompt_tokens=prompt_tokens, tokens_per_s=prompt_tokens / seconds, docs_per_s=docs / seconds,
+               p50_ms=1000 * percentile(latencies, 50), p95_ms=1000 * percentile(latencies, 95))
+    print(json.dumps(row), flush=True)
+    return {**row, "scores": scores}
+
+
 def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
@@ -196,55 +235,27 @@ def main() -> int:
     gemm = gemm_gflops(device, dtype)
     print(f"fp GEMM rate in this process: {gemm:.1f} GFLOP/s", flush=True)
 
-    rows = []
-    engine_scores = {}
-    for name in args.workloads.split(","):
-        wl = workloads[name]
-        prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.truncation) for r in wl.requests]
-        prompt_tokens = sum(len(s) for p in prompts for s in p.sequences)
-        docs = sum(len(r.documents) for r in wl.requests)
-        sync(device)
-        started = time.perf_counter()
-        scores, latencies, computed = asyncio.run(run_engine(runner, config, wl))
-        sync(device)
-        seconds = time.perf_counter() - started
-        engine_scores[name] = scores
-        rows.append(dict(workload=name, desc=wl.name, path="engine", seconds=seconds, docs=docs,
-                         prompt_tokens=prompt_tokens, computed_tokens=computed,
-                         tokens_per_s=prompt_tokens / seconds, docs_per_s=docs / seconds,
-                         p50_ms=1000 * percentile(latencies, 50), p95_ms=1000 * percentile(latencies, 95),
-                         executed_gflops=computed * flops_tok / seconds / 1e9))
-        print(json.dumps(rows[-1]), flush=True)
+    engine_rows = {name: measure_engine(runner, config, workloads[name], name, flops_tok)
+                   for name in args.workloads.split(",")}
     engine_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
+    rows = [row for row, _ in engine_rows.values()]
     if not args.no_card:
-        del runner
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+        # Side by side: each card run is followed at once by another engine run on the same
+        # workload, and the ratio is taken between those two, so load drift cannot skew it.
         for name in args.workloads.split(","):
-            wl = workloads[name]
-            latencies, scores = [], []
-            sync(device)
-            started = time.perf_counter()
-            for r in wl.requests:  # the card's loop serves one request at a time
-                t0 = time.perf_counter()
-                scores.append(card_scores(model, tokenizer, r, 8192))
-                sync(device)
-                latencies.append(time.perf_counter() - t0)
-            seconds = time.perf_counter() - started
-            mine = next(row for row in rows if row["workload"] == name)
-            diff = max(abs(a - b) for xs, ys in zip(engine_scores[name], scores) for a, b in zip(xs, ys))
-            rows.append(dict(workload=name, desc=wl.name, path="card", seconds=seconds, docs=mine["docs"],
-                             prompt_tokens=mine["prompt_tokens"], tokens_per_s=mine["prompt_tokens"] / seconds,
-                             docs_per_s=mine["docs"] / seconds, p50_ms=1000 * percentile(latencies, 50),
-                             p95_ms=1000 * percentile(latencies, 95), speedup=seconds / mine["seconds"],
-                             max_score_diff=diff))
-            print(json.dumps(rows[-1]), flush=True)
-
+            card = measure_card(runner.model, tokenizer, workloads[name], name, device)
+            again, scores = measure_engine(runner, config, workloads[name], name, flops_tok)
+            again["path"] = "engine (rerun beside card)"
+            card["speedup"] = card["seconds"] / again["seconds"]
+            card["max_score_diff"] = max(abs(a - b) for xs, ys in zip(scores, card.pop("scores"))
+                                         for a, b in zip(xs, ys))
+            rows += [card, again]
+    gemm_after = gemm_gflops(device, dtype)
+    print(f"fp GEMM rate at the end: {gemm_after:.1f} GFLOP/s (a large drop means the machine was busy)")
     print_table(rows, gemm, engine_rss_gb, device, dtype)
     if args.json:
-        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "engine_peak_rss_gb": engine_rss_gb,
+        Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "gemm_gflops_end": gemm_after,
+                                               "engine_peak_rss_gb": engine_rss_gb,
                                                "device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
     return 0
 

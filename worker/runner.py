@@ -78,6 +78,7 @@ class ModelRunner:  # implements worker.types.Runner
             raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
         self.model_id = model_id
         self.builder = PromptBuilder(tokenizer, max_length)
+        self.model = model  # the full Qwen3ForCausalLM (benchmarks run the card's loop on it)
         self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id)
         self.cache = PrefixCache(prefix_cache_mb * 2**20)
         self.dtype = next(model.parameters()).dtype
