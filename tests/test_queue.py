@@ -101,6 +101,14 @@ def test_prefix_reuse_lowers_cost() -> None:
     assert entry.cost == 20
 
 
+def test_long_shared_prefix_bounds_attention_width() -> None:
+    owner = Owner()
+    rows = [Entry(list(range(1000)), 980, owner, i) for i in range(10)]  # cost 20, width 1000
+    queue = TokenBudgetQueue(max_batch_tokens=1000, max_batch_size=64, max_attention_tokens=4000)
+    queue.append(rows)
+    assert [len(queue.next_batch()) for _ in range(3)] == [4, 4, 2]  # 20 * 10 would fit the budget
+
+
 @pytest.mark.parametrize("args", [(0, 1), (1, 0), (1, 1, 0)])
 def test_rejects_nonsense_config(args: tuple[int, ...]) -> None:
     with pytest.raises(ValueError):

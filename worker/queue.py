@@ -11,7 +11,10 @@ Invariants
 ----------
 * Padded cost: ``max(cost) * len(batch) <= max_batch_tokens`` and
   ``len(batch) <= max_batch_size``, except a head whose cost alone exceeds the budget: it
-  runs alone rather than never.
+  runs alone rather than never. ``cost`` is the tokens a row computes (its shared prefix
+  is cached); attention also reads the prefix, so ``max(len(ids)) * len(batch)`` is held
+  under ``max_attention_tokens`` too, which bounds memory when a long query's prefix is
+  shared by many short documents.
 * Fairness: the head is in every batch, and only entries inside the window can join it, so
   an entry waits at most for the entries ahead of it; newer short work cannot starve it.
 * Cancelled entries (their caller gave up, or their request already failed) are dropped
@@ -48,10 +51,12 @@ class Entry:
 
 
 class TokenBudgetQueue:
-    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512) -> None:
+    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+                 max_attention_tokens: int | None = None) -> None:
         if max_batch_tokens < 1 or max_batch_size < 1 or window < 1:
             raise ValueError("max_batch_tokens, max_batch_size and window must be positive")
         self.max_batch_tokens = max_batch_tokens
+        self.max_attention_tokens = max_attention_tokens or 4 * max_batch_tokens
         self.max_batch_size = max_batch_size
         self.window = window
         self._entries: deque[Entry] = deque()
@@ -73,12 +78,13 @@ class TokenBudgetQueue:
             return []
         head, rest = window[0], window[1:]
         rest.sort(key=lambda e: abs(e.cost - head.cost))
-        batch, longest, leftover = [head], head.cost, []
+        batch, longest, widest, leftover = [head], head.cost, len(head.ids), []
         for entry in rest:
-            grown = max(longest, entry.cost)
-            if len(batch) < self.max_batch_size and grown * (len(batch) + 1) <= self.max_batch_tokens:
+            grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
+            if (rows <= self.max_batch_size and grown * rows <= self.max_batch_tokens
+                    and wider * rows <= self.max_attention_tokens):
                 batch.append(entry)
-                longest = grown
+                longest, widest = grown, wider
             else:
                 leftover.append(entry)
         self._put_back(window, leftover)
