@@ -55,20 +55,24 @@ class CoreParts:
 
 
 def extension_core_parts(config: ServeConfig) -> CoreParts:
-    """EXTENSION POINT (issue #4): the key store, rate limiter and usage ledger from ``--db``.
+    """The key store, rate limiter and usage ledger on ``--db`` (``service.billing``)."""
+    from service.billing import open_billing  # sqlalchemy: only when serving
 
-    Until they exist, asking for them is refused rather than silently serving without auth."""
-    if config.auth or config.db_url:
-        raise ValueError("--auth and --db need the key store and usage ledger, which are not "
-                         "part of this build yet")
-    return CoreParts()
+    billing = open_billing(config.db_url, config.data_dir, require_keys=config.auth, replicas=config.replicas,
+                           default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps)
+    return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
 
 
 def extension_components(config: ServeConfig, app: App) -> list[Component]:
-    """EXTENSION POINT (issue #4): the HTTP gateway on ``--http-port``, built on ``app.core``."""
-    if config.http_port is not None:
-        raise ValueError("--http-port needs the HTTP gateway, which is not part of this build yet")
-    return []
+    """The HTTP gateway on ``--http-port``: the same core as gRPC, in process."""
+    if config.http_port is None:
+        return []
+    from service.gateway import create_app  # fastapi and uvicorn: only when serving
+    from service.http_server import HttpServer
+
+    gateway = create_app(app.core, metrics=app.metrics,
+                         ready=lambda: app.batcher is not None and not app.draining)
+    return [HttpServer(gateway, host=config.host, port=config.http_port, grace_s=config.grace_s)]
 
 
 # -- the engine while the model loads --------------------------------------------------------
@@ -100,6 +104,7 @@ class App:
     def __init__(self, config: ServeConfig, load_runner: Callable[[], Runner] | None = None,
                  core_parts: CoreParts | None = None) -> None:
         self.config = config
+        self.draining = False
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
         self.engine = WarmingEngine()
@@ -145,6 +150,7 @@ class App:
         log.info("ready: %s", runner.describe())
 
     async def drain(self) -> None:
+        self.draining = True  # the HTTP gateway's /ready and new calls answer 503 from now on
         await self.grpc.drain()
         self.metrics.ready.set(0)
 
@@ -160,3 +166,6 @@ class App:
             # the servers have finished or cancelled every call, so nothing is left to wait
             # for; a positive timeout because the batcher reads 0 as "wait forever"
             await self.batcher.close(grace_s=0.001)
+        close_ledger = getattr(self.core.ledger, "close", None)  # last: calls bill until the servers stop
+        if close_ledger is not None:
+            await close_ledger()

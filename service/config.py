@@ -82,12 +82,21 @@ class ServeConfig:
     tls_key: Path | None = knob(None, "PEM private key for --tls-cert", unset="plaintext")
     drain_delay_s: float = knob(0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls")
     grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
-    # -- EXTENSION POINT (issue #4, HTTP gateway): these exist so the spellings are stable;
-    # service.app.extension_core_parts / extension_components are where they get wired.
-    http_port: int | None = knob(None, "HTTP gateway port (arrives with the HTTP gateway)", unset="off")
-    db_url: str | None = knob(None, "database URL for API keys and usage (arrives with the gateway)",
-                              unset="none", metavar="URL", flag="--db")
-    auth: bool = knob(False, "require API keys (arrives with the key store)")
+    # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
+    # extension_components; the same knobs serve `rerank gateway`)
+    http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
+    db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
+                              "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",
+                              metavar="URL", flag="--db")
+    data_dir: Path | None = knob(None, "directory of the default SQLite ledger",
+                                 unset="$XDG_DATA_HOME/rerank or ~/.local/share/rerank", metavar="DIR")
+    auth: bool = knob(True, "require API keys (`rerank keys create`); --no-auth serves everyone as "
+                            "'anonymous', for trusted networks only")
+    replicas: int = knob(1, "replicas sharing each key's rate limit: each one enforces 1/N of it")
+    rate_limit_rps: float | None = knob(None, "requests per second per key, for keys without their own",
+                                        unset="unlimited")
+    rate_limit_dps: float | None = knob(None, "documents per second per key, for keys without their own",
+                                        unset="unlimited")
 
     def limits(self) -> Limits:
         return Limits(max_documents=self.max_documents, max_queries=self.max_queries,

@@ -47,7 +47,7 @@ class Limits:
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
-ID_PATTERN = re.compile(r"[\x21-\x7e]{1,%d}" % MAX_ID_CHARS)
+ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,7 +247,7 @@ class RerankCore:
             raise ServiceError(Code.NOT_FOUND, f"model {call.model!r} is not served here; "
                                                f"this server serves {self.model_name!r}")
         for label, value in (("request id", call.request_id), ("idempotency key", call.idempotency_key)):
-            if value and not ID_PATTERN.fullmatch(value):
+            if value is not None and not ID_PATTERN.fullmatch(value):
                 raise _invalid(f"the {label} must be 1-{MAX_ID_CHARS} visible ASCII characters (no spaces)")
         if not call.queries:
             raise ServiceError(Code.INVALID_ARGUMENT, "no queries: send at least one query")

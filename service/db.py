@@ -25,8 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table,
-                        Text, event)
+from sqlalchemy import BigInteger, Column, DateTime, Float, Index, Integer, MetaData, String, Table, Text, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -108,8 +107,13 @@ def describe_url(url: str) -> str:
 
 
 def open_engine(url: str) -> AsyncEngine:
+    """The async engine for ``url`` (as ``database_url`` reads it); ConnectionError if a
+    SQLite file's directory does not exist."""
     url = database_url(url)
     if url.startswith("sqlite"):
+        folder = Path(make_url(url).database or ".").parent
+        if not folder.is_dir():  # fail here, clearly, rather than in aiosqlite's connect thread
+            raise ConnectionError(f"no directory {folder} for the SQLite ledger")
         # busy timeout: writers queue on SQLite's one write lock instead of failing at once
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)

@@ -111,6 +111,10 @@ class SqlLedger:
             raise AssertionError("idempotency record missing after a unique violation: this is a bug")
         return stored
 
+    async def close(self) -> None:
+        """Close the database's connection pool (shared with the key store): after the servers."""
+        await self.engine.dispose()
+
     # -- reading ---------------------------------------------------------------------------
     async def used_documents(self, key_id: str) -> int:
         """Documents billed to ``key_id`` so far (for quotas)."""

@@ -19,7 +19,8 @@ async def running_app(runner: Runner | None = None, *, parts: CoreParts | None =
                       ready: bool = True, **config: Any) -> AsyncIterator[App]:
     """An App serving ``runner`` (a FakeRunner by default) on 127.0.0.1, a free port."""
     runner = runner if runner is not None else FakeRunner()
-    settings = {"model": "fake", "host": "127.0.0.1", "grpc_port": 0, "max_wait_ms": 0.0, **config}
+    settings = {"model": "fake", "host": "127.0.0.1", "grpc_port": 0, "http_port": 0, "max_wait_ms": 0.0,
+                **config}
     app = App(ServeConfig(**settings), load_runner=lambda: runner, core_parts=parts or CoreParts())
     await app.start()
     try:

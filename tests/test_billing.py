@@ -234,13 +234,14 @@ async def test_ledger_write_failure_fails_the_call_unbilled(stack: Stack) -> Non
         assert (await conn.execute(select(idempotency_records))).all() == []
 
 
-async def test_unreachable_database_is_unavailable(tmp_path: object) -> None:
-    for url in ("postgresql://nobody@127.0.0.1:1/none", "sqlite:////nonexistent/dir/ledger.sqlite3"):
-        engine = open_engine(url)
-        try:
-            assert await code_of(KeyStore(engine).authenticate(KEY_PREFIX + "A" * 43)) is Code.UNAVAILABLE
-        finally:
-            await engine.dispose()
+async def test_unreachable_database_is_unavailable() -> None:
+    engine = open_engine("postgresql://nobody@127.0.0.1:1/none")
+    try:
+        assert await code_of(KeyStore(engine).authenticate(KEY_PREFIX + "A" * 43)) is Code.UNAVAILABLE
+    finally:
+        await engine.dispose()
+    with pytest.raises(ConnectionError, match="no directory"):
+        open_engine("sqlite:////nonexistent/dir/ledger.sqlite3")
 
 
 # -- usage ----------------------------------------------------------------------------------
@@ -264,3 +265,14 @@ async def test_usage_by_day_and_total(stack: Stack) -> None:
     assert await stack.ledger.used_documents("key_b") == 100
     assert await stack.ledger.used_documents("key_c") == 0
     assert await stack.ledger.billed_by_key() == {"key_a": 12, "key_b": 100}
+
+
+async def test_stored_replies_keep_any_text_exactly(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    docs = ["nul \x00 inside", "emoji 🦀 and 東京", "quote \" backslash \\ newline \n", "\u2028\ufeff"]
+    q = RerankQuery("query", docs, return_documents=True)
+    first = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="text"))
+    again = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="text"))
+    assert again.replayed
+    assert sorted(r.document or "" for r in again.outcomes[0].results) == sorted(docs)
+    assert again.outcomes == first.outcomes

@@ -70,10 +70,11 @@ def test_batching_knobs_override_the_device_defaults() -> None:
         config.batcher_config("cpu").max_batch_size
 
 
-@pytest.mark.parametrize("argv", [["--auth"], ["--db", "sqlite://"], ["--http-port", "8080"],
-                                  ["--tls-cert", "c.pem"]])
-def test_what_this_build_cannot_do_is_refused_not_ignored(argv: list[str]) -> None:
-    assert cli.main(["serve", "--model", "unused", "--grpc-port", "0", *argv]) == 2
+@pytest.mark.parametrize("argv", [["--tls-cert", "c.pem"], ["--db", "/nonexistent/dir/ledger.sqlite3"],
+                                  ["--replicas", "0"]])
+def test_what_cannot_work_is_refused_at_start(argv: list[str], tmp_path: Path) -> None:
+    assert cli.main(["serve", "--model", "unused", "--grpc-port", "0", "--http-port", "0",
+                     "--data-dir", str(tmp_path), *argv]) == 2
 
 
 def test_serve_without_a_model_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -114,8 +115,9 @@ class Server:
 
 
 @pytest.fixture()
-def served(tiny_model_dir: Path) -> Iterator[tuple[Server, str]]:
+def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Server, str]]:
     server = Server(["--model", str(tiny_model_dir), "--host", "127.0.0.1", "--grpc-port", "0",
+                     "--http-port", "0", "--no-auth", "--data-dir", str(tmp_path),
                      "--max-length", "256", "--grace-s", "5"])
     try:
         port = server.wait_for(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)

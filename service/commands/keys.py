@@ -57,7 +57,11 @@ async def _run(args: argparse.Namespace) -> int:
     from service.ledger import SqlLedger
 
     url = database_url(args.db, args.data_dir)
-    engine = open_engine(url)
+    try:
+        engine = open_engine(url)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         await create_schema(engine)
         store = KeyStore(engine)
