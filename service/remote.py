@@ -1,0 +1,101 @@
+"""An ``Engine`` on remote gRPC Rerank servers: the gateway alone, in front of scorers.
+
+``rerank gateway`` builds its own ``RerankCore`` (auth, limits, idempotent replay, rate
+limits, billing) on this engine, so the billed edge and the GPU replicas scale apart. The
+backends only score: run them with ``--no-auth`` on a private network (or give the gateway a
+backend key). Each call goes to the next backend in turn; a backend that is UNAVAILABLE
+(loading, draining, gone) passes the call to the next one, which is safe because nothing
+is billed until the gateway's ledger records the reply.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+import grpc
+
+from clients import AsyncRerankClient, ModelInfo, RerankError, RerankResult
+from service.errors import Code, ServiceError
+from worker.types import DocScore, ScoreRequest, ScoreResult, Truncation
+
+log = logging.getLogger(__name__)
+
+_CODES = {
+    grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Code.OVERLOADED,
+    grpc.StatusCode.UNAVAILABLE: Code.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: Code.DEADLINE_EXCEEDED,
+}
+
+
+class RemoteEngine:
+    def __init__(self, targets: Sequence[str], *, api_key: str | None = None, tls: bool = False,
+                 timeout_s: float = 60.0) -> None:
+        if not targets:
+            raise ValueError("no backends: give at least one --backend HOST:PORT")
+        self.targets = list(targets)
+        # retries=0: a refused call moves to the next backend here, not again to the same one
+        self.clients = [AsyncRerankClient(t, api_key=api_key, tls=tls, timeout_s=timeout_s, retries=0)
+                        for t in self.targets]
+        self.model: ModelInfo | None = None
+        self._next = 0
+
+    async def connect(self, timeout_s: float = 120.0) -> ModelInfo:
+        """Ask the backends what they serve until one answers (they may still be loading)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for target, client in zip(self.targets, self.clients):
+                try:
+                    self.model = await client.model_info(timeout_s=5)
+                    log.info("backend %s serves %s (%s, %s)", target, self.model.model, self.model.device,
+                             self.model.dtype)
+                    return self.model
+                except RerankError as exc:
+                    log.info("backend %s not answering yet: %s", target, exc)
+            if time.monotonic() > deadline:
+                raise ConnectionError(f"no backend answered within {timeout_s:.0f}s: {', '.join(self.targets)}")
+            await asyncio.sleep(1.0)  # start-up only: backends load their model for minutes
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        start, self._next = self._next, (self._next + 1) % len(self.clients)
+        for attempt in range(len(self.clients)):
+            client = self.clients[(start + attempt) % len(self.clients)]
+            try:
+                reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
+                                            truncate=request.truncation is Truncation.END)
+            except RerankError as exc:
+                if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
+                    continue
+                raise _service_error(exc) from None
+            return _score_result(reply, len(request.documents))
+        raise AssertionError("the backend loop fell through: this is a bug")
+
+    def info(self) -> dict[str, str]:
+        if self.model is None:
+            raise ServiceError(Code.UNAVAILABLE, "no backend has answered yet; retry shortly", retry_after_s=1.0)
+        return {"model": self.model.model, "max_length": str(self.model.max_length), "dtype": self.model.dtype,
+                "device": self.model.device}
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.clients))
+
+
+def _service_error(exc: RerankError) -> ServiceError:
+    code = _CODES.get(exc.code)
+    if code is None:  # the backend refused the gateway itself, or failed: not the caller's doing
+        return ServiceError(Code.INTERNAL, f"backend error {exc.code.name}: {exc.details}")
+    retry = exc.retry_after_s if exc.retry_after_s is not None else (1.0 if code is not Code.INVALID_ARGUMENT
+                                                                      else None)
+    return ServiceError(code, exc.details, retry_after_s=retry)
+
+
+def _score_result(reply: RerankResult, documents: int) -> ScoreResult:
+    scores = sorted(reply.results, key=lambda r: r.index)
+    if [r.index for r in scores] != list(range(documents)):
+        raise ServiceError(Code.INTERNAL, f"a backend answered {len(scores)} of {documents} documents")
+    return ScoreResult([DocScore(r.index, r.score, r.logit, 0, r.truncated) for r in scores],
+                       prompt_tokens=reply.usage.prompt_tokens, computed_tokens=reply.usage.computed_tokens,
+                       timings_ms={"queue_and_model": reply.total_ms})

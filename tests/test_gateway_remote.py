@@ -1,0 +1,70 @@
+"""``rerank gateway`` alone in front of remote gRPC servers: it authenticates, limits and
+bills; the backends (no auth, no ledger) only score; a backend that is down is skipped."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+from serving import running_app, target
+
+from service import cli
+from service.commands.gateway import start
+from worker.fake import FakeRunner
+
+DEAD_BACKEND = "127.0.0.1:1"  # nothing listens there: UNAVAILABLE at once
+
+
+def create_key(db: str, capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(["keys", "create", "--name", "edge", "--db", db]) == 0
+    return capsys.readouterr().out.splitlines()[-1]
+
+
+async def test_gateway_alone_forwards_scoring_and_keeps_billing(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "edge.sqlite3")
+    key = await asyncio.to_thread(create_key, db, capsys)
+    runner = FakeRunner(max_length=512)
+    async with running_app(runner, model="backend-model", max_documents=50) as backend:
+        args = cli.build_parser().parse_args(
+            ["gateway", "--backend", target(backend), "--backend", DEAD_BACKEND, "--host", "127.0.0.1",
+             "--http-port", "0", "--db", db, "--connect-timeout-s", "10"])
+        gateway = await start(args)
+        try:
+            auth = {"Authorization": f"Bearer {key}"}
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.server.port}", headers=auth,
+                                         timeout=30) as http:
+                replies = [await http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b c", "d"][:n]})
+                           for n in (1, 2, 3, 3)]
+                assert [r.status_code for r in replies] == [200] * 4  # half went to the dead one first
+                assert {r.json()["model"] for r in replies} == {"backend-model"}
+                (card,) = (await http.get("/v1/models")).json()["data"]
+                assert (card["id"], card["max_length"], card["limits"]["max_documents"]) == ("backend-model", 512, 50)
+                assert (await http.post("/v1/rerank", json={"query": "q", "documents": ["d"] * 51})).status_code == 400
+                too_long = await http.post("/v1/rerank", json={"query": "word " * 600, "documents": ["d"]})
+                assert too_long.status_code == 400 and "max_length" in too_long.json()["detail"]  # said by a backend
+                assert (await http.post("/v1/rerank", json={"query": "q", "documents": ["d"]},
+                                        headers={"Authorization": "Bearer nope"})).status_code == 401
+            records = await gateway.billing.ledger.records()
+            assert [r.documents for r in records] == [1, 2, 3, 3]
+            assert sum(len(b) for b in runner.batches) == 9  # the backend scored what was billed
+        except BaseException:
+            await gateway.stop(0)
+            raise
+    try:  # every backend gone: 503, retry later, nothing billed
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.server.port}", timeout=30) as http:
+            down = await http.post("/v1/rerank", json={"query": "q", "documents": ["d"]},
+                                   headers={"Authorization": f"Bearer {key}"})
+        assert down.status_code == 503 and down.headers["retry-after"]
+        assert len(await gateway.billing.ledger.records()) == 4
+    finally:
+        await gateway.stop(0)
+
+
+async def test_gateway_without_backends_refuses_to_start(tmp_path: Path) -> None:
+    args = cli.build_parser().parse_args(["gateway", "--backend", DEAD_BACKEND, "--http-port", "0",
+                                          "--data-dir", str(tmp_path), "--connect-timeout-s", "0"])
+    with pytest.raises(ConnectionError, match="no backend answered"):
+        await start(args)
