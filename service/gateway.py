@@ -19,12 +19,13 @@ strings that pydantic accepts and the core refuses (400), so they are checked in
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import date
-from typing import Annotated, Any, Protocol
+from typing import Annotated, Any, Protocol, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -53,6 +54,7 @@ from service.gateway_schema import (
 from service.ledger import UsageReport
 from service.metrics import Metrics
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rerank.access")
 
@@ -97,7 +99,7 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
         if not ready():
             raise ServiceError(Code.UNAVAILABLE, "the server is not ready or is draining; retry",
                                retry_after_s=1.0)
-        reply = await core.rerank(body.to_call(_token(credentials), idempotency_key))
+        reply = await _unless_disconnected(request, core.rerank(body.to_call(_token(credentials), idempotency_key)))
         request.state.access = (f"request_id={reply.request_id} documents={reply.billed_documents} "
                                 f"prompt_tokens={reply.prompt_tokens} replayed={reply.replayed}")
         response.headers["X-Request-Id"] = reply.request_id
@@ -173,6 +175,33 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     return app
 
 
+class ClientGone(Exception):
+    """The client closed the connection before its reply was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Await ``work``, cancelling it if the client goes away first: as on gRPC, a call its
+    caller abandoned is dropped from the queue and not billed. (Once scoring has finished, the
+    ledger write is shielded and completes: see docs/HTTP_API.md, "the crash window".)"""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise ClientGone()
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass  # the body was read before this route ran: only the disconnect is left to come
+
+
 def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
     return credentials.credentials if credentials is not None else None
 
@@ -211,6 +240,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 400 and isinstance(exc.__cause__, RecursionError):
             detail = "the body is not valid JSON for this API: nested too deeply"
         return error_response(exc.status_code, detail, headers=dict(exc.headers or {}))
+
+    @app.exception_handler(ClientGone)
+    async def gone(request: Request, exc: ClientGone) -> Response:
+        return Response(status_code=499)  # nginx's "client closed request", for the log; nobody reads it
 
     @app.exception_handler(Exception)
     async def bug(request: Request, exc: Exception) -> JSONResponse:

@@ -214,6 +214,7 @@ def test_idempotency_key_replays_unbilled_and_refuses_another_body(gw: LiveGatew
 
 async def test_concurrent_http_calls_bill_exactly_once_each(gw: LiveGateway, key: tuple[str, str]) -> None:
     sizes = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10] * 2
+    gw.runner.entered.clear()
     gw.runner.gate.clear()
     async with httpx.AsyncClient(base_url=gw.url, timeout=30,
                                  headers={"Authorization": f"Bearer {key[1]}"}) as client:
@@ -334,3 +335,28 @@ def test_openapi_publishes_what_is_accepted(gw: LiveGateway) -> None:
     assert doc["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
     params = {p["name"] for p in doc["paths"]["/v1/rerank"]["post"]["parameters"]}
     assert params == {"Idempotency-Key"}
+
+
+async def test_client_that_goes_away_mid_scoring_is_not_billed(gw: LiveGateway, key: tuple[str, str]) -> None:
+    def dropped() -> float:
+        metrics = httpx.get(gw.url + "/metrics").text
+        line = [x for x in metrics.splitlines() if x.startswith('rerank_requests_total{code="499"')]
+        return float(line[0].split()[-1]) if line else 0.0
+
+    before = dropped()
+    gw.runner.entered.clear()
+    gw.runner.gate.clear()
+    async with httpx.AsyncClient(base_url=gw.url, headers={"Authorization": f"Bearer {key[1]}"}) as client:
+        call = asyncio.ensure_future(client.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]}))
+        await asyncio.to_thread(gw.runner.entered.wait, 10)  # in the model, held there
+        call.cancel()  # the client gives up: its connection closes
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    for _ in range(500):  # until the server has seen the disconnect and cancelled the call
+        if dropped() > before:
+            break
+        await asyncio.sleep(0.01)
+    gw.runner.gate.set()
+    assert dropped() == before + 1
+    assert post(gw, {"query": "q", "documents": ["c"]}, key[1]).status_code == 200
+    assert [r.documents for r in gw.records(key[0])] == [1]
