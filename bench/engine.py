@@ -190,6 +190,23 @@ def measure_card(model, tokenizer, wl: Workload, name: str, device: torch.device
     return {**row, "scores": scores}
 
 
+@torch.inference_mode()
+def check_alone(runner: ModelRunner, wl: Workload, name: str, count: int) -> dict:  # type: ignore[type-arg]
+    """Largest difference between the engine and each pair run alone, the contract's reference."""
+    request = wl.requests[0]
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    engine, _, _ = asyncio.run(run_engine(runner, BatcherConfig.for_device(runner.scorer.device.type),
+                                          Workload(wl.name, [request])))
+    worst_score = 0.0
+    for ids, mine in list(zip(prompts.sequences, engine[0]))[:count]:
+        logits = runner.model(torch.tensor([ids], device=runner.scorer.device)).logits[0, -1].float()
+        ref_logit = float(logits[9693] - logits[2152])
+        worst_score = max(worst_score, abs(mine - float(torch.sigmoid(torch.tensor(ref_logit)))))
+    row = dict(workload=name, desc=wl.name, path=f"engine vs {count} pairs alone", max_alone_score_diff=worst_score)
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
@@ -210,6 +227,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--no-card", action="store_true", help="skip the model-card baseline")
     parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
+    parser.add_argument("--check-alone", type=int, default=4,
+                        help="per workload, compare this many scores with the pair run alone (the contract)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
@@ -250,6 +269,8 @@ def main() -> int:
             card["max_score_diff"] = max(abs(a - b) for xs, ys in zip(scores, card.pop("scores"))
                                          for a, b in zip(xs, ys))
             rows += [card, again]
+    for name in args.workloads.split(",") if args.check_alone else []:
+        rows.append(check_alone(runner, workloads[name], name, args.check_alone))
     gemm_after = gemm_gflops(device, dtype)
     print(f"fp GEMM rate at the end: {gemm_after:.1f} GFLOP/s (a large drop means the machine was busy)")
     print_table(rows, gemm, engine_rss_gb, device, dtype)
@@ -265,9 +286,15 @@ def print_table(rows: list[dict], gemm: float, rss_gb: float, device: torch.devi
     print("| workload | path | docs/s | tokens/s | p50 ms | p95 ms | executed GFLOP/s | speedup | max |score diff| |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
+        if "max_alone_score_diff" in r:
+            continue
         print(f"| {r['desc']} | {r['path']} | {r['docs_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
               f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r.get('executed_gflops', float('nan')):.1f} | "
               f"{r.get('speedup', 1.0):.2f}x | {r.get('max_score_diff', 0.0):.2e} |")
+    for r in rows:
+        if "max_alone_score_diff" in r:
+            print(f"\n{r['desc']}: {r['path']}: max |score difference| {r['max_alone_score_diff']:.2e}", end="")
+    print()
 
 
 if __name__ == "__main__":
