@@ -94,6 +94,19 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     metrics = metrics or Metrics()
     app = FastAPI(title="Qwen3-Reranker API", version="1",
                   description="Billed rerank API; see docs/HTTP_API.md.")
+    _add_rerank_routes(app, core, ready)
+    _add_info_routes(app, core, usage)
+    _add_ops_routes(app, metrics, ready)
+    _install_error_handlers(app)
+    openapi = app.openapi  # FastAPI caches what it returns; document_limits edits it once, in place
+    app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
+        openapi(), core.limits, sorted(core.accepted_models))
+    app.add_middleware(BodyLimit, max_bytes=core.limits.max_request_bytes)
+    app.add_middleware(Observe, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
+    return app
+
+
+def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]) -> None:
     async def rerank(body: RerankRequest, response: Response, request: Request,
                      credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> RerankResponse:
         if not ready():
@@ -119,6 +132,8 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
         """The same call on Cohere's v2 route (ClientV2 compatible)."""
         return await rerank(body, response, request, credentials, idempotency_key, "2")
 
+
+def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) -> None:
     @app.get("/v1/models", tags=["info"])
     async def models() -> ModelList:
         """The served model, its aliases, and the limits a call must respect."""
@@ -148,6 +163,8 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
                              total=UsageTotal(requests=t.requests, documents=t.documents,
                                               prompt_tokens=t.prompt_tokens, computed_tokens=t.computed_tokens))
 
+
+def _add_ops_routes(app: FastAPI, metrics: Metrics, ready: Callable[[], bool]) -> None:
     @app.get("/health", tags=["ops"])
     async def health() -> Status:
         """Liveness: the process answers."""
@@ -165,14 +182,6 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     async def prometheus() -> Response:
         """Prometheus metrics of this server."""
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    _install_error_handlers(app)
-    openapi = app.openapi
-    app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
-        openapi(), core.limits, sorted(core.accepted_models))
-    app.add_middleware(BodyLimit, max_bytes=core.limits.max_request_bytes)
-    app.add_middleware(Observe, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
-    return app
 
 
 class ClientGone(Exception):
