@@ -131,6 +131,7 @@ class Principal:
     rate_limit_rps: float | None = None  # requests per second, None: unlimited
     rate_limit_dps: float | None = None  # documents per second
     quota_documents: int | None = None  # lifetime document quota
+    models: frozenset[str] | None = None  # the served models this key may call, None: any
 
 
 ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
@@ -221,6 +222,10 @@ class RerankCore:
         started = time.perf_counter()
         principal = await self.auth.authenticate(call.api_key)
         self.validate(call)
+        if principal.models is not None and self.model_name not in principal.models:
+            # one key table may serve several deployments (a shared PostgreSQL ledger)
+            raise ServiceError(Code.PERMISSION_DENIED, f"API key {principal.key_id} may not call "
+                                                       f"{self.model_name!r}")
         fingerprint = call.fingerprint()
         if call.idempotency_key and self.ledger is not None:
             stored = await self.ledger.replay(principal, call.idempotency_key, fingerprint)

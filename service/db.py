@@ -50,6 +50,7 @@ api_keys = Table(
     Column("rate_limit_rps", Float),
     Column("rate_limit_dps", Float),
     Column("quota_documents", BigInteger),
+    Column("models", Text),  # JSON list of the served model names the key may call; NULL: any
 )
 
 usage_records = Table(

@@ -64,7 +64,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text} for status, text in [
         (400, "Invalid input: the detail says what to change."),
         (401, "Missing or unknown API key."),
-        (403, "Revoked API key."),
+        (403, "Revoked API key, or one scoped to other models."),
         (404, "Unknown model."),
         (413, "Body larger than the server's limit."),
         (422, "Body of the wrong shape or types, or an idempotency key reused for another body."),

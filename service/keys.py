@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -45,6 +47,7 @@ class KeyRecord:
     rate_limit_rps: float | None
     rate_limit_dps: float | None
     quota_documents: int | None
+    models: frozenset[str] | None = None  # None: any served model
 
     @property
     def revoked(self) -> bool:
@@ -52,7 +55,7 @@ class KeyRecord:
 
     def principal(self) -> Principal:
         return Principal(self.key_id, self.name, self.rate_limit_rps, self.rate_limit_dps,
-                         self.quota_documents)
+                         self.quota_documents, self.models)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +92,8 @@ class KeyStore:
         return record.principal()
 
     async def create(self, name: str, *, rate_limit_rps: float | None = None,
-                     rate_limit_dps: float | None = None, quota_documents: int | None = None) -> NewKey:
+                     rate_limit_dps: float | None = None, quota_documents: int | None = None,
+                     models: Iterable[str] | None = None) -> NewKey:
         for label, value in (("rate limit (rps)", rate_limit_rps), ("rate limit (dps)", rate_limit_dps),
                              ("quota", quota_documents)):
             if value is not None and value <= 0:
@@ -98,7 +102,8 @@ class KeyStore:
         record = KeyRecord(key_id="key_" + secrets.token_hex(8), name=name,
                            display_prefix=key[: len(KEY_PREFIX) + 4], created_at=datetime.now(UTC),
                            revoked_at=None, rate_limit_rps=rate_limit_rps,
-                           rate_limit_dps=rate_limit_dps, quota_documents=quota_documents)
+                           rate_limit_dps=rate_limit_dps, quota_documents=quota_documents,
+                           models=None if models is None else frozenset(models))
         with unavailable("creating a key"):
             async with self.engine.begin() as conn:
                 await conn.execute(insert(api_keys).values(key_hash=hash_key(key), **_columns(record)))
@@ -126,12 +131,14 @@ def _unknown() -> ServiceError:
 
 
 def _record(row: Any) -> KeyRecord:
+    models = None if row.models is None else frozenset(json.loads(row.models))
     return KeyRecord(row.key_id, row.name, row.display_prefix, row.created_at, row.revoked_at,
-                     row.rate_limit_rps, row.rate_limit_dps, row.quota_documents)
+                     row.rate_limit_rps, row.rate_limit_dps, row.quota_documents, models)
 
 
 def _columns(record: KeyRecord) -> dict[str, Any]:
     return {"key_id": record.key_id, "name": record.name, "display_prefix": record.display_prefix,
             "created_at": record.created_at, "revoked_at": record.revoked_at,
             "rate_limit_rps": record.rate_limit_rps, "rate_limit_dps": record.rate_limit_dps,
-            "quota_documents": record.quota_documents}
+            "quota_documents": record.quota_documents,
+            "models": None if record.models is None else json.dumps(sorted(record.models))}

@@ -276,3 +276,12 @@ async def test_stored_replies_keep_any_text_exactly(stack: Stack) -> None:
     assert again.replayed
     assert sorted(r.document or "" for r in again.outcomes[0].results) == sorted(docs)
     assert again.outcomes == first.outcomes
+
+
+async def test_key_scoped_to_other_models_is_permission_denied(stack: Stack) -> None:
+    other = await stack.keys.create("big-tier", models=["Qwen/Qwen3-Reranker-8B"])
+    mine = await stack.keys.create("this-tier", models=[MODEL, "Qwen/Qwen3-Reranker-8B"])
+    assert (await stack.keys.authenticate(other.key)).models == frozenset({"Qwen/Qwen3-Reranker-8B"})
+    assert await code_of(stack.core.rerank(call(other.key))) is Code.PERMISSION_DENIED
+    await stack.core.rerank(call(mine.key))
+    assert [r.key_id for r in await stack.ledger.records()] == [mine.record.key_id]

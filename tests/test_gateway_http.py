@@ -196,6 +196,13 @@ def test_revoked_key_is_403_and_unbilled(gw: LiveGateway, key: tuple[str, str]) 
     assert len(gw.records(key[0])) == 1
 
 
+def test_key_scoped_to_another_model_is_403(gw: LiveGateway) -> None:
+    key_id, key = gw.create_key(models=["some-other-model"])
+    r = post(gw, {"query": "q", "documents": ["d"]}, key)
+    assert r.status_code == 403 and "may not call" in r.json()["detail"]
+    assert gw.records(key_id) == []
+
+
 # -- idempotency -------------------------------------------------------------------------------
 def test_idempotency_key_replays_unbilled_and_refuses_another_body(gw: LiveGateway, key: tuple[str, str]) -> None:
     headers = {"Idempotency-Key": "invoice-7"}

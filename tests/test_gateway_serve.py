@@ -105,10 +105,11 @@ async def test_start_names_the_ledger_and_says_loudly_that_auth_is_off(
 
 def test_keys_cli_create_list_revoke(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     db = str(tmp_path / "ledger.sqlite3")
-    key = create_key(capsys, db, "--rps", "5", "--quota", "1000")
+    key = create_key(capsys, db, "--rps", "5", "--quota", "1000", "--model", "a", "--model", "b")
     assert key.startswith("rk_live_") and " " not in key
     code, listing = keys_cli(capsys, "list", "--db", db)
     assert code == 0 and len(listing) == 2 and "active" in listing[1] and key not in "\n".join(listing)
+    assert " a,b " in listing[1]
     key_id = listing[1].split()[0]
     assert keys_cli(capsys, "revoke", key_id, "--db", db)[0] == 0
     assert "revoked" in keys_cli(capsys, "list", "--db", db)[1][1]

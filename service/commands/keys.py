@@ -27,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create.add_argument("--rps", type=float, help="rate limit: requests per second (default: none)")
     create.add_argument("--dps", type=float, help="rate limit: documents per second (default: none)")
     create.add_argument("--quota", type=int, help="lifetime quota of billed documents (default: none)")
+    create.add_argument("--model", action="append", dest="models", metavar="NAME",
+                        help="restrict the key to this served model name; repeat for several (default: any). "
+                             "For several deployments sharing one ledger database")
     listing = sub.add_parser("list", help="list keys (never the keys themselves) with billed usage",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     revoke = sub.add_parser("revoke", help="revoke a key at once, on every server sharing the database",
@@ -80,13 +83,13 @@ async def _run(args: argparse.Namespace) -> int:
 async def _create(store: KeyStore, args: argparse.Namespace, where: str) -> int:
     try:
         new = await store.create(args.name, rate_limit_rps=args.rps, rate_limit_dps=args.dps,
-                                 quota_documents=args.quota)
+                                 quota_documents=args.quota, models=args.models)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     r = new.record
     print(f"created {r.key_id} ({r.name}) in {where}; rps={_opt(r.rate_limit_rps)} "
-          f"dps={_opt(r.rate_limit_dps)} quota={_opt(r.quota_documents)}")
+          f"dps={_opt(r.rate_limit_dps)} quota={_opt(r.quota_documents)} models={_models(r.models)}")
     print("the key is shown only now; store it:")
     print(new.key)
     return 0
@@ -95,12 +98,12 @@ async def _create(store: KeyStore, args: argparse.Namespace, where: str) -> int:
 async def _list(store: KeyStore, ledger: SqlLedger) -> int:
     billed = await ledger.billed_by_key()
     print(f"{'KEY_ID':22} {'PREFIX':14} {'STATUS':8} {'RPS':>7} {'DPS':>7} {'QUOTA':>10} "
-          f"{'BILLED':>10}  {'CREATED':19}  NAME")
+          f"{'BILLED':>10}  {'CREATED':19}  {'MODELS':12} NAME")
     for r in await store.list():
         status = "revoked" if r.revoked else "active"
         print(f"{r.key_id:22} {r.display_prefix + '…':14} {status:8} {_opt(r.rate_limit_rps):>7} "
               f"{_opt(r.rate_limit_dps):>7} {_opt(r.quota_documents):>10} {billed.get(r.key_id, 0):>10}  "
-              f"{_when(r.created_at)}  {r.name}")
+              f"{_when(r.created_at)}  {_models(r.models):12} {r.name}")
     return 0
 
 
@@ -115,6 +118,10 @@ async def _revoke(store: KeyStore, key_id: str) -> int:
 
 def _opt(value: float | int | None) -> str:
     return "-" if value is None else f"{value:g}"
+
+
+def _models(models: frozenset[str] | None) -> str:
+    return "any" if models is None else ",".join(sorted(models))
 
 
 def _when(moment: datetime | None) -> str:
