@@ -169,3 +169,31 @@ async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     await closing
     with pytest.raises(ShuttingDown):
         await first
+
+
+async def test_close_without_grace_fails_in_flight_at_once() -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    in_flight = asyncio.ensure_future(batcher.score(request(1)))
+    await entered(runner)
+    closing = asyncio.ensure_future(batcher.close(grace_s=0))
+    with pytest.raises(ShuttingDown):
+        await in_flight  # failed at once, while the model thread is still busy
+    assert not closing.done()  # joining the model thread waits off the loop ...
+    runner.gate.set()
+    await closing  # ... and ends when the batch does
+
+
+async def test_stats_separate_prefill_from_rows_own_tokens() -> None:
+    stats: list[BatchStats] = []
+    runner = FakeRunner()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0), on_batch=stats.append)
+    batcher.start()
+    try:
+        await batcher.score(request(3))
+    finally:
+        await batcher.close()
+    (batch,) = stats
+    assert batch.computed_tokens - batch.prefill_tokens <= batch.padded_tokens

@@ -71,8 +71,9 @@ class BatchStats:
 
     rows: int
     requests: int
-    computed_tokens: int
-    padded_tokens: int
+    computed_tokens: int  # everything the model ran: rows' own tokens plus new prefixes
+    padded_tokens: int  # rows * longest row's own tokens
+    prefill_tokens: int  # shared prefixes computed for this batch (not part of padded_tokens)
     seconds: float
     failed: bool
 
@@ -130,14 +131,15 @@ class Batcher:
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking work, finish what is queued within ``grace_s``, fail the rest."""
         self._closed = True
-        if self._in_flight:
-            await asyncio.wait([g.future for g in self._in_flight], timeout=grace_s or None)
+        if self._in_flight and grace_s > 0:
+            await asyncio.wait([g.future for g in self._in_flight], timeout=grace_s)
         for group in list(self._in_flight):
             self._fail(group, ShuttingDown("the server is shutting down; retry on another replica"))
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._model_thread.shutdown(wait=True)
+        # joining the model thread waits for the batch in flight: off the loop, which keeps serving
+        await asyncio.to_thread(self._model_thread.shutdown, True)
         self._tokenizers.shutdown(wait=False)
 
     @property
@@ -233,14 +235,15 @@ class Batcher:
         tokens = sum(out.computed)
         if tokens:
             self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / tokens
-        self._report(BatchStats(len(batch), len(groups), tokens, out.padded_tokens, seconds, False))
+        self._report(BatchStats(len(batch), len(groups), tokens, out.padded_tokens, out.prefill_tokens,
+                                seconds, False))
 
     def _settle_failed(self, batch: list[Entry], exc: BaseException, seconds: float) -> None:
         groups = {entry.owner for entry in batch}
         for group in groups:
             assert isinstance(group, Group)
             self._fail(group, ModelFailure(f"the model failed on this request's batch: {exc}"))
-        self._report(BatchStats(len(batch), len(groups), 0, 0, seconds, True))
+        self._report(BatchStats(len(batch), len(groups), 0, 0, 0, seconds, True))
 
     def _fail(self, group: Group, exc: Exception) -> None:
         group.cancelled = True

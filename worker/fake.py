@@ -58,8 +58,12 @@ class FakeRunner:
             self.fail_next = False
             raise RuntimeError("injected model fault")
         tails = [len(it.ids) - it.prefix_len for it in items]
-        return BatchScores([fake_logit(it.ids) for it in items], tails,
-                           len(items) * max(tails, default=0))
+        prefixes = {tuple(it.ids[: it.prefix_len]) for it in items if it.prefix_len}
+        computed = list(tails)
+        if items and prefixes:  # like the real runner: a batch's new prefixes count once
+            computed[0] += sum(map(len, prefixes))
+        return BatchScores([fake_logit(it.ids) for it in items], computed,
+                           len(items) * max(tails, default=0), prefill_tokens=sum(map(len, prefixes)))
 
     def warmup(self) -> None:
         self.warmed = True

@@ -137,7 +137,8 @@ class ModelRunner:  # implements worker.types.Runner
             self._prefill(missing, pasts, computed)
         tails = [it.ids[it.prefix_len:] for it in items]
         logits = self.scorer.score(tails, pasts).tolist()
-        return BatchScores(logits, computed, len(items) * max(len(t) for t in tails))
+        return BatchScores(logits, computed, len(items) * max(len(t) for t in tails),
+                           prefill_tokens=sum(len(key) for key in missing))
 
     def _prefill(self, missing: dict[tuple[int, ...], list[int]], pasts: list[KV | None],
                  computed: list[int]) -> None:

@@ -86,7 +86,8 @@ class WorkItem(Protocol):
 class BatchScores:
     logits: list[float]  # logit_yes - logit_no per item, in the batch's order
     computed: list[int]  # tokens each item made the model run (a new prefix counts once)
-    padded_tokens: int  # rows * longest new-token row: the attention's padded size
+    padded_tokens: int  # rows * longest row of new (non-prefix) tokens: the attention's padded size
+    prefill_tokens: int = 0  # of ``computed``, the tokens of shared prefixes computed in this batch
 
 
 class Runner(Protocol):
