@@ -41,8 +41,8 @@ class Metrics:
         self.batch_seconds = Histogram("rerank_batch_seconds", "Model time per batch.", buckets=_LATENCY_S,
                                        registry=r)
         self.padding_ratio = Histogram(
-            "rerank_batch_padding_ratio", "1 - computed/padded tokens per batch: the share of the "
-            "batch's padded size that was padding (clamped to [0, 1]).", buckets=_RATIO, registry=r)
+            "rerank_batch_padding_ratio", "1 - rows' own tokens / padded tokens per batch: the "
+            "share of the batch's padded attention size that was padding.", buckets=_RATIO, registry=r)
         self.documents_scored = Counter("rerank_documents_scored", "Documents the model scored.", registry=r)
         self.batches_failed = Counter("rerank_batches_failed", "Batches the model failed on.", registry=r)
         self.ready = Gauge("rerank_ready", "1 when the model is loaded and warm.", registry=r)
@@ -62,10 +62,10 @@ class Metrics:
         self.batch_tokens.observe(stats.computed_tokens)
         self.documents_scored.inc(stats.rows)
         if stats.padded_tokens:
-            # computed counts a newly prefilled shared prefix too, which padded does not, so
-            # the raw ratio can go negative on a batch that prefilled: clamp, don't mislead
-            ratio = 1 - stats.computed_tokens / stats.padded_tokens
-            self.padding_ratio.observe(min(1.0, max(0.0, ratio)))
+            # rows' own tokens against their padded size; a prefix prefilled for the batch is
+            # computed unpadded, apart from the rows, and so is left out of both
+            own = stats.computed_tokens - stats.prefill_tokens
+            self.padding_ratio.observe(1 - own / stats.padded_tokens)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
