@@ -43,10 +43,13 @@ def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | No
     return field(default=default, metadata={"help": help, "unset": unset, "metavar": metavar, "flag": flag})
 
 
+DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
+
+
 @dataclass(frozen=True)
 class ServeConfig:
-    model: str | None = knob(None, "model to serve: a Hugging Face hub id or a local checkpoint directory",
-                             metavar="PATH_OR_HUB_ID", unset="required")
+    model: str | None = knob(DEFAULT_MODEL, "model to serve: a Hugging Face hub id or a local checkpoint "
+                             "directory (Qwen3-Reranker 0.6B, 4B or 8B)", metavar="PATH_OR_HUB_ID")
     model_name: str | None = knob(None, "the name callers send in `model`; --model's value is accepted too",
                                   metavar="NAME", unset="--model as given")
     host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)", metavar="H")

@@ -77,9 +77,10 @@ def test_what_cannot_work_is_refused_at_start(argv: list[str], tmp_path: Path) -
                      "--data-dir", str(tmp_path), *argv]) == 2
 
 
-def test_serve_without_a_model_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_serve_without_a_model_serves_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RERANK_MODEL", raising=False)
-    assert cli.main(["serve"]) == 2
+    args = cli.build_parser().parse_args(["serve"])
+    assert serve_config.from_args(args).model == "Qwen/Qwen3-Reranker-0.6B"
 
 
 # -- the real thing, in a subprocess ---------------------------------------------------------

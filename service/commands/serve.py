@@ -73,7 +73,10 @@ async def _ready_unless_stopped(app: App, stops: _Stops) -> bool:
         ready.cancel()  # stopping while loading: stop() cancels the load
         return True
     if ready.exception() is not None:
-        log.error("model failed to load: %s", ready.exception())
+        log.error("model failed to load: %s\n--model takes a Hugging Face hub id (which needs network access "
+                  "or the model in the local Hugging Face cache) or a local checkpoint directory; "
+                  "`rerank make-test-model DIR` writes a random-weight one for offline trials",
+                  ready.exception())
         return False
     return True
 
