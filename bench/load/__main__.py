@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--model", help="with --spawn: checkpoint directory or hub id to serve")
     where.add_argument("--serve-arg", action="append", default=[], help="with --spawn: extra "
                        "`rerank serve` argument (repeatable, e.g. --serve-arg=--max-batch-tokens=4096)")
+    where.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                       help="with --spawn: environment for the server (repeatable, e.g. OMP_NUM_THREADS=1)")
     where.add_argument("--grpc", action="append", default=[], help="gRPC target host:port (repeat for "
                        "round_robin over several replicas)")
     where.add_argument("--http", action="append", default=[], help="HTTP base URL (repeat to alternate)")
@@ -78,7 +80,9 @@ def spawned(args: argparse.Namespace) -> Iterator[tuple[str, str, str, str]]:
         model = args.model or str(_tiny_model(Path(tmp) / "model"))
         db = f"sqlite:///{tmp}/ledger.sqlite3"
         key = create_api_key(db, "load")
-        server = ServeProcess(model, Path(tmp) / "serve.log", db_url=db, extra_args=["--auth", *args.serve_arg])
+        env = dict(item.split("=", 1) for item in args.serve_env)
+        server = ServeProcess(model, Path(tmp) / "serve.log", db_url=db, extra_args=["--auth", *args.serve_arg],
+                              env=env)
         with server.start():
             server.wait_ready()
             print(f"serving {model} on {server.grpc_target} and {server.http_url}", file=sys.stderr)

@@ -100,6 +100,7 @@ class Level:
     clients: int
     requests_per_client: int
     time_limit_s: float = 60.0
+    think_s: float = 0.0  # pause between a client's requests (0: closed loop, flat out)
 
 
 @dataclass
@@ -128,6 +129,8 @@ async def run_level(transport: Transport, level: Level, workload: Workload, poli
             run.outcomes.append(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
+            if level.think_s:
+                await asyncio.sleep(level.think_s)
 
     await asyncio.gather(*(client(c) for c in range(level.clients)))
     run.wall_s = time.perf_counter() - started
