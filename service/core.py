@@ -233,7 +233,7 @@ class RerankCore:
                 return stored
         documents = sum(len(q.documents) for q in call.queries)
         await self.limiter.admit(principal, documents)
-        results = await asyncio.gather(*(self.engine.score(_to_request(q)) for q in call.queries))
+        results = await _score_all(self.engine, call.queries)
         reply = RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
@@ -296,6 +296,17 @@ def _check_text(text: str, where: str) -> None:
 
 def _invalid(message: str) -> ServiceError:
     return ServiceError(Code.INVALID_ARGUMENT, message)
+
+
+async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[ScoreResult]:
+    """Every query's scores; when one query fails, the others are cancelled, not left running."""
+    tasks = [asyncio.ensure_future(engine.score(_to_request(q))) for q in queries]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
 
 
 def _to_request(q: RerankQuery) -> ScoreRequest:
