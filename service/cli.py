@@ -19,6 +19,7 @@ COMMANDS = {
     "score": "service.commands.score",
     "make-test-model": "service.commands.make_test_model",
     "keys": "service.commands.keys",
+    "usage": "service.commands.usage",
     "gateway": "service.commands.gateway",
 }
 

@@ -1,0 +1,70 @@
+"""``rerank usage``: what the ledger billed, per key and day, for invoices and audits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from dataclasses import asdict
+from datetime import date
+
+from service.commands.keys import add_database_arguments
+
+HELP = "show billed usage from the ledger: every key's total, or one key by UTC day"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("key_id", nargs="?", help="one key (key_...): its usage by day; omit for all keys' totals")
+    parser.add_argument("--since", type=date.fromisoformat, metavar="YYYY-MM-DD", help="first UTC day (inclusive)")
+    parser.add_argument("--until", type=date.fromisoformat, metavar="YYYY-MM-DD", help="last UTC day (inclusive)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_database_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
+
+
+async def _run(args: argparse.Namespace) -> int:
+    from service.db import create_schema, database_url, open_engine
+    from service.errors import ServiceError
+    from service.ledger import SqlLedger
+
+    try:
+        engine = open_engine(database_url(args.db, args.data_dir))
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        await create_schema(engine)
+        ledger = SqlLedger(engine)
+        if args.key_id is None:
+            _print_totals(await ledger.billed_by_key(), args.json)
+        else:
+            report = await ledger.usage(args.key_id, since=args.since, until=args.until)
+            _print_report(asdict(report), args.json)
+        return 0
+    except ServiceError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 1
+    finally:
+        await engine.dispose()
+
+
+def _print_totals(billed: dict[str, int], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"documents_by_key": billed}))
+        return
+    print(f"{'KEY_ID':22} {'DOCUMENTS':>12}")
+    for key_id, documents in sorted(billed.items()):
+        print(f"{key_id:22} {documents:>12}")
+
+
+def _print_report(report: dict, as_json: bool) -> None:  # type: ignore[type-arg]
+    if as_json:
+        print(json.dumps(report))
+        return
+    print(f"{'DAY (UTC)':10} {'REQUESTS':>9} {'DOCUMENTS':>10} {'PROMPT_TOK':>11} {'COMPUTED_TOK':>13}")
+    for day, t in [*report["days"], ("total", report["total"])]:
+        print(f"{day:10} {t['requests']:>9} {t['documents']:>10} {t['prompt_tokens']:>11} {t['computed_tokens']:>13}")
