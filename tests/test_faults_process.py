@@ -285,3 +285,38 @@ async def postgres_outage(deployment: Deployment, postgres: PausablePostgres) ->
     await asyncio.to_thread(postgres.resume)
     after = await drive(deployment.transports(), level, Workload(documents=4), RetryPolicy(max_attempts=3))
     return [outcomes_of(runs) for runs in (before, cut_runs, during, after)]
+
+
+# -- departing callers and memory ----------------------------------------------------------------
+def test_callers_that_keep_departing_do_not_grow_server_memory(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Rounds of calls abandoned mid-flight (gRPC deadlines, HTTP clients hanging up), each
+    round carrying megabytes of documents: the server's resident memory levels off after the
+    first round instead of growing with every round (tests/test_faults.py shows, object by
+    object, that an abandoned call's work is dropped)."""
+    deployment = start_deployment(tiny_model_dir, tmp_path)
+    workload = Workload(documents=64, words_per_document=150)
+    with deployment.server:
+        rss = [deployment.server.rss_bytes()]
+        for n in range(5):
+            departed = asyncio.run(depart(deployment, workload, first_n=n * 1000))
+            assert departed >= 60, f"round {n}: only {departed} of 100 calls were abandoned"
+            rss.append(deployment.server.rss_bytes())
+        assert deployment.server.returncode is None
+    grown_mb = (rss[-1] - rss[1]) / 2**20
+    assert grown_mb < 24, f"resident memory grew {grown_mb:.0f} MiB over rounds 2-5: {[r >> 20 for r in rss]} MiB"
+    print(f"departing callers: RSS by round {[r >> 20 for r in rss]} MiB")
+
+
+async def depart(deployment: Deployment, workload: Workload, first_n: int) -> int:
+    """50 gRPC calls with a 20 ms deadline and 50 HTTP calls whose client gives up after
+    20 ms, all at once; the number that were abandoned (not answered)."""
+    transports = deployment.transports(timeout_s=0.02)
+    try:
+        attempts = await asyncio.gather(*(t.send(workload.make(first_n + i * 2 + j))
+                                          for i in range(50) for j, t in enumerate(transports)))
+    finally:
+        for t in transports:
+            await t.close()
+    await asyncio.sleep(0.5)  # let the server finish cancelling
+    return sum(a.code in {"DEADLINE_EXCEEDED", "ReadTimeout", "WriteTimeout", "ConnectTimeout", "PoolTimeout"}
+               for a in attempts)
