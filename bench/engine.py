@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from worker.batcher import Batcher, BatcherConfig  # noqa: E402
 from worker.offline import make_random_reranker  # noqa: E402
 from worker.prompt import PREFIX, SUFFIX, format_body  # noqa: E402
-from worker.runner import ModelRunner  # noqa: E402
+from worker.runner import ModelRunner, PrefixCache  # noqa: E402
 from worker.types import ScoreRequest  # noqa: E402
 
 WORDS = ("search ranking model query document passage answer city river capital history "
@@ -154,6 +154,7 @@ async def run_engine(runner: ModelRunner, config: BatcherConfig,
 def measure_engine(runner: ModelRunner, config: BatcherConfig, wl: Workload, name: str,
                    flops_tok: float) -> tuple[dict, list[list[float]]]:  # type: ignore[type-arg]
     device = runner.scorer.device
+    runner.cache = PrefixCache(runner.cache.max_bytes)  # no run may profit from an earlier one's prefixes
     prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.truncation) for r in wl.requests]
     prompt_tokens = sum(len(s) for p in prompts for s in p.sequences)
     docs = sum(len(r.documents) for r in wl.requests)
