@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from bench.load.driver import Attempt, Level, Outcome, RetryPolicy, Verdict, run_level, send_logical
+from bench.load.driver import Attempt, Level, Outcome, RetryPolicy, Verdict, resolve, run_level, send_logical
 from bench.load.reconcile import reconcile
 from bench.load.report import LevelSummary, markdown_table, percentile
 from bench.load.servers import require_loopback
@@ -131,6 +131,19 @@ async def test_give_up_time_bounds_a_logical_request() -> None:
     assert not outcome.ok and outcome.seconds < 1.0 and 2 <= len(outcome.attempts) <= 10
 
 
+async def test_resolve_resends_only_unknown_outcomes_with_their_keys() -> None:
+    gave_up = LogicalRequest("lost", "q", ("a",))
+    refused = LogicalRequest("refused", "q", ("a",))
+    transport = Scripted({"lost": [Verdict.RETRY, Verdict.RETRY, Verdict.OK], "refused": [Verdict.FAILED]})
+    policy = RetryPolicy(backoff_s=0, max_attempts=2)
+    first = [await send_logical(transport, r, policy) for r in (gave_up, refused)]
+    assert [o.unresolved for o in first] == [True, False]
+    resolved = await resolve(transport, first, policy)
+    assert resolved[0].ok and len(resolved[0].attempts) == 3 and resolved[0].key == "lost"
+    assert resolved[1] == first[1]  # a definite answer is not asked again
+    assert [r.key for r in transport.sent] == ["lost", "lost", "refused", "lost"]
+
+
 async def test_run_level_is_bounded_and_summarised() -> None:
     workload = Workload(documents=3)
     failing = workload.make(1).key
@@ -138,7 +151,7 @@ async def test_run_level_is_bounded_and_summarised() -> None:
     run = await run_level(transport, Level(clients=4, requests_per_client=5), workload, FAST)
     summary = LevelSummary.of(run)
     assert (summary.requests, summary.succeeded, summary.failed) == (20, 19, 1)
-    assert summary.final_codes == {"FAILED": 1}
+    assert summary.final_codes == summary.error_codes == {"FAILED": 1}
     assert summary.documents_per_s > 0 and summary.p50_ms <= summary.p99_ms
     assert "| scripted | 4 | 20 | 19 | 1 |" in markdown_table([summary])
 

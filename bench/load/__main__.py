@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.load.driver import Level, LevelRun, Outcome, RetryPolicy, Transport, run_level
+from bench.load.driver import Level, LevelRun, Outcome, RetryPolicy, Transport, resolve, run_level
 from bench.load.reconcile import read_records, reconcile
 from bench.load.report import LevelSummary, markdown_table
 from bench.load.servers import ServeProcess, create_api_key, require_loopback
@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout-s", type=float, default=30.0, help="per attempt")
     load.add_argument("--give-up-s", type=float, default=60.0, help="per logical request")
     load.add_argument("--retry-rejected", action="store_true", help="also resend after 429/RESOURCE_EXHAUSTED")
+    load.add_argument("--no-resolve", dest="resolve", action="store_false", help="after the load, do not "
+                      "resend (same key) the requests whose clients gave up on an unknown outcome")
     p.add_argument("--out", type=Path, help="write the summaries and reconciliation as JSON here")
     return p
 
@@ -108,27 +110,39 @@ async def sweep(args: argparse.Namespace) -> int:
     workload = Workload(documents=args.documents, words_per_document=args.words_per_document)
     policy = RetryPolicy(give_up_s=args.give_up_s, retry_rejected=args.retry_rejected)
     runs: list[LevelRun] = []
+    final: list[Outcome] = []  # after resolving unknown outcomes: what reconciliation compares
     for front in args.front.split(","):
         transport = make_transport(front, args)
         try:
+            mine: list[LevelRun] = []
             for clients in (int(c) for c in args.clients.split(",")):
                 level = Level(clients, args.requests_per_client, args.time_limit_s)
-                runs.append(await run_level(transport, level, workload, policy, first_n=_next_n(runs)))
-                print(markdown_table([LevelSummary.of(runs[-1])]).splitlines()[-1], file=sys.stderr)
+                mine.append(await run_level(transport, level, workload, policy, first_n=_next_n(runs + mine)))
+                print(markdown_table([LevelSummary.of(mine[-1])]).splitlines()[-1], file=sys.stderr)
+            outcomes = [o for r in mine for o in r.outcomes]
+            final += await resolve(transport, outcomes, policy) if args.resolve else outcomes
+            runs += mine
         finally:
             await transport.close()
-    return await _finish(args, workload, runs)
+    return await _finish(args, workload, runs, final)
 
 
 def _next_n(runs: Sequence[LevelRun]) -> int:
     return sum(r.level.clients * r.level.requests_per_client for r in runs)
 
 
-async def _finish(args: argparse.Namespace, workload: Workload, runs: Sequence[LevelRun]) -> int:
+async def _finish(args: argparse.Namespace, workload: Workload, runs: Sequence[LevelRun],
+                  outcomes: Sequence[Outcome]) -> int:
     summaries = [LevelSummary.of(r) for r in runs]
     print(markdown_table(summaries))
-    outcomes: list[Outcome] = [o for r in runs for o in r.outcomes]
-    result: dict[str, object] = {"levels": [dataclasses.asdict(s) for s in summaries]}
+    gave_up = [o for r in runs for o in r.outcomes if o.unresolved]
+    resolved = {o.key: o for o in outcomes if o.key in {g.key for g in gave_up}}
+    replayed = sum(o.ok and o.final.replayed for o in resolved.values())
+    print(f"{len(gave_up)} requests given up on an unknown outcome; resent with their keys: "
+          f"{sum(o.ok for o in resolved.values())} succeeded, {replayed} of them replays of calls the "
+          "server had billed after the client gave up")
+    result: dict[str, object] = {"levels": [dataclasses.asdict(s) for s in summaries],
+                                 "gave_up_unknown": len(gave_up), "resolved_replayed": replayed}
     status = 0
     if args.db:
         prefix = f"load-{workload.run_id}-"

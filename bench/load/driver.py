@@ -8,9 +8,10 @@ so gRPC and HTTP are retried by the same rules.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -67,6 +68,7 @@ class Outcome:
     documents: int
     attempts: tuple[Attempt, ...]
     seconds: float  # first send to final answer, retries and waits included
+    request: LogicalRequest | None = None  # what was sent, for a later resend
 
     @property
     def final(self) -> Attempt:
@@ -75,6 +77,12 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.final.verdict is Verdict.OK
+
+    @property
+    def unresolved(self) -> bool:
+        """Given up on an answer that left the outcome unknown (timeout, lost connection): the
+        server may have finished and billed it. Only a resend with the same key can tell."""
+        return self.final.verdict is Verdict.RETRY
 
 
 async def send_logical(transport: Transport, request: LogicalRequest, policy: RetryPolicy) -> Outcome:
@@ -89,7 +97,22 @@ async def send_logical(transport: Transport, request: LogicalRequest, policy: Re
         if time.perf_counter() - started + wait > policy.give_up_s:
             break
         await asyncio.sleep(wait)
-    return Outcome(request.key, len(request.documents), tuple(attempts), time.perf_counter() - started)
+    return Outcome(request.key, len(request.documents), tuple(attempts), time.perf_counter() - started, request)
+
+
+async def resolve(transport: Transport, outcomes: Sequence[Outcome], policy: RetryPolicy) -> list[Outcome]:
+    """What a careful client does after giving up on an unknown outcome: send the same request
+    with the same key again later. If the server had billed it, the answer is the stored reply,
+    free (``replayed``); if not, it is computed and billed now. Either way the client learns the
+    truth and the ledger holds exactly one record."""
+
+    async def again(o: Outcome) -> Outcome:
+        if not o.unresolved or o.request is None:
+            return o
+        later = await send_logical(transport, o.request, policy)
+        return dataclasses.replace(later, attempts=o.attempts + later.attempts, seconds=o.seconds + later.seconds)
+
+    return list(await asyncio.gather(*(again(o) for o in outcomes)))
 
 
 @dataclass(frozen=True, slots=True)

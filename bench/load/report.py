@@ -37,6 +37,7 @@ class LevelSummary:
     p95_ms: float
     p99_ms: float
     final_codes: dict[str, int]  # the last answer of each failed request
+    error_codes: dict[str, int]  # every answer that was not OK, retried ones included
 
     @classmethod
     def of(cls, run: LevelRun) -> LevelSummary:
@@ -53,7 +54,8 @@ class LevelSummary:
             requests_per_s=len(ok) / wall, documents_per_s=sum(o.documents for o in ok) / wall,
             p50_ms=percentile(latencies_ms, 50), p95_ms=percentile(latencies_ms, 95),
             p99_ms=percentile(latencies_ms, 99),
-            final_codes=dict(Counter(o.final.code for o in run.outcomes if not o.ok)))
+            final_codes=dict(Counter(o.final.code for o in run.outcomes if not o.ok)),
+            error_codes=dict(Counter(a.code for a in attempts if a.verdict is not Verdict.OK)))
 
 
 _COLUMNS = ("front", "clients", "requests", "ok", "failed", "rejected", "retried", "req/s", "docs/s",
