@@ -98,11 +98,12 @@ def _tiny_model(path: Path) -> Path:
     return Path(make_random_reranker(path, "tiny", seed=0))
 
 
-def make_transport(front: str, args: argparse.Namespace) -> Transport:
+def make_transport(front: str, args: argparse.Namespace, timeout_s: float | None = None) -> Transport:
+    timeout_s = timeout_s or args.timeout_s
     if front == "grpc" and args.grpc:
-        return GrpcTransport(args.grpc, api_key=args.api_key, timeout_s=args.timeout_s)
+        return GrpcTransport(args.grpc, api_key=args.api_key, timeout_s=timeout_s)
     if front == "http" and args.http:
-        return HttpTransport(args.http, api_key=args.api_key, timeout_s=args.timeout_s)
+        return HttpTransport(args.http, api_key=args.api_key, timeout_s=timeout_s)
     raise SystemExit(f"front {front!r}: no target given for it")
 
 
@@ -120,11 +121,24 @@ async def sweep(args: argparse.Namespace) -> int:
                 mine.append(await run_level(transport, level, workload, policy, first_n=_next_n(runs + mine)))
                 print(markdown_table([LevelSummary.of(mine[-1])]).splitlines()[-1], file=sys.stderr)
             outcomes = [o for r in mine for o in r.outcomes]
-            final += await resolve(transport, outcomes, policy) if args.resolve else outcomes
+            final += await _resolve(front, args, outcomes) if args.resolve else outcomes
             runs += mine
         finally:
             await transport.close()
     return await _finish(args, workload, runs, final)
+
+
+async def _resolve(front: str, args: argparse.Namespace, outcomes: list[Outcome]) -> list[Outcome]:
+    """Resend the requests given up on an unknown outcome, now that the load is over: patiently,
+    whatever the load's own timeouts were."""
+    transport = make_transport(front, args, timeout_s=_PATIENT.give_up_s)
+    try:
+        return await resolve(transport, outcomes, _PATIENT)
+    finally:
+        await transport.close()
+
+
+_PATIENT = RetryPolicy(max_attempts=10, give_up_s=60.0)
 
 
 def _next_n(runs: Sequence[LevelRun]) -> int:
