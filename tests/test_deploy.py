@@ -26,10 +26,10 @@ import grpc
 import pytest
 import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from serving import running_app, target
 
 from service.cli import build_parser
 from service.config import ServeConfig, from_args
-from serving import running_app, target
 from worker.fake import FakeRunner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -289,17 +289,16 @@ async def test_readiness_probe_question_gets_the_servers_answer() -> None:
     _, container = rerank_container()
     service = container["readinessProbe"]["grpc"].get("service", "")
     runner = SlowWarmup()
-    async with running_app(runner, ready=False) as app:
-        async with grpc.aio.insecure_channel(target(app)) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
+    async with running_app(runner, ready=False) as app, grpc.aio.insecure_channel(target(app)) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
 
-            async def status() -> int:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-                return int(reply.status)
+        async def status() -> int:
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            return int(reply.status)
 
-            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
-            runner.release.set()
-            await app.wait_ready()
-            assert await status() == health_pb2.HealthCheckResponse.SERVING
-            await app.drain()
-            assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING
+        runner.release.set()
+        await app.wait_ready()
+        assert await status() == health_pb2.HealthCheckResponse.SERVING
+        await app.drain()
+        assert await status() == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from postgres_support import ThrowawayPostgres, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from postgres_support import _bin_dir as postgres_bin_dir
 from sqlalchemy import select
 
 from bench.load.driver import Attempt, Level, LevelRun, Outcome, RetryPolicy, Transport, Verdict, run_level
@@ -26,8 +28,6 @@ from bench.load.reconcile import read_records, reconcile
 from bench.load.servers import ServeProcess, create_api_key
 from bench.load.transports import GrpcTransport, HttpTransport
 from bench.load.workload import Workload
-from postgres_support import ThrowawayPostgres, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from postgres_support import _bin_dir as postgres_bin_dir
 
 pytestmark = pytest.mark.slow
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from serving import running_app
 
 from service.http_server import HttpServer
-from serving import running_app
 
 ROOT = Path(__file__).resolve().parents[1]
 

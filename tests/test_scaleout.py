@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from postgres_support import postgres_admin_url, postgres_url  # noqa: F401 - fixtures
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load.driver import Level, RetryPolicy, Verdict, run_level
@@ -23,7 +24,6 @@ from bench.load.reconcile import read_records, reconcile
 from bench.load.servers import ServeProcess, create_api_key
 from bench.load.transports import GrpcTransport, HttpTransport
 from bench.load.workload import Workload
-from postgres_support import postgres_admin_url, postgres_url  # noqa: F401 - fixtures
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

@@ -57,7 +57,7 @@ class RetryPolicy:
     def wait_s(self, attempt: Attempt, tries: int) -> float:
         if attempt.retry_after_s is not None:
             return min(attempt.retry_after_s, self.max_backoff_s)
-        return min(self.backoff_s * 2 ** (tries - 1), self.max_backoff_s)
+        return min(self.backoff_s * 2.0 ** (tries - 1), self.max_backoff_s)
 
 
 @dataclass(frozen=True, slots=True)
