@@ -143,6 +143,8 @@ def main() -> int:
     parser.add_argument("--doc-words", type=int, default=50)
     parser.add_argument("--overhead-requests", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--serve-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="environment for the server process (repeatable)")
     parser.add_argument("--json", default=None)
     parser.add_argument("--plot", default=None)
     ARGS = parser.parse_args()
@@ -156,7 +158,7 @@ def main() -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp, ServeProcess(
             ARGS.model_dir, Path(tmp) / "serve.log", db_url=f"sqlite:///{tmp}/ledger.sqlite3",
-            extra_args=["--no-auth"]) as server:
+            extra_args=["--no-auth"], env=dict(e.split("=", 1) for e in ARGS.serve_env)) as server:
         server.start().wait_ready(timeout_s=600)
         overhead = None
         if ARGS.overhead_requests:

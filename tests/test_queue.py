@@ -9,7 +9,7 @@ import pytest
 from worker.queue import Entry, TokenBudgetQueue
 
 
-@dataclass
+@dataclass(eq=False)
 class Owner:
     cancelled: bool = False
 
@@ -27,7 +27,7 @@ def entries(costs: list[int], owner: Owner | None = None) -> list[Entry]:
         ([10, 10, 10, 10], 1000, 2, [10, 10]),  # row cap
         ([100, 10, 10], 150, 64, [100]),  # padded cost: 100*2 > 150 although 120 < 150
         ([500, 10], 100, 64, [500]),  # larger than the budget: served alone, not starved
-        ([50, 10, 48, 12, 51], 150, 64, [50, 51]),  # closest lengths join the head
+        ([50, 10, 48, 12, 51], 150, 64, [50, 48, 12]),  # close lengths first, older first; 12 still fits
         ([10, 50, 11, 49, 12], 40, 64, [10, 11, 12]),  # ... in both directions
     ],
 )
@@ -40,6 +40,18 @@ def test_batch_respects_padded_budget(costs: list[int], budget: int, max_size: i
     assert batch[0].index == 0  # the oldest entry always runs
     if len(batch) > 1:
         assert max(e.cost for e in batch) * len(batch) <= budget
+
+
+def test_similar_lengths_are_served_in_arrival_order() -> None:
+    """Many requests of similar documents: the first ones finish first, not all at the end."""
+    owners = [Owner() for _ in range(6)]
+    queue = TokenBudgetQueue(max_batch_tokens=8 * 64, max_batch_size=8)
+    for n, owner in enumerate(owners):
+        queue.append(entries([60 + (n + i) % 4 for i in range(4)], owner))
+    first, second, third = (queue.next_batch() for _ in range(3))
+    assert {e.owner for e in first} == {owners[0], owners[1]}
+    assert {e.owner for e in second} == {owners[2], owners[3]}
+    assert {e.owner for e in third} == {owners[4], owners[5]}
 
 
 def test_every_entry_is_served_once_in_bounded_batches() -> None:

@@ -5,7 +5,8 @@ Theory of operation
 Requests arrive as groups of per-document ``Entry`` objects, appended in arrival order.
 ``next_batch`` always takes the oldest live entry (the head) and fills the batch with the
 entries from a look-ahead window whose lengths are closest to the head's, so rows of
-similar length run together and padding stays small, across requests.
+similar length run together and padding stays small, across requests. Among rows of
+about the same length the older go first, so requests finish in arrival order.
 
 Invariants
 ----------
@@ -77,7 +78,12 @@ class TokenBudgetQueue:
         if not window:
             return []
         head, rest = window[0], window[1:]
-        rest.sort(key=lambda e: abs(e.cost - head.cost))
+        # closest lengths first, in buckets of ~1/8 of the head's length, oldest first within
+        # a bucket: padding stays small and older requests finish first (latency), instead of
+        # every request's documents being spread thinly over all the batches
+        bucket = max(8, head.cost // 8)
+        order = {id(e): n for n, e in enumerate(rest)}
+        rest.sort(key=lambda e: (abs(e.cost - head.cost) // bucket, order[id(e)]))
         batch, longest, widest, leftover = [head], head.cost, len(head.ids), []
         for entry in rest:
             grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
