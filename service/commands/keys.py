@@ -9,10 +9,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # imported when run: `rerank --help` stays light
+    from sqlalchemy.ext.asyncio import AsyncEngine
+
     from service.keys import KeyStore
     from service.ledger import SqlLedger
 
@@ -54,28 +58,36 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from service.db import create_schema, database_url, describe_url, open_engine
     from service.errors import ServiceError
     from service.keys import KeyStore
     from service.ledger import SqlLedger
 
-    url = database_url(args.db, args.data_dir)
     try:
-        engine = open_engine(url)
+        async with ledger_database(args) as (engine, where):
+            store = KeyStore(engine)
+            if args.keys_command == "create":
+                return await _create(store, args, where)
+            if args.keys_command == "list":
+                return await _list(store, SqlLedger(engine))
+            return await _revoke(store, args.key_id)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        await create_schema(engine)
-        store = KeyStore(engine)
-        if args.keys_command == "create":
-            return await _create(store, args, describe_url(url))
-        if args.keys_command == "list":
-            return await _list(store, SqlLedger(engine))
-        return await _revoke(store, args.key_id)
     except ServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
+
+
+@asynccontextmanager
+async def ledger_database(args: argparse.Namespace) -> AsyncIterator[tuple[AsyncEngine, str]]:
+    """The ``--db`` / ``--data-dir`` database, schema ensured, and how to name it in output."""
+    from service.db import create_schema, database_url, describe_url, open_engine
+
+    url = database_url(args.db, args.data_dir)
+    engine = open_engine(url)
+    try:
+        await create_schema(engine)
+        yield engine, describe_url(url)
     finally:
         await engine.dispose()
 

@@ -9,7 +9,7 @@ import sys
 from dataclasses import asdict
 from datetime import date
 
-from service.commands.keys import add_database_arguments
+from service.commands.keys import add_database_arguments, ledger_database
 
 HELP = "show billed usage from the ledger: every key's total, or one key by UTC day"
 
@@ -27,29 +27,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from service.db import create_schema, database_url, open_engine
     from service.errors import ServiceError
     from service.ledger import SqlLedger
 
     try:
-        engine = open_engine(database_url(args.db, args.data_dir))
+        async with ledger_database(args) as (engine, _):
+            ledger = SqlLedger(engine)
+            if args.key_id is None:
+                _print_totals(await ledger.billed_by_key(), args.json)
+            else:
+                report = await ledger.usage(args.key_id, since=args.since, until=args.until)
+                _print_report(asdict(report), args.json)
+        return 0
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    try:
-        await create_schema(engine)
-        ledger = SqlLedger(engine)
-        if args.key_id is None:
-            _print_totals(await ledger.billed_by_key(), args.json)
-        else:
-            report = await ledger.usage(args.key_id, since=args.since, until=args.until)
-            _print_report(asdict(report), args.json)
-        return 0
     except ServiceError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
-    finally:
-        await engine.dispose()
 
 
 def _print_totals(billed: dict[str, int], as_json: bool) -> None:
