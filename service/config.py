@@ -85,6 +85,9 @@ class ServeConfig:
     tls_key: Path | None = knob(None, "PEM private key for --tls-cert", unset="plaintext")
     drain_delay_s: float = knob(0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls")
     grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
+    max_connection_age_s: float | None = knob(
+        None, "close each gRPC connection after this long (in-flight calls finish), so long-lived "
+        "clients re-resolve DNS and find new replicas", unset="never")
     # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
     # extension_components; the same knobs serve `rerank gateway`)
     http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")

@@ -184,17 +184,27 @@ def message_options(limits: Limits) -> list[tuple[str, int]]:
             ("grpc.max_send_message_length", send)]
 
 
+def connection_options(max_age_s: float | None) -> list[tuple[str, int]]:
+    """A connection older than ``max_age_s`` gets GOAWAY once its calls are done (up to a
+    minute's grace): clients reconnect, re-resolving DNS, and so find replicas added since."""
+    if max_age_s is None:
+        return []
+    return [("grpc.max_connection_age_ms", int(max_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", 60_000)]
+
+
 class GrpcServer:
     """A component of the app: ``start`` binds and serves, ``stop`` drains."""
 
     def __init__(self, core: RerankCore, metrics: Metrics, *, host: str, port: int,
-                 tls: TlsFiles | None = None) -> None:
+                 tls: TlsFiles | None = None, max_connection_age_s: float | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.stopping = False  # set once new calls are refused
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=message_options(core.limits))
+        options = message_options(core.limits) + connection_options(max_connection_age_s)
+        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=options)
         pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(core, metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

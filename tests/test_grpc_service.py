@@ -254,3 +254,10 @@ async def test_unknown_truncation_value_is_invalid_argument() -> None:
             await call(pb.RerankRequest(query="q", documents=["d"], truncation=7), timeout=5)  # type: ignore[arg-type]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "truncation" in (err.value.details() or "")
+
+
+def test_connection_age_is_off_unless_asked() -> None:
+    from service.grpc_server import connection_options
+
+    assert connection_options(None) == []
+    assert dict(connection_options(300))["grpc.max_connection_age_ms"] == 300_000
