@@ -128,6 +128,12 @@ async def test_full_queue_is_overloaded_with_retry_hint(blocked) -> None:  # typ
     await asyncio.gather(first, queued)
 
 
+async def test_no_documents_is_an_error_not_a_hang(blocked) -> None:  # type: ignore[no-untyped-def]
+    batcher, _, _ = blocked
+    with pytest.raises(InvalidInput, match="no documents"):
+        await asyncio.wait_for(batcher.score(ScoreRequest("q", [])), timeout=5)
+
+
 async def test_invalid_input_is_raised_before_queueing(blocked) -> None:  # type: ignore[no-untyped-def]
     batcher, runner, _ = blocked
     runner.gate.set()

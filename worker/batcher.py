@@ -34,6 +34,7 @@ from worker.queue import Entry, TokenBudgetQueue
 from worker.types import (
     BatchScores,
     DocScore,
+    InvalidInput,
     ModelFailure,
     Overloaded,
     Runner,
@@ -153,6 +154,8 @@ class Batcher:
     # -- the caller's side ---------------------------------------------------------------
     async def score(self, request: ScoreRequest) -> ScoreResult:
         """Scores in input order; raises InvalidInput, Overloaded, ShuttingDown or ModelFailure."""
+        if not request.documents:
+            raise InvalidInput("no documents: send at least one document")  # a group of none never settles
         self._admit(len(request.documents))
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
