@@ -101,6 +101,7 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     openapi = app.openapi  # FastAPI caches what it returns; document_limits edits it once, in place
     app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
         openapi(), core.limits, sorted(core.accepted_models))
+    app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, max_bytes=core.limits.max_request_bytes)
     app.add_middleware(Observe, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
     return app
@@ -239,7 +240,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(*_validation_detail(list(exc.errors()), request.headers.get("content-type")))
+        return error_response(*_validation_detail(list(exc.errors())))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -260,14 +261,11 @@ def _install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal error; see the server log")
 
 
-def _validation_detail(errors: list[dict[str, Any]], content_type: str | None) -> tuple[int, str]:
+def _validation_detail(errors: list[dict[str, Any]]) -> tuple[int, str]:
     for e in errors:
         if e.get("type") == "json_invalid":
             return 400, f"the body is not valid JSON: {e.get('ctx', {}).get('error', 'decode error')} " \
                         f"at position {e['loc'][-1]}"
-    not_json = content_type is None or "json" not in content_type.lower()
-    if not_json and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
-        return 422, "send the body as JSON, with the header 'Content-Type: application/json'"
     parts = [f"{_where(e.get('loc', ()))}: {e.get('msg', 'invalid')}" for e in errors[:5]]
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return 422, "; ".join(parts) + more
@@ -284,6 +282,26 @@ def _where(loc: Any) -> str:
 
 
 # -- ASGI middleware --------------------------------------------------------------------------
+class JsonByDefault:
+    """Every POST body of this API is JSON, whatever its Content-Type says.
+
+    The documented call is ``curl URL -H "Authorization: Bearer $KEY" -d '{...}'``, and
+    ``curl -d`` labels its body ``application/x-www-form-urlencoded``; callers also omit the
+    header. Reading such bodies as JSON makes that call work as written; a body that is not
+    JSON still gets a clear 400."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            headers = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-type"]
+            declared = next((v for k, v in scope["headers"] if k.lower() == b"content-type"), b"")
+            if b"json" not in declared.lower():
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """Reads the whole body, at most ``max_bytes``, before the app sees it: larger is 413.
 

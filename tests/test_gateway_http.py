@@ -154,10 +154,28 @@ def test_nasty_bodies_are_4xx_with_detail_and_unbilled(gw: LiveGateway, key: tup
     assert gw.records(key[0]) == []
 
 
-def test_body_without_json_content_type_says_what_to_send(gw: LiveGateway, key: tuple[str, str]) -> None:
-    r = post(gw, None, key[1], content=b'{"query": "q", "documents": ["d"]}',
-             headers={"Content-Type": "text/plain"})
-    assert r.status_code == 422 and "application/json" in r.json()["detail"]
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None, "text/plain"])
+def test_the_documented_curl_call_works_whatever_its_content_type(
+        gw: LiveGateway, key: tuple[str, str], content_type: str | None) -> None:
+    """DEVELOPERS.md's call is `curl URL -H "Authorization: Bearer $KEY" -d '{...}'`, and
+    `curl -d` sends application/x-www-form-urlencoded: the body is JSON all the same."""
+    body = b'{"model":"tiny-reranker","query":"capital of France","documents":["Paris is the capital of France.",' \
+           b'"Bananas are yellow."]}'
+    headers = {"Authorization": f"Bearer {key[1]}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    r = httpx.post(gw.url + "/v1/rerank", content=body, headers=headers, timeout=30)
+    assert r.status_code == 200, r.text
+    assert sorted(x["index"] for x in r.json()["results"]) == [0, 1]
+    assert len(gw.records(key[0])) == 1
+
+
+def test_form_body_that_is_not_json_is_a_clear_400(gw: LiveGateway, key: tuple[str, str]) -> None:
+    r = httpx.post(gw.url + "/v1/rerank", content=b"query=q&documents=d", timeout=30,
+                   headers={"Authorization": f"Bearer {key[1]}",
+                            "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "JSON" in r.json()["detail"]
+    assert gw.records(key[0]) == []
 
 
 def test_chunked_body_over_the_limit_is_413(gw: LiveGateway, key: tuple[str, str]) -> None:
