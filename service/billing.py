@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
+from sqlalchemy import Connection, create_engine, func, inspect, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -62,6 +62,7 @@ def prepare_schema(url: str) -> int:
             try:
                 with engine.begin() as conn:
                     metadata.create_all(conn)
+                    _check_columns(conn, url)
                     count = conn.scalar(select(func.count()).select_from(api_keys)
                                         .where(api_keys.c.revoked_at.is_(None)))
                 return int(count or 0)
@@ -71,6 +72,19 @@ def prepare_schema(url: str) -> int:
         raise AssertionError("unreachable: this is a bug")
     finally:
         engine.dispose()
+
+
+def _check_columns(conn: Connection, url: str) -> None:
+    """Refuse to start on a ledger made by an older version (create_all adds missing tables,
+    never missing columns): one clear error now instead of a 503 on every call."""
+    existing = inspect(conn)
+    for table in metadata.sorted_tables:
+        have = {c["name"] for c in existing.get_columns(table.name)}
+        missing = sorted(c.name for c in table.columns if c.name not in have)
+        if missing:
+            raise ValueError(f"the usage ledger at {describe_url(url)} has an older schema: table "
+                             f"{table.name} lacks {', '.join(missing)}. There are no migrations yet: "
+                             "add the columns by hand or point --db at a new database")
 
 
 def _announce(db: str | None, url: str, require_keys: bool, active_keys: int, replicas: int) -> None:
