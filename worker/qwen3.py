@@ -103,10 +103,6 @@ class Qwen3Scorer:
         device: torch.device = self.inv_freq.device
         return device
 
-    def kv_bytes_per_token(self) -> int:
-        dtype: torch.dtype = self.model.embed_tokens.weight.dtype
-        return 2 * len(self.layers) * self.kv_heads * self.head_dim * dtype.itemsize
-
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later."""
         layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device)
