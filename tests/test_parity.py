@@ -232,3 +232,31 @@ def test_expanded_kv_heads_path_matches(
     finally:
         runner.scorer.expand_kv = False
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
+
+
+def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
+    """Qwen3-Reranker-8B does not tie its LM head to the embeddings: the yes/no rows must come
+    from the head, not the embedding matrix. A tiny untied checkpoint, through from_pretrained."""
+    from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
+
+    from worker.offline import build_qwen3_tokenizer, qwen3_config
+    from worker.runner import _Item
+
+    config = qwen3_config("tiny")
+    config.tie_word_embeddings = False
+    torch.manual_seed(1)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0)
+        model.lm_head.weight.normal_(0, 0.05)  # unlike the embeddings
+    model.save_pretrained(tmp_path)
+    build_qwen3_tokenizer().save_pretrained(tmp_path)
+    runner = ModelRunner.load(str(tmp_path), max_length=MAX_LENGTH)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert reference.lm_head.weight.data_ptr() != reference.model.embed_tokens.weight.data_ptr()
+    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:6], None, Truncation.NONE)
+    items = [_Item(s, prompts.shared_len) for s in prompts.sequences]
+    got = runner.score(items).logits
+    want = [reference_logit(reference, s) for s in prompts.sequences]
+    assert got == pytest.approx(want, abs=TOL_LOGIT)
+    assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
