@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from service.errors import Code, ServiceError, from_worker
+from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
 
 
@@ -186,10 +187,7 @@ class NoRateLimit:
 class BatcherEngine:
     """The in-process engine: the worker's batcher, with its errors mapped."""
 
-    def __init__(self, batcher: object) -> None:
-        from worker.batcher import Batcher  # no torch: the runner was built by the caller
-
-        assert isinstance(batcher, Batcher)
+    def __init__(self, batcher: Batcher) -> None:
         self.batcher = batcher
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
