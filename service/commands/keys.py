@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import TYPE_CHECKING
@@ -54,22 +54,33 @@ def add_database_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    return run_on_ledger(args, lambda engine, where: _dispatch(args, engine, where))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    from service.errors import ServiceError
+async def _dispatch(args: argparse.Namespace, engine: AsyncEngine, where: str) -> int:
     from service.keys import KeyStore
     from service.ledger import SqlLedger
 
+    store = KeyStore(engine)
+    if args.keys_command == "create":
+        return await _create(store, args, where)
+    if args.keys_command == "list":
+        return await _list(store, SqlLedger(engine))
+    return await _revoke(store, args.key_id)
+
+
+def run_on_ledger(args: argparse.Namespace, action: Callable[[AsyncEngine, str], Awaitable[int]]) -> int:
+    """Run ``action`` on the ``--db`` ledger (schema ensured); an unreachable or failing
+    database is one line on stderr and exit status 1, not a traceback."""
+    return asyncio.run(_on_ledger(args, action))
+
+
+async def _on_ledger(args: argparse.Namespace, action: Callable[[AsyncEngine, str], Awaitable[int]]) -> int:
+    from service.errors import ServiceError
+
     try:
-        async with ledger_database(args) as (engine, where):
-            store = KeyStore(engine)
-            if args.keys_command == "create":
-                return await _create(store, args, where)
-            if args.keys_command == "list":
-                return await _list(store, SqlLedger(engine))
-            return await _revoke(store, args.key_id)
+        async with _ledger_database(args) as (engine, where):
+            return await action(engine, where)
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -79,7 +90,7 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 @asynccontextmanager
-async def ledger_database(args: argparse.Namespace) -> AsyncIterator[tuple[AsyncEngine, str]]:
+async def _ledger_database(args: argparse.Namespace) -> AsyncIterator[tuple[AsyncEngine, str]]:
     """The ``--db`` / ``--data-dir`` database, schema ensured, and how to name it in output."""
     from service.db import create_schema, database_url, describe_url, open_engine
 

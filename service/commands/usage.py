@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import sys
 from dataclasses import asdict
 from datetime import date
+from typing import TYPE_CHECKING
 
-from service.commands.keys import add_database_arguments, ledger_database
+from service.commands.keys import add_database_arguments, run_on_ledger
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 HELP = "show billed usage from the ledger: every key's total, or one key by UTC day"
 
@@ -23,28 +25,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    return run_on_ledger(args, lambda engine, _: _show(args, engine))
 
 
-async def _run(args: argparse.Namespace) -> int:
-    from service.errors import ServiceError
+async def _show(args: argparse.Namespace, engine: AsyncEngine) -> int:
     from service.ledger import SqlLedger
 
-    try:
-        async with ledger_database(args) as (engine, _):
-            ledger = SqlLedger(engine)
-            if args.key_id is None:
-                _print_totals(await ledger.billed_by_key(), args.json)
-            else:
-                report = await ledger.usage(args.key_id, since=args.since, until=args.until)
-                _print_report(asdict(report), args.json)
-        return 0
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except ServiceError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
+    ledger = SqlLedger(engine)
+    if args.key_id is None:
+        _print_totals(await ledger.billed_by_key(), args.json)
+    else:
+        report = await ledger.usage(args.key_id, since=args.since, until=args.until)
+        _print_report(asdict(report), args.json)
+    return 0
 
 
 def _print_totals(billed: dict[str, int], as_json: bool) -> None:
