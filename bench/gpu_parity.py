@@ -5,6 +5,7 @@
 Reports, per dtype, the largest |score| and |log-odds| difference from running each pair
 alone through ``Qwen3ForCausalLM`` in fp32, and for bf16 the rank agreement with fp32
 (Spearman's rho and top-10 overlap per query). fp32 must be within 1e-5 on the score.
+``--compile`` adds bf16 through torch.compile (``rerank serve --compile``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--docs", type=int, default=32)
+    parser.add_argument("--compile", action="store_true", help="also check bf16 with --compile")
+    parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = parser.parse_args()
     rng = random.Random(7)
     queries = [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(args.queries)]
@@ -51,12 +54,16 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).cuda().eval()
-    report: dict[str, object] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    device = torch.device(args.device)
+    ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(device).eval()
+    report: dict[str, object] = {"torch": torch.__version__, "device": torch.cuda.get_device_name()
+                                 if device.type == "cuda" else "cpu"}
     logits_by_dtype: dict[str, list[list[float]]] = {}
     reference: list[list[float]] = []
-    for dtype in ("float32", "bfloat16"):
-        runner = ModelRunner.load(args.model_dir, device="cuda", dtype=dtype)
+    variants = [("float32", False), ("bfloat16", False)] + ([("bfloat16", True)] if args.compile else [])
+    for dtype, compiled in variants:
+        name = dtype + ("+compile" if compiled else "")
+        runner = ModelRunner.load(args.model_dir, device=args.device, dtype=dtype, compile=compiled)
         runner.warmup()
         worst_score = worst_logit = 0.0
         per_query = []
@@ -68,7 +75,7 @@ def main() -> int:
                 with torch.inference_mode():
                     row = []
                     for ids in prompts.sequences:
-                        lg = ref(torch.tensor([ids], device="cuda")).logits[0, -1]
+                        lg = ref(torch.tensor([ids], device=device)).logits[0, -1]
                         row.append(float(lg[9693] - lg[2152]))
                 reference.append(row)
             want = reference[qn]
@@ -76,16 +83,22 @@ def main() -> int:
             worst_logit = max(worst_logit, max(abs(a - b) for a, b in zip(got, want)))
             worst_score = max(worst_score, max(abs(sig(a) - sig(b)) for a, b in zip(got, want)))
             per_query.append(got)
-        logits_by_dtype[dtype] = per_query
-        report[dtype] = {"max_abs_score_diff": worst_score, "max_abs_logit_diff": worst_logit}
+        logits_by_dtype[name] = per_query
+        report[name] = {"max_abs_score_diff": worst_score, "max_abs_logit_diff": worst_logit}
+        print(name, report[name], flush=True)
         del runner
         torch.cuda.empty_cache()
-    rho, overlap = [], []
-    for a, b in zip(logits_by_dtype["float32"], logits_by_dtype["bfloat16"]):
-        rho.append(spearman(a, b))
-        top = lambda xs: set(sorted(range(len(xs)), key=lambda i: -xs[i])[:10])  # noqa: E731
-        overlap.append(len(top(a) & top(b)) / 10)
-    report["bf16_vs_fp32"] = {"spearman_min": min(rho), "top10_overlap_min": min(overlap)}
+    for name in [n for n in logits_by_dtype if n != "float32"]:
+        rho, overlap = [], []
+        for a, b in zip(logits_by_dtype["float32"], logits_by_dtype[name]):
+            rho.append(spearman(a, b))
+            top = lambda xs: set(sorted(range(len(xs)), key=lambda i: -xs[i])[:10])  # noqa: E731
+            overlap.append(len(top(a) & top(b)) / 10)
+        report[f"{name}_vs_fp32"] = {"spearman_min": min(rho), "top10_overlap_min": min(overlap)}
+    if "bfloat16+compile" in logits_by_dtype:
+        report["compile_vs_eager_bf16_max_abs_logit_diff"] = max(
+            abs(a - b) for xs, ys in zip(logits_by_dtype["bfloat16"], logits_by_dtype["bfloat16+compile"])
+            for a, b in zip(xs, ys))
     report["fp32_within_1e-5"] = report["float32"]["max_abs_score_diff"] <= 1e-5  # type: ignore[index]
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))

@@ -34,7 +34,8 @@ def load_model_runner(config: ServeConfig) -> Runner:
     if not config.model:
         raise ValueError("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
     return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
-                            max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb)
+                            max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb,
+                            compile=config.compile)
 
 
 # -- seams ---------------------------------------------------------------------------------

@@ -234,6 +234,30 @@ def test_expanded_kv_heads_path_matches(
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
+async def test_compiled_path_matches_reference(
+    tiny_model_dir: Path, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """``--compile`` (torch.compile of the per-token parts, as a GPU would use it) gives the
+    reference's scores on every path: prefill, prefix rows, plain rows, the one-row graph."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH, compile=True)
+    compiled.warmup()
+    assert counters["stats"]["unique_graphs"] >= 3  # the three parts really were compiled
+    batcher = Batcher(compiled, BatcherConfig(max_batch_tokens=3000, max_batch_size=5, max_wait_ms=0))
+    batcher.start()
+    try:
+        results = await asyncio.gather(*(
+            batcher.score(ScoreRequest(q, DOCUMENTS, ins, Truncation.NONE)) for q, ins in QUERIES),
+            batcher.score(ScoreRequest(QUERIES[0][0], DOCUMENTS[:1], QUERIES[0][1], Truncation.NONE)))
+    finally:
+        await batcher.close()
+    for qn, result in enumerate(results):
+        for dn, s in enumerate(result.scores):
+            assert s.logit == pytest.approx(expected[qn % len(QUERIES), dn][1], abs=TOL_LOGIT), (qn, dn)
+
+
 def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     """Qwen3-Reranker-8B does not tie its LM head to the embeddings: the yes/no rows must come
     from the head, not the embedding matrix. A tiny untied checkpoint, through from_pretrained."""

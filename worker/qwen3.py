@@ -80,7 +80,7 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
 class Qwen3Scorer:
     """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
 
-    def __init__(self, model: Any, yes_id: int, no_id: int) -> None:
+    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False) -> None:
         # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
         config = model.config
         if getattr(config, "use_sliding_window", False):
@@ -97,6 +97,15 @@ class Qwen3Scorer:
         self.expand_kv = self.device.type == "cuda"
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
+        # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
+        # runs as three functions of (layer, tensors). With ``compile`` they go through
+        # torch.compile with dynamic token counts: one graph serves all layers and batch
+        # sizes, and the norms, rotary and SiLU-gate fuse into a few kernels instead of many
+        # (what pays on a GPU, where eager elementwise passes rival the matrix work).
+        self.compiled = compile
+        self._kv_part: Any = torch.compile(_kv_part) if compile else _kv_part
+        self._q_part: Any = torch.compile(_q_part) if compile else _q_part
+        self._post_part: Any = torch.compile(_post_part) if compile else _post_part
 
     @property
     def device(self) -> torch.device:
@@ -141,31 +150,24 @@ class Qwen3Scorer:
     def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                only_last: bool, collect: list[torch.Tensor] | None) -> torch.Tensor:
-        attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        k, v = self._keys_values(layer, x, cos, sin, layout, pasts, index, collect, h)
+        h, k, v = self._keys_values(layer, x, cos, sin, layout, pasts, index, collect)
         if only_last:
             x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
-        q = attn.q_norm(attn.q_proj(h).view(-1, self.heads, self.head_dim))
-        q = _rope(q, cos, sin)
+        q = self._q_part(layer, h, cos, sin, self.heads, self.head_dim)
         out = self._attend(q, k, v, layout, only_last)
-        x = x + attn.o_proj(out)
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return x
+        x_next: torch.Tensor = self._post_part(layer, x, out)
+        return x_next
 
     def _keys_values(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
                      sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
-                     collect: list[torch.Tensor] | None, h: torch.Tensor | None = None,
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded keys/values ``[rows, kv_heads, past_max + max_len, dim]`` for one layer."""
-        attn = layer.self_attn
-        h = layer.input_layernorm(x) if h is None else h
-        k = attn.k_norm(attn.k_proj(h).view(-1, self.kv_heads, self.head_dim))
-        k = _rope(k, cos, sin)
-        v = attn.v_proj(h).view(-1, self.kv_heads, self.head_dim)
+                     collect: list[torch.Tensor] | None,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The normed input, and padded keys/values ``[rows, kv_heads, past_max + max_len,
+        dim]`` for one layer."""
+        h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
         if collect is not None:
             collect.append(torch.stack((k, v)))
-        return self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
+        return h, self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
 
     def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                 which: int) -> torch.Tensor:
@@ -210,6 +212,30 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+# The dense per-token parts of a decoder layer, as the checkpoint's modules compute them.
+# Free functions of (layer, tensors, sizes), so that one torch.compile graph serves every
+# layer: dynamo treats the layer's weights as inputs, not as constants of the graph.
+def _kv_part(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    k = _rope(attn.k_norm(attn.k_proj(h).view(-1, kv_heads, head_dim)), cos, sin)
+    v = attn.v_proj(h).view(-1, kv_heads, head_dim)
+    return h, k, v
+
+
+def _q_part(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+            head_dim: int) -> torch.Tensor:
+    attn = layer.self_attn
+    return _rope(attn.q_norm(attn.q_proj(h).view(-1, heads, head_dim)), cos, sin)
+
+
+def _post_part(layer: Any, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    x = x + layer.self_attn.o_proj(attn_out)
+    out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
+    return out
 
 
 @dataclass(frozen=True)

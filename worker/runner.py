@@ -72,20 +72,20 @@ class ModelRunner:  # implements worker.types.Runner
     """Scores batches of ``WorkItem`` with a real Qwen3-Reranker checkpoint."""
 
     def __init__(self, model: Any, tokenizer: Any, *, model_id: str,
-                 max_length: int = 8192, prefix_cache_mb: int = 512) -> None:
+                 max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False) -> None:
         limit = int(getattr(model.config, "max_position_embeddings", 32768))
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
         self.model_id = model_id
         self.builder = PromptBuilder(tokenizer, max_length)
         self.model = model  # the full Qwen3ForCausalLM (benchmarks run the card's loop on it)
-        self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id)
+        self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile)
         self.cache = PrefixCache(prefix_cache_mb * 2**20)
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
-             max_length: int = 8192, prefix_cache_mb: int = 512) -> ModelRunner:
+             max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -99,7 +99,7 @@ class ModelRunner:  # implements worker.types.Runner
         model.to(dev).eval().requires_grad_(False)
         log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
-                   prefix_cache_mb=prefix_cache_mb)
+                   prefix_cache_mb=prefix_cache_mb, compile=compile)
 
     def describe(self) -> dict[str, str]:
         return {"model": self.model_id, "device": str(self.scorer.device),
@@ -108,11 +108,15 @@ class ModelRunner:  # implements worker.types.Runner
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
-        batch shapes, so kernels are chosen and the allocator has grown before traffic."""
+        batch shapes, so kernels are chosen and the allocator has grown before traffic. With
+        ``compile``, this is where the graphs are built (one row, and several: a size of 1 is
+        its own graph)."""
+        started = time.perf_counter()
         prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
                                      None, Truncation.END)
         items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
         self.score([*items, _Item(prompts.sequences[0], 0)])
+        self.score(items[:1])
         if self.scorer.device.type == "cuda":
             for rows, length in ((8, 128), (32, 256), (64, 512)):
                 doc = "warm " * length
@@ -120,6 +124,8 @@ class ModelRunner:  # implements worker.types.Runner
                 self.score([_Item(ids, shaped.shared_len) for ids in shaped.sequences])
             torch.cuda.synchronize()
         self.cache = PrefixCache(self.cache.max_bytes)
+        log.info("warm-up done in %.1fs%s", time.perf_counter() - started,
+                 " (compiled)" if self.scorer.compiled else "")
 
     @torch.inference_mode()
     def score(self, items: Sequence[WorkItem]) -> BatchScores:
