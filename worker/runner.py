@@ -85,12 +85,15 @@ class ModelRunner:  # implements worker.types.Runner
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
-             max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False) -> ModelRunner:
-        """Load by hub id or local directory, the normal ``from_pretrained`` way."""
+             max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None) -> ModelRunner:
+        """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
+        None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
+        if compile is None:
+            compile = dev.type == "cuda"
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
