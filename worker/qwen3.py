@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-KV = torch.Tensor  # one prefix's keys and values: [layers, 2, kv_heads, length, head_dim]
+KV = torch.Tensor  # one prefix's keys and values: [layers, 2, length, kv_heads, head_dim]
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ class Layout:
     lengths: list[int]  # new tokens per row
     past_lengths: list[int]  # prefix tokens per row (0: none)
     positions: torch.Tensor  # [tokens] rotary position of each packed token
-    row_of: torch.Tensor  # [tokens] the row of each packed token
-    offset: torch.Tensor  # [tokens] its place among its row's new tokens
+    slot: torch.Tensor  # [tokens] flat index of each packed token in [rows * max_len]
+    key_slot: torch.Tensor  # [tokens] flat index of its key in [rows * (past_max + max_len)]
     last_index: torch.Tensor  # [rows] packed index of each row's last token
     # True = may attend. Queries are folded: the ``groups`` query heads that share one K/V
     # head sit side by side on the query axis (query t, head g at t * groups + g), so grouped
@@ -56,16 +56,30 @@ class Layout:
         return max(self.past_lengths)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host to device without stalling the host: from pinned memory, asynchronously, on a
+    GPU (a pageable copy waits for all queued GPU work first)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device,
                 groups: int = 1) -> Layout:
     rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
+    width = past_max + max_len
     lens = torch.tensor(lengths)
     pasts = torch.tensor(past_lengths)
     row_of = torch.repeat_interleave(torch.arange(rows), lens)
     starts = torch.cumsum(lens, 0) - lens
     offset = torch.arange(int(lens.sum())) - starts[row_of]
-    q_pos = torch.arange(max_len)
-    k_pos = torch.arange(past_max + max_len)
+    tokens = len(offset)
+    # the per-token and per-row vectors travel in one copy; the masks are built on the device
+    small = to_device(torch.cat((pasts[row_of] + offset, row_of * max_len + offset,
+                                 row_of * width + past_max + offset, starts + lens - 1, lens, pasts)), device)
+    positions, slot, key_slot, last_index, lens, pasts = torch.split(small, [tokens] * 3 + [rows] * 3)
+    q_pos = torch.arange(max_len, device=device)
+    k_pos = torch.arange(width, device=device)
     in_past = k_pos[None, :] < pasts[:, None]  # [rows, keys]
     doc_k = k_pos - past_max  # key slot -> position within the row's new tokens
     causal = (doc_k[None, :] >= 0) & (doc_k[None, :] <= q_pos[:, None])  # [max_len, keys]
@@ -74,13 +88,10 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     mask |= (doc_k == 0)[None, None, :]  # padded query rows attend one key: no NaN rows
     last_mask = in_past | ((doc_k[None, :] >= 0) & real_k)
     return Layout(
-        lengths=lengths, past_lengths=past_lengths,
-        positions=(pasts[row_of] + offset).to(device),
-        row_of=row_of.to(device),
-        offset=offset.to(device),
-        last_index=(starts + lens - 1).to(device),
-        mask=mask.repeat_interleave(groups, dim=1)[:, None].to(device),
-        last_mask=last_mask[:, None, None].to(device),
+        lengths=lengths, past_lengths=past_lengths, positions=positions, slot=slot,
+        key_slot=key_slot, last_index=last_index,
+        mask=mask.repeat_interleave(groups, dim=1)[:, None],
+        last_mask=last_mask[:, None, None],
     )
 
 
@@ -128,11 +139,11 @@ class Qwen3Scorer:
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
         self._run(sequences, Pasts.none(), layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
-        return [kv.permute(0, 1, 3, 2, 4).contiguous() for kv in torch.split(stacked, layout.lengths, dim=2)]
+        return [kv.contiguous() for kv in torch.split(stacked, layout.lengths, dim=2)]
 
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
-        past_lengths = [0 if p is None else p.shape[3] for p in pasts]
+        past_lengths = [0 if p is None else p.shape[2] for p in pasts]
         layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.groups)
         hidden = self._run(tails, Pasts.group(pasts, self.device), layout, None)
         hidden = self.model.norm(hidden).float()
@@ -183,14 +194,15 @@ class Qwen3Scorer:
 
     def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                 which: int) -> torch.Tensor:
-        """Keys or values ``[tokens, kv_heads, dim]`` scattered once into their padded slots
-        ``[rows, kv_heads, past_max + max_len, dim]``, after each row's prefix."""
-        past_max = layout.past_max
-        padded = t.new_zeros(layout.rows, self.kv_heads, past_max + layout.max_len, self.head_dim)
-        padded[layout.row_of, :, layout.offset + past_max] = t
+        """Keys or values ``[tokens, kv_heads, dim]`` copied once into their padded slots,
+        after each row's prefix: ``[rows, kv_heads, past_max + max_len, dim]``, a view of
+        sequence-major memory (the layout the attention kernels read natively)."""
+        width = layout.past_max + layout.max_len
+        padded = t.new_zeros(layout.rows, width, self.kv_heads, self.head_dim)
+        padded.view(-1, self.kv_heads, self.head_dim).index_copy_(0, layout.key_slot, t)
         for kv, row_index in pasts.groups:  # one copy per distinct prefix, broadcast to its rows
-            padded[row_index, :, : kv.shape[3]] = kv[index, which].unsqueeze(0)
-        return padded
+            padded[row_index, : kv.shape[2]] = kv[index, which]
+        return padded.transpose(1, 2)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                 only_last: bool) -> torch.Tensor:
@@ -201,11 +213,12 @@ class Qwen3Scorer:
             out = F.scaled_dot_product_attention(q.view(rows, kv, groups, dim), k, v, attn_mask=layout.last_mask)
             return out.reshape(rows, kv * groups * dim)
         max_len = layout.max_len
-        folded = q.new_zeros(rows, kv, max_len, groups, dim)
-        folded[layout.row_of, :, layout.offset] = q.view(-1, kv, groups, dim)
-        out = F.scaled_dot_product_attention(folded.view(rows, kv, max_len * groups, dim), k, v,
-                                             attn_mask=layout.mask)
-        return out.view(rows, kv, max_len, groups, dim)[layout.row_of, :, layout.offset].reshape(-1, kv * groups * dim)
+        folded = q.new_zeros(rows * max_len, groups, kv, dim)  # sequence-major, like K/V
+        folded.index_copy_(0, layout.slot, q.view(-1, kv, groups, dim).transpose(1, 2))
+        queries = folded.view(rows, max_len * groups, kv, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, k, v, attn_mask=layout.mask)
+        out = out.transpose(1, 2).reshape(rows * max_len, groups, kv, dim).index_select(0, layout.slot)
+        return out.transpose(1, 2).reshape(-1, kv * groups * dim)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
@@ -262,4 +275,4 @@ class Pasts:
             if kv is not None:
                 rows.setdefault(id(kv), []).append(row)
                 tensors[id(kv)] = kv
-        return cls([(tensors[key], torch.tensor(r, device=device)) for key, r in rows.items()])
+        return cls([(tensors[key], to_device(torch.tensor(r), device)) for key, r in rows.items()])
