@@ -104,32 +104,26 @@ def card_scores(model, tokenizer, request: ScoreRequest, max_length: int, batch:
     return scores
 
 
-def gemm_gflops(device: torch.device, dtype: torch.dtype, rows: int = 2048) -> float:
-    a = torch.randn(rows, 1024, device=device, dtype=dtype)
-    b = torch.randn(1024, 3072, device=device, dtype=dtype)
+def gemm_gflops(device: torch.device, dtype: torch.dtype, m: int = 2048, k: int = 1024, n: int = 3072,
+                reps: int = 10) -> float:
+    """The matrix rate on one ``[m, k] @ [k, n]`` product of random data, in GFLOP/s. The
+    default is a layer-sized product (this model's MLP on 2048 tokens)."""
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     sync(device)
-    reps, start = 10, time.perf_counter()
+    start = time.perf_counter()
     for _ in range(reps):
         a @ b
     sync(device)
-    return 2 * rows * 1024 * 3072 * reps / (time.perf_counter() - start) / 1e9
+    return 2 * m * k * n * reps / (time.perf_counter() - start) / 1e9
 
 
 def peak_matmul_tflops(device: torch.device, dtype: torch.dtype, n: int = 8192) -> float:
-    """The chip's matrix rate on a large square product of random data: the ceiling that
-    "share of peak" figures are taken against (on a GPU; a CPU uses ``gemm_gflops``)."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps, start = 20, time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    """The chip's matrix rate on a large square product: the ceiling that "share of peak"
+    figures are taken against (on a GPU; a CPU uses the layer-sized ``gemm_gflops``)."""
+    return gemm_gflops(device, dtype, n, n, n, reps=20) / 1000
 
 
 def measure_latency(runner: ModelRunner, config: BatcherConfig, request: ScoreRequest,
