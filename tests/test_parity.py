@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -167,8 +168,8 @@ def test_prefix_position_bug_would_be_caught(
 
     real = qwen3.make_layout
 
-    def restart_positions(lengths, past_lengths, device, groups):  # type: ignore[no-untyped-def]
-        layout = real(lengths, past_lengths, device, groups)
+    def restart_positions(lengths, past_lengths, device, fold):  # type: ignore[no-untyped-def]
+        layout = real(lengths, past_lengths, device, fold)
         shift = torch.repeat_interleave(torch.tensor(past_lengths), torch.tensor(lengths))
         return qwen3.Layout(**{**layout.__dict__, "positions": layout.positions - shift})
 
@@ -217,11 +218,14 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
         assert s.score == pytest.approx(reference_score(reference_model, ids), abs=TOL_SCORE)
 
 
-def test_other_attention_kernel_gives_the_same_scores(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+@pytest.mark.parametrize("kernel", ["flash", "math"])
+@pytest.mark.parametrize("folded", [False, True])
+def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
+    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], kernel: str, folded: bool
 ) -> None:
-    """CUDA runs another attention kernel (memory-efficient) than the CPU (flash); the folded
-    query heads and the boolean mask must mean the same to any kernel: the math one here."""
+    """CUDA folds the query heads of each K/V head onto the query axis and runs another kernel
+    (memory-efficient) than the CPU (flash, grouped natively). Both layouts, on two kernels
+    here, must give the reference's scores: the mask means the same to all of them."""
     from torch.nn.attention import SDPBackend
 
     from worker.runner import _Item
@@ -229,15 +233,19 @@ def test_other_attention_kernel_gives_the_same_scores(
     query, instruction = QUERIES[3]
     prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
-    kept = runner.scorer.backends
-    runner.scorer.backends = [SDPBackend.MATH]
+    scorer = runner.scorer
+    kept = scorer.backends, scorer.fold
+    scorer.backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION]
+    scorer.fold = scorer.heads // scorer.kv_heads if folded else 1
     try:
         out = runner.score(items)
     finally:
-        runner.scorer.backends = kept
+        scorer.backends, scorer.fold = kept
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
 async def test_compiled_path_matches_reference(
     tiny_model_dir: Path, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
@@ -290,10 +298,11 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
 
 
+@pytest.mark.parametrize("folded", [False, True])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
-def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int) -> None:
-    """Query heads per K/V head: 2 in the tiny model and 0.6B, 4 in the 4B and 8B. The folded
-    attention must hold for any grouping, also none (1) and all-in-one."""
+def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, folded: bool) -> None:
+    """Query heads per K/V head: 2 in the tiny model and 0.6B, 4 in the 4B and 8B. Grouped and
+    folded (CUDA) attention must hold for any grouping, also none (1) and all-in-one."""
     from transformers import Qwen3ForCausalLM
 
     from worker.offline import build_qwen3_tokenizer, qwen3_config
@@ -306,6 +315,7 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int) -> None
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
     runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
+    runner.scorer.fold = heads // kv_heads if folded else 1
     prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
     items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
     got = runner.score(items).logits

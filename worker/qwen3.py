@@ -37,10 +37,10 @@ class Layout:
     slot: torch.Tensor  # [tokens] flat index of each packed token in [rows * max_len]
     key_slot: torch.Tensor  # [tokens] flat index of its key in [rows * (past_max + max_len)]
     last_index: torch.Tensor  # [rows] packed index of each row's last token
-    # True = may attend. Queries are folded: the ``groups`` query heads that share one K/V
-    # head sit side by side on the query axis (query t, head g at t * groups + g), so grouped
-    # K/V is never copied out per query head, on any backend.
-    mask: torch.Tensor  # [rows, 1, max_len * groups, past_max + max_len] bool
+    # True = may attend. With ``fold`` > 1 the query heads that share one K/V head sit side
+    # by side on the query axis (query t, head g at t * fold + g), so that a kernel without
+    # grouped-query support never needs K/V copied out per query head.
+    mask: torch.Tensor  # [rows, 1, max_len * fold, past_max + max_len] bool
     last_mask: torch.Tensor  # [rows, 1, 1, past_max + max_len] for last-position queries
 
     @property
@@ -65,7 +65,7 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device,
-                groups: int = 1) -> Layout:
+                fold: int = 1) -> Layout:
     rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
     width = past_max + max_len
     lens = torch.tensor(lengths)
@@ -90,7 +90,7 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     return Layout(
         lengths=lengths, past_lengths=past_lengths, positions=positions, slot=slot,
         key_slot=key_slot, last_index=last_index,
-        mask=mask.repeat_interleave(groups, dim=1)[:, None],
+        mask=mask.repeat_interleave(fold, dim=1)[:, None],
         last_mask=last_mask[:, None, None],
     )
 
@@ -110,12 +110,16 @@ class Qwen3Scorer:
         self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
         self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
         self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
-        self.groups = self.heads // self.kv_heads  # query heads per K/V head
         # On CUDA, the memory-efficient kernel: it takes an arbitrary mask at a few microseconds
         # of host time a call, where cuDNN's (PyTorch's first choice for bf16 on Hopper) spent
         # ~3.7 ms of host time a call and left the GPU waiting (measured: docs/PERFORMANCE.md).
-        self.backends = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if self.device.type == "cuda"
+        # It has no grouped-query support, so the query heads of each K/V head are folded onto
+        # the query axis there (``fold``). The CPU's flash kernel groups natively; folding
+        # would only double its mask (a max-length document's mask is ~0.7 GB in fp32).
+        cuda = self.device.type == "cuda"
+        self.backends = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if cuda
                          else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+        self.fold = self.heads // self.kv_heads if cuda else 1  # query heads per K/V head, or 1
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
@@ -135,7 +139,7 @@ class Qwen3Scorer:
 
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later."""
-        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.groups)
+        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.fold)
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
         self._run(sequences, Pasts.none(), layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
@@ -144,7 +148,7 @@ class Qwen3Scorer:
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
         past_lengths = [0 if p is None else p.shape[2] for p in pasts]
-        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.groups)
+        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.fold)
         hidden = self._run(tails, Pasts.group(pasts, self.device), layout, None)
         hidden = self.model.norm(hidden).float()
         yes_no = hidden @ self.yes_no.T
@@ -206,19 +210,23 @@ class Qwen3Scorer:
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
                 only_last: bool) -> torch.Tensor:
-        """Attention of packed queries ``[tokens, heads, dim]`` over padded K/V, with the
-        query heads folded onto their K/V head (see ``Layout.mask``); ``[tokens, width]``."""
-        rows, kv, groups, dim = layout.rows, self.kv_heads, self.groups, self.head_dim
-        if only_last:  # one query a row: its heads are the folded query axis
-            out = F.scaled_dot_product_attention(q.view(rows, kv, groups, dim), k, v, attn_mask=layout.last_mask)
-            return out.reshape(rows, kv * groups * dim)
+        """Attention of packed queries ``[tokens, heads, dim]`` over padded K/V, ``fold``
+        query heads a K/V head folded onto the query axis (see ``Layout.mask``); the rest,
+        if any, grouped by the kernel. Returns ``[tokens, heads * dim]``."""
+        rows, fold, dim = layout.rows, self.fold, self.head_dim
+        hq = self.heads // fold  # query heads the kernel sees
+        gqa = hq != self.kv_heads
+        if only_last:  # one query a row: its folded heads are the query axis
+            out = F.scaled_dot_product_attention(q.view(rows, hq, fold, dim), k, v,
+                                                 attn_mask=layout.last_mask, enable_gqa=gqa)
+            return out.reshape(rows, self.heads * dim)
         max_len = layout.max_len
-        folded = q.new_zeros(rows * max_len, groups, kv, dim)  # sequence-major, like K/V
-        folded.index_copy_(0, layout.slot, q.view(-1, kv, groups, dim).transpose(1, 2))
-        queries = folded.view(rows, max_len * groups, kv, dim).transpose(1, 2)
-        out = F.scaled_dot_product_attention(queries, k, v, attn_mask=layout.mask)
-        out = out.transpose(1, 2).reshape(rows * max_len, groups, kv, dim).index_select(0, layout.slot)
-        return out.transpose(1, 2).reshape(-1, kv * groups * dim)
+        folded = q.new_zeros(rows * max_len, fold, hq, dim)  # sequence-major, like K/V
+        folded.index_copy_(0, layout.slot, q.view(-1, hq, fold, dim).transpose(1, 2))
+        queries = folded.view(rows, max_len * fold, hq, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(queries, k, v, attn_mask=layout.mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(rows * max_len, fold, hq, dim).index_select(0, layout.slot)
+        return out.transpose(1, 2).reshape(-1, self.heads * dim)
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
