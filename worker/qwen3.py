@@ -158,10 +158,8 @@ class Qwen3Scorer:
     def _run(self, tokens: list[list[int]], pasts: Pasts, layout: Layout,
              collect: list[torch.Tensor] | None) -> torch.Tensor:
         flat = [t for seq in tokens for t in seq]
-        ids = torch.tensor(flat, dtype=torch.long)
-        if self.device.type == "cuda":
-            ids = ids.pin_memory()
-        x: torch.Tensor = self.model.embed_tokens(ids.to(self.device, non_blocking=True))
+        ids = to_device(torch.tensor(flat, dtype=torch.long), self.device)
+        x: torch.Tensor = self.model.embed_tokens(ids)
         cos, sin = self._rotary(layout.positions, x.dtype)
         last = len(self.layers) - 1
         with sdpa_kernel(self.backends):
