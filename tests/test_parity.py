@@ -256,7 +256,8 @@ async def test_compiled_path_matches_reference(
     counters.clear()
     compiled = ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH, compile=True)
     compiled.warmup()
-    assert counters["stats"]["unique_graphs"] >= 3  # the three parts really were compiled
+    warm_graphs = counters["stats"]["unique_graphs"]
+    assert warm_graphs >= 3  # the three parts really were compiled
     batcher = Batcher(compiled, BatcherConfig(max_batch_tokens=3000, max_batch_size=5, max_wait_ms=0))
     batcher.start()
     try:
@@ -268,6 +269,17 @@ async def test_compiled_path_matches_reference(
     for qn, result in enumerate(results):
         for dn, s in enumerate(result.scores):
             assert s.logit == pytest.approx(expected[qn % len(QUERIES), dn][1], abs=TOL_LOGIT), (qn, dn)
+    # Traffic after the warm-up brings new batch shapes, never a new graph: a recompile would
+    # stall its batch for seconds, and past dynamo's recompile limit fall back to eager.
+    from worker.runner import _Item
+
+    rng = random.Random(7)
+    for step in range(24):
+        docs = [" ".join(["word"] * rng.randint(1, 120)) for _ in range(rng.choice([1, 2, 3, 7, 16]))]
+        prompts = compiled.builder.build(f"query {step}", docs, None, Truncation.END)
+        shared = prompts.shared_len if step % 3 else 0
+        compiled.score([_Item(ids, shared) for ids in prompts.sequences])
+    assert counters["stats"]["unique_graphs"] == warm_graphs
 
 
 def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
