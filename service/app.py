@@ -60,7 +60,8 @@ def extension_core_parts(config: ServeConfig) -> CoreParts:
     from service.billing import open_billing  # sqlalchemy: only when serving
 
     billing = open_billing(config.db_url, config.data_dir, require_keys=config.auth, replicas=config.replicas,
-                           default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps)
+                           default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps,
+                           idempotency_ttl_h=config.idempotency_ttl_h)
     return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from sqlalchemy import Connection, create_engine, func, inspect, select
@@ -20,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.core import Authenticator, OpenAccess
 from service.db import api_keys, database_url, describe_url, metadata, open_engine
 from service.keys import KeyStore
-from service.ledger import SqlLedger
+from service.ledger import DEFAULT_IDEMPOTENCY_TTL, SqlLedger
 from service.ratelimit import KeyRateLimiter
 
 log = logging.getLogger("rerank.billing")
+
+MAX_IDEMPOTENCY_TTL_H = 24 * 3650
 
 
 @dataclass(frozen=True)
@@ -37,14 +40,18 @@ class Billing:
 
 
 def open_billing(db: str | None, data_dir: str | Path | None, *, require_keys: bool, replicas: int = 1,
-                 default_rps: float | None = None, default_dps: float | None = None) -> Billing:
+                 default_rps: float | None = None, default_dps: float | None = None,
+                 idempotency_ttl_h: float = DEFAULT_IDEMPOTENCY_TTL / timedelta(hours=1)) -> Billing:
     """Raises ConnectionError (an OSError) when the ledger database cannot be opened or prepared."""
     if replicas < 1:
         raise ValueError(f"--replicas must be at least 1, got {replicas}")
+    if not 0 < idempotency_ttl_h <= MAX_IDEMPOTENCY_TTL_H:
+        raise ValueError(f"--idempotency-ttl-h must be above 0 and at most {MAX_IDEMPOTENCY_TTL_H} "
+                         f"(10 years), got {idempotency_ttl_h}")
     url = database_url(db, data_dir)
     active_keys = prepare_schema(url)
     engine = open_engine(url)
-    keys, ledger = KeyStore(engine), SqlLedger(engine)
+    keys, ledger = KeyStore(engine), SqlLedger(engine, idempotency_ttl=timedelta(hours=idempotency_ttl_h))
     limiter = KeyRateLimiter(quota=ledger, default_rps=default_rps, default_dps=default_dps, share=1 / replicas)
     _announce(db, url, require_keys, active_keys, replicas)
     return Billing(url, engine, keys, ledger, limiter, keys if require_keys else OpenAccess())
@@ -63,6 +70,9 @@ def prepare_schema(url: str) -> int:
                 with engine.begin() as conn:
                     metadata.create_all(conn)
                     _check_columns(conn, url)
+                    for table in metadata.sorted_tables:  # create_all skips existing tables' new indexes
+                        for index in table.indexes:
+                            index.create(conn, checkfirst=True)
                     count = conn.scalar(select(func.count()).select_from(api_keys)
                                         .where(api_keys.c.revoked_at.is_(None)))
                 return int(count or 0)

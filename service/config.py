@@ -106,6 +106,9 @@ class ServeConfig:
                                         unset="unlimited")
     rate_limit_dps: float | None = knob(None, "documents per second per key, for keys without their own",
                                         unset="unlimited")
+    idempotency_ttl_h: float = knob(24.0, "hours a call's idempotency key (HTTP Idempotency-Key, gRPC "
+                                    "request_id) is remembered: a retry within it replays the stored reply "
+                                    "unbilled; after it, the key starts a new, billed call")
 
     def limits(self) -> Limits:
         return Limits(max_documents=self.max_documents, max_queries=self.max_queries,

@@ -11,6 +11,7 @@ Tables
 * ``idempotency_records``: the stored reply of a call made with an idempotency key. Its
   primary key (caller, idempotency key) is what decides a race between duplicates: the row
   and its usage record are written in one transaction, so either both exist or neither does.
+  Rows expire (``service.ledger``): the table holds about a day of keyed calls, not all of them.
 
 Any database failure surfaces as ``ServiceError(UNAVAILABLE)``: the caller retries later or
 elsewhere, and nothing is billed for a call whose record did not commit.
@@ -76,7 +77,8 @@ idempotency_records = Table(
     Column("idempotency_key", String(255), primary_key=True),
     Column("fingerprint", String(64), nullable=False),
     Column("reply", Text, nullable=False),  # RerankReply.to_json()
-    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),  # expires --idempotency-ttl-h after
+    Index("ix_idempotency_created_at", "created_at"),  # the purge of expired records
 )
 
 

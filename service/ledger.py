@@ -8,22 +8,33 @@ transaction (usage record included) rolls back, and it returns the winner's repl
 Once scoring has finished the write is shielded from cancellation: a caller that goes away
 mid-write cannot leave it half done, and a retry with the same idempotency key gets the
 result for free. A call whose write fails (database down) fails with UNAVAILABLE, unbilled.
+
+Idempotency records expire after ``idempotency_ttl`` (24 hours by default, the window retries
+happen in): an expired key is free again, and its next call is a new, billed one. Expired rows
+are deleted in the background, at most once per ``purge_interval`` per process, after a keyed
+call; usage records are never deleted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import time
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.core import Principal, RerankReply
 from service.db import idempotency_records, unavailable, usage_records
 from service.errors import Code, ServiceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,8 +73,19 @@ class UsageRecord:
 class SqlLedger:
     """A ``UsageLedger`` on the ledger database (SQLite or PostgreSQL)."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
+                 purge_interval_s: float = 600.0) -> None:
+        if idempotency_ttl <= timedelta(0):
+            raise ValueError(f"the idempotency TTL must be positive, got {idempotency_ttl}")
         self.engine = engine
+        self.idempotency_ttl = idempotency_ttl
+        self.purge_interval_s = purge_interval_s
+        self._next_purge = 0.0  # time.monotonic() after which a keyed call starts a purge
+        self._purging: asyncio.Task[int] | None = None
+
+    def _cutoff(self) -> datetime:
+        """Idempotency records created before this have expired."""
+        return datetime.now(UTC) - self.idempotency_ttl
 
     async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
         table = idempotency_records
@@ -72,7 +94,8 @@ class SqlLedger:
                 row = (await conn.execute(
                     select(table.c.fingerprint, table.c.reply)
                     .where(table.c.key_id == principal.key_id,
-                           table.c.idempotency_key == idempotency_key))).first()
+                           table.c.idempotency_key == idempotency_key,
+                           table.c.created_at >= self._cutoff()))).first()
         if row is None:
             return None
         if row.fingerprint != fingerprint:
@@ -83,7 +106,10 @@ class SqlLedger:
 
     async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
                      fingerprint: str) -> RerankReply:
-        return await asyncio.shield(self._record(principal, reply, idempotency_key, fingerprint))
+        recorded = await asyncio.shield(self._record(principal, reply, idempotency_key, fingerprint))
+        if idempotency_key:
+            self._maybe_purge()
+        return recorded
 
     async def _record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
                       fingerprint: str) -> RerankReply:
@@ -92,6 +118,11 @@ class SqlLedger:
             try:
                 async with self.engine.begin() as conn:
                     if idempotency_key:  # first: a duplicate fails before anything is written
+                        # an expired record of this key no longer counts: it makes way
+                        await conn.execute(delete(idempotency_records).where(
+                            idempotency_records.c.key_id == principal.key_id,
+                            idempotency_records.c.idempotency_key == idempotency_key,
+                            idempotency_records.c.created_at < now - self.idempotency_ttl))
                         await conn.execute(insert(idempotency_records).values(
                             key_id=principal.key_id, idempotency_key=idempotency_key,
                             fingerprint=fingerprint, reply=reply.to_json(), created_at=now))
@@ -111,8 +142,36 @@ class SqlLedger:
             raise AssertionError("idempotency record missing after a unique violation: this is a bug")
         return stored
 
+    async def purge_expired(self) -> int:
+        """Delete expired idempotency records; how many. Safe on several replicas at once."""
+        with unavailable("deleting expired idempotency records"):
+            async with self.engine.begin() as conn:
+                result = await conn.execute(delete(idempotency_records)
+                                            .where(idempotency_records.c.created_at < self._cutoff()))
+        return int(result.rowcount or 0)
+
+    def _maybe_purge(self) -> None:
+        """Start a background purge when one is due and none is running (never awaited by a call)."""
+        now = time.monotonic()
+        if now < self._next_purge or (self._purging is not None and not self._purging.done()):
+            return
+        self._next_purge = now + self.purge_interval_s
+        self._purging = asyncio.create_task(self._purge_logged(), name="purge-idempotency-records")
+
+    async def _purge_logged(self) -> int:
+        try:
+            purged = await self.purge_expired()
+        except ServiceError:  # already logged by `unavailable`; the next interval tries again
+            return 0
+        if purged:
+            log.info("deleted %d idempotency records older than %s", purged, self.idempotency_ttl)
+        return purged
+
     async def close(self) -> None:
         """Close the database's connection pool (shared with the key store): after the servers."""
+        if self._purging is not None and not self._purging.done():
+            self._purging.cancel()
+            await asyncio.gather(self._purging, return_exceptions=True)
         await self.engine.dispose()
 
     # -- reading ---------------------------------------------------------------------------

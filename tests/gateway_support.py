@@ -88,7 +88,7 @@ class LiveGateway:
     async def _stop(self) -> None:
         await self.server.stop(1)
         await self.batcher.close()
-        await self.engine.dispose()
+        await self.ledger.close()  # the engine too, and any background purge
 
     # -- helpers for tests -----------------------------------------------------------------
     def create_key(self, name: str = "test", **limits: Any) -> tuple[str, str]:

@@ -11,11 +11,11 @@ import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from sqlalchemy import insert, select, text
+from sqlalchemy import insert, select, text, update
 
 from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
 from service.db import api_keys, create_schema, idempotency_records, open_engine, usage_records
@@ -51,7 +51,7 @@ async def stack(db_url: str) -> AsyncIterator[Stack]:  # noqa: F811 - the import
     yield Stack(core, keys, ledger, runner, batcher)
     runner.gate.set()
     await batcher.close()
-    await engine.dispose()
+    await ledger.close()  # also ends a background purge its calls started
 
 
 def call(key: str | None, docs: int = 3, query: str = "what is a reranker", *,
@@ -177,6 +177,77 @@ async def test_concurrent_conflicting_bodies_one_wins_one_conflicts(stack: Stack
     assert len(errors) == 1 and errors[0].code is Code.IDEMPOTENCY_CONFLICT
     records = await stack.ledger.records()
     assert len(records) == 1
+
+
+async def age_idempotency_records(ledger: SqlLedger, by: timedelta, idempotency_key: str | None = None) -> None:
+    table = idempotency_records
+    query = update(table).values(created_at=datetime.now(UTC) - by)
+    if idempotency_key is not None:
+        query = query.where(table.c.idempotency_key == idempotency_key)
+    async with ledger.engine.begin() as conn:
+        await conn.execute(query)
+
+
+async def stored_idempotency_keys(ledger: SqlLedger) -> list[str]:
+    async with ledger.engine.connect() as conn:
+        return sorted(k for (k,) in await conn.execute(select(idempotency_records.c.idempotency_key)))
+
+
+async def test_expired_idempotency_key_starts_a_new_billed_call(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    first = await stack.core.rerank(call(key, 2, idem="nightly-job"))
+    await age_idempotency_records(stack.ledger, timedelta(hours=23, minutes=59))
+    assert (await stack.core.rerank(call(key, 2, idem="nightly-job"))).replayed  # still inside 24 h
+    await age_idempotency_records(stack.ledger, timedelta(hours=24, minutes=1))
+    # past the TTL the key is free again: the same body is scored and billed anew, and so would
+    # another body be (no conflict with a record that has expired)
+    second = await stack.core.rerank(call(key, 3, idem="nightly-job"))
+    assert not second.replayed and second.request_id != first.request_id
+    assert [r.documents for r in await stack.ledger.records()] == [2, 3]
+    again = await stack.core.rerank(call(key, 3, idem="nightly-job"))  # the new record is in force
+    assert again.replayed and again.request_id == second.request_id
+    assert await code_of(stack.core.rerank(call(key, 2, idem="nightly-job"))) is Code.IDEMPOTENCY_CONFLICT
+    assert len(await stack.ledger.records()) == 2
+
+
+async def test_purge_deletes_expired_idempotency_records_only(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    for idem in ("old-1", "old-2", "fresh"):
+        await stack.core.rerank(call(key, 1, idem=idem))
+    for idem in ("old-1", "old-2"):
+        await age_idempotency_records(stack.ledger, timedelta(hours=30), idem)
+    assert await stack.ledger.purge_expired() == 2
+    assert await stored_idempotency_keys(stack.ledger) == ["fresh"]
+    assert await stack.ledger.purge_expired() == 0
+    assert len(await stack.ledger.records()) == 3  # usage records are the invoices: never purged
+
+
+async def test_keyed_calls_purge_in_the_background_at_most_once_per_interval(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    ledger = SqlLedger(stack.ledger.engine, idempotency_ttl=timedelta(hours=1), purge_interval_s=3600)
+    core = RerankCore(BatcherEngine(stack.batcher), model_name=MODEL, auth=stack.keys, ledger=ledger)
+    await core.rerank(call(key, 1, idem="a"))  # the first keyed call starts a purge (nothing to do)
+    first_purge = ledger._purging
+    assert first_purge is not None and await first_purge == 0
+    await age_idempotency_records(ledger, timedelta(hours=2), "a")
+    await core.rerank(call(key, 1, idem="b"))  # within the interval: no second purge
+    await asyncio.sleep(0)
+    assert await stored_idempotency_keys(ledger) == ["a", "b"]
+    ledger.purge_interval_s, ledger._next_purge = 0.0, 0.0  # the interval has passed
+    await core.rerank(call(key, 1, idem="c"))
+    assert ledger._purging is not first_purge and ledger._purging is not None
+    assert await ledger._purging == 1
+    assert await stored_idempotency_keys(ledger) == ["b", "c"]
+
+
+def test_idempotency_ttl_must_be_positive_and_finite() -> None:
+    with pytest.raises(ValueError, match="TTL must be positive"):
+        SqlLedger(None, idempotency_ttl=timedelta(0))  # type: ignore[arg-type]
+    from service.billing import open_billing
+
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e12):
+        with pytest.raises(ValueError, match="idempotency-ttl-h"):
+            open_billing("sqlite:///unused.db", None, require_keys=True, idempotency_ttl_h=bad)
 
 
 # -- failures bill nothing ------------------------------------------------------------------

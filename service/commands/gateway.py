@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--replicas", type=int, default=1, metavar="N", help="gateways sharing each key's rate limit")
     parser.add_argument("--rate-limit-rps", type=float, metavar="X", help="requests/s per key without its own limit")
     parser.add_argument("--rate-limit-dps", type=float, metavar="X", help="documents/s per key without its own limit")
+    parser.add_argument("--idempotency-ttl-h", type=float, default=24.0, metavar="X",
+                        help="hours an Idempotency-Key is remembered: a retry within it replays the stored "
+                             "reply unbilled; after it, the key starts a new, billed call (default: 24)")
     parser.add_argument("--backend-api-key", default=os.environ.get("RERANK_BACKEND_API_KEY"), metavar="KEY",
                         help="key the backends require, if they run with auth [env RERANK_BACKEND_API_KEY]")
     parser.add_argument("--backend-tls", action="store_true", help="TLS to the backends")
@@ -72,7 +75,8 @@ async def start(args: argparse.Namespace) -> Gateway:
     from service.remote import RemoteEngine
 
     billing = open_billing(args.db, args.data_dir, require_keys=args.auth, replicas=args.replicas,
-                           default_rps=args.rate_limit_rps, default_dps=args.rate_limit_dps)
+                           default_rps=args.rate_limit_rps, default_dps=args.rate_limit_dps,
+                           idempotency_ttl_h=args.idempotency_ttl_h)
     engine = RemoteEngine(args.backend, api_key=args.backend_api_key, tls=args.backend_tls,
                           timeout_s=args.timeout_s)
     try:
