@@ -51,6 +51,24 @@ def runner(tiny_model_dir: Path) -> ModelRunner:
 
 
 @pytest.fixture(scope="module")
+def varlen_runner(tiny_model_dir: Path) -> ModelRunner:
+    """The variable-length attention path, with the kernel's row-by-row stand-in on the CPU
+    (FlashAttention itself needs CUDA): the packing, offsets and prefix gathering are what
+    is tested here; the kernel is checked against the same stand-in at warm-up on a GPU."""
+    from worker.qwen3 import Qwen3Scorer, varlen_reference
+
+    varlen = ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH)
+    varlen.scorer = Qwen3Scorer(varlen.model, varlen.builder.yes_id, varlen.builder.no_id,
+                                attention="varlen", varlen_kernel=varlen_reference)
+    return varlen
+
+
+@pytest.fixture(scope="module", params=["padded", "varlen"])
+def any_runner(request: pytest.FixtureRequest, runner: ModelRunner) -> ModelRunner:
+    return runner if request.param == "padded" else request.getfixturevalue("varlen_runner")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
 def reference_model(tiny_model_dir: Path) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
@@ -96,9 +114,9 @@ CONFIGS = {
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 async def test_concurrent_requests_match_reference(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], config_name: str
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], config_name: str
 ) -> None:
-    batcher = Batcher(runner, CONFIGS[config_name])
+    batcher = Batcher(any_runner, CONFIGS[config_name])
     batcher.start()
     rng = random.Random(config_name)
     orders = [rng.sample(range(len(DOCUMENTS)), len(DOCUMENTS)) for _ in QUERIES]
@@ -118,10 +136,10 @@ async def test_concurrent_requests_match_reference(
 
 
 async def test_single_document_requests_mixed_with_large_ones(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
     """One batch holds rows with a shared prefix, rows of other requests and plain rows."""
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=50_000, max_batch_size=128, max_wait_ms=50))
+    batcher = Batcher(any_runner, BatcherConfig(max_batch_tokens=50_000, max_batch_size=128, max_wait_ms=50))
     batcher.start()
     q0, i0 = QUERIES[0]
     q1, i1 = QUERIES[1]
@@ -168,8 +186,8 @@ def test_prefix_position_bug_would_be_caught(
 
     real = qwen3.make_layout
 
-    def restart_positions(lengths, past_lengths, device, fold):  # type: ignore[no-untyped-def]
-        layout = real(lengths, past_lengths, device, fold)
+    def restart_positions(lengths, past_lengths, device, fold, **kw):  # type: ignore[no-untyped-def]
+        layout = real(lengths, past_lengths, device, fold, **kw)
         shift = torch.repeat_interleave(torch.tensor(past_lengths), torch.tensor(lengths))
         return qwen3.Layout(**{**layout.__dict__, "positions": layout.positions - shift})
 
@@ -185,20 +203,38 @@ def test_prefix_position_bug_would_be_caught(
 
 
 def test_runner_rows_equal_reference_with_and_without_prefix(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
     """The runner alone: plain rows, prefix rows and a mix in one batch, in any order."""
     from worker.runner import _Item
 
     query, instruction = QUERIES[2]
-    prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+    prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     for reuse in ([False] * 12, [True] * 12, [i % 3 == 0 for i in range(12)]):
         items = [_Item(s, prompts.shared_len if r else 0) for s, r in zip(prompts.sequences, reuse)]
         order = list(reversed(range(len(items))))
-        out = runner.score([items[i] for i in order])
+        out = any_runner.score([items[i] for i in order])
         for logit, dn in zip(out.logits, order):
             assert logit == pytest.approx(expected[2, dn][1], abs=TOL_LOGIT)
         assert out.computed[0] >= 1
+
+
+def test_one_batch_with_several_prefixes_interleaved(
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """Rows of four queries (four distinct prefixes, of different lengths) and plain rows,
+    interleaved in one batch: each row must read its own prefix, whatever its place."""
+    from worker.runner import _Item
+
+    items, want = [], []
+    for dn in range(len(DOCUMENTS)):
+        for qn, (query, instruction) in enumerate(QUERIES):
+            prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+            items.append(_Item(prompts.sequences[dn], 0 if (dn + qn) % 5 == 0 else prompts.shared_len))
+            want.append(expected[qn, dn][1])
+    any_runner.cache = type(any_runner.cache)(any_runner.cache.max_bytes)
+    assert any_runner.score(items).logits == pytest.approx(want, abs=TOL_LOGIT)
+    assert any_runner.score(items[::-1]).logits == pytest.approx(want[::-1], abs=TOL_LOGIT)  # prefixes cached
 
 
 async def test_truncated_documents_match_the_reference_on_their_cut_ids(
@@ -310,9 +346,9 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
 
 
-@pytest.mark.parametrize("folded", [False, True])
+@pytest.mark.parametrize("layout", ["padded", "folded", "varlen"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
-def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, folded: bool) -> None:
+def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout: str) -> None:
     """Query heads per K/V head: 2 in the tiny model and 0.6B, 4 in the 4B and 8B. Grouped and
     folded (CUDA) attention must hold for any grouping, also none (1) and all-in-one."""
     from transformers import Qwen3ForCausalLM
@@ -327,7 +363,11 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, folded:
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
     runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
-    runner.scorer.fold = heads // kv_heads if folded else 1
+    runner.scorer.fold = heads // kv_heads if layout == "folded" else 1
+    if layout == "varlen":
+        from worker.qwen3 import varlen_reference
+
+        runner.scorer.varlen_kernel = varlen_reference
     prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
     items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
     got = runner.score(items).logits

@@ -5,7 +5,9 @@ numbers and skips everything a reranker does not need:
 
 * no padding in the matrix work: every linear layer and MLP runs on the batch's tokens
   packed into one ``[tokens, hidden]`` matrix; only attention sees a padded layout, built
-  per batch with an explicit mask (so neither padding side nor position ids can leak);
+  per batch with an explicit mask (so neither padding side nor position ids can leak), or,
+  with ``attention="varlen"`` (CUDA, bf16/fp16), no padding at all: FlashAttention's
+  variable-length kernel over packed queries and packed [prefix; new] keys;
 * a shared prefix (system prompt + instruction + query) can be passed in as per-layer K/V
   computed once; each row's positions continue from its own prefix length;
 * the last layer computes queries, attention and MLP for the last position only, and the
@@ -17,6 +19,7 @@ this stays exact for every Qwen3 size (0.6B, 4B, 8B).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,8 +43,9 @@ class Layout:
     # True = may attend. With ``fold`` > 1 the query heads that share one K/V head sit side
     # by side on the query axis (query t, head g at t * fold + g), so that a kernel without
     # grouped-query support never needs K/V copied out per query head.
-    mask: torch.Tensor  # [rows, 1, max_len * fold, past_max + max_len] bool
-    last_mask: torch.Tensor  # [rows, 1, 1, past_max + max_len] for last-position queries
+    mask: torch.Tensor | None  # [rows, 1, max_len * fold, past_max + max_len] bool
+    last_mask: torch.Tensor | None  # [rows, 1, 1, past_max + max_len] for last-position queries
+    varlen: Varlen | None = None  # instead of the masks, for the variable-length kernel
 
     @property
     def rows(self) -> int:
@@ -56,6 +60,22 @@ class Layout:
         return max(self.past_lengths)
 
 
+@dataclass(frozen=True)
+class Varlen:
+    """Packed sequences for a variable-length attention kernel: row r's queries are its new
+    tokens, its keys its prefix then its new tokens, causal aligned to the end (query i of a
+    row with prefix p sees keys 0 .. p + i)."""
+
+    cu_q: torch.Tensor  # [rows + 1] int32 offsets of each row's queries in the packed tokens
+    cu_k: torch.Tensor  # [rows + 1] int32 offsets of each row's keys in the packed keys
+    cu_last: torch.Tensor  # [rows + 1] int32: 0, 1, .., rows (one query a row, the last layer)
+    max_q: int
+    max_k: int
+    # packed keys = cat(new tokens' K, each distinct prefix's K in ``Pasts.groups`` order)
+    # .index_select(0, key_gather); None when no row has a prefix (the keys are the tokens')
+    key_gather: torch.Tensor | None
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host to device without stalling the host: from pinned memory, asynchronously, on a
     GPU (a pageable copy waits for all queued GPU work first)."""
@@ -65,7 +85,9 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device,
-                fold: int = 1) -> Layout:
+                fold: int = 1, *, varlen_groups: list[int] | None = None) -> Layout:
+    """``varlen_groups`` (each row's prefix as an index into ``Pasts.groups``, -1 for none):
+    build the variable-length kernel's offsets instead of the padded masks."""
     rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
     width = past_max + max_len
     lens = torch.tensor(lengths)
@@ -78,6 +100,10 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     small = to_device(torch.cat((pasts[row_of] + offset, row_of * max_len + offset,
                                  row_of * width + past_max + offset, starts + lens - 1, lens, pasts)), device)
     positions, slot, key_slot, last_index, lens, pasts = torch.split(small, [tokens] * 3 + [rows] * 3)
+    if varlen_groups is not None:
+        return Layout(lengths=lengths, past_lengths=past_lengths, positions=positions, slot=slot,
+                      key_slot=key_slot, last_index=last_index, mask=None, last_mask=None,
+                      varlen=make_varlen(lengths, past_lengths, varlen_groups, device))
     q_pos = torch.arange(max_len, device=device)
     k_pos = torch.arange(width, device=device)
     in_past = k_pos[None, :] < pasts[:, None]  # [rows, keys]
@@ -95,10 +121,96 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     )
 
 
+# (queries, keys, values, query offsets, key offsets, longest query run, longest key run)
+VarlenKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int],
+                        torch.Tensor]
+
+
+def make_varlen(lengths: list[int], past_lengths: list[int], groups: list[int], device: torch.device) -> Varlen:
+    """Offsets of each row's queries and keys, and where each packed key comes from: row r's
+    prefix (group ``groups[r]``, -1 for none) then its own new tokens."""
+    rows, tokens = len(lengths), sum(lengths)
+    lens, pasts = torch.tensor(lengths), torch.tensor(past_lengths)
+    zero = torch.zeros(1, dtype=torch.long)
+    cu_q = torch.cat((zero, torch.cumsum(lens, 0)))
+    cu_k = torch.cat((zero, torch.cumsum(lens + pasts, 0)))
+    offsets = torch.cat((cu_q, cu_k, torch.arange(rows + 1))).to(torch.int32)
+    max_q, max_k = max(lengths), max(n + p for n, p in zip(lengths, past_lengths))
+    if not any(past_lengths):
+        cu_q, cu_k, cu_last = torch.split(to_device(offsets, device), rows + 1)
+        return Varlen(cu_q, cu_k, cu_last, max_q, max_k, None)
+    # each key's source row in cat(new K [tokens], prefix 0 K, prefix 1 K, ...)
+    gather = torch.empty(int(cu_k[-1]), dtype=torch.long)
+    row_of = torch.repeat_interleave(torch.arange(rows), lens)
+    within = torch.arange(tokens) - cu_q[:-1][row_of]
+    gather[cu_k[:-1][row_of] + pasts[row_of] + within] = torch.arange(tokens)
+    group_len = {g: p for g, p in zip(groups, past_lengths) if g >= 0}  # groups are 0 .. G-1
+    sizes = torch.tensor([group_len[g] for g in range(len(group_len))])
+    starts = torch.cumsum(sizes, 0) - sizes  # where each prefix's keys begin after the tokens'
+    group = torch.tensor([max(g, 0) for g in groups])
+    prow = torch.repeat_interleave(torch.arange(rows), pasts)
+    j = torch.arange(int(pasts.sum())) - (torch.cumsum(pasts, 0) - pasts)[prow]
+    gather[cu_k[:-1][prow] + j] = tokens + starts[group[prow]] + j
+    cu_q, cu_k, cu_last = torch.split(to_device(offsets, device), rows + 1)
+    return Varlen(cu_q, cu_k, cu_last, max_q, max_k, to_device(gather, device))
+
+
+def check_varlen_kernel(kernel: VarlenKernel, device: torch.device, dtype: torch.dtype, heads: int,
+                        kv_heads: int, head_dim: int, tolerance: float = 0.05) -> float:
+    """Run ``kernel`` on random rows with and without prefixes, and with one query a row (the
+    last layer), against ``varlen_reference`` in fp32; the largest difference. Raises
+    RuntimeError if it is over ``tolerance``: a kernel that aligns its causal mask otherwise,
+    or maps query heads to other K/V heads, is off by O(1), where 16-bit rounding is ~1e-2."""
+    gen = torch.Generator().manual_seed(0)
+    prefix, new = [0, 5, 9, 2], [7, 3, 1, 12]
+    cu_q = torch.cumsum(torch.tensor([0, *new]), 0)
+    cu_k = torch.cumsum(torch.tensor([0, *(p + n for p, n in zip(prefix, new))]), 0)
+    q = torch.randn(int(cu_q[-1]), heads, head_dim, generator=gen)
+    k, v = (torch.randn(int(cu_k[-1]), kv_heads, head_dim, generator=gen) for _ in range(2))
+    last = cu_q[1:] - 1
+    cu_last = torch.arange(len(new) + 1)
+    worst = 0.0
+    for queries, offsets, max_q in ((q, cu_q, max(new)), (q[last], cu_last, 1)):
+        want = varlen_reference(queries, k, v, offsets, cu_k, max_q, int(max(cu_k.diff())))
+        got = kernel(queries.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
+                     offsets.to(device, torch.int32), cu_k.to(device, torch.int32), max_q, int(max(cu_k.diff())))
+        worst = max(worst, float((got.float().cpu() - want).abs().max()))
+    if not worst <= tolerance:
+        raise RuntimeError(f"the variable-length attention kernel disagrees with the reference on {device} "
+                           f"(largest difference {worst:.3g}, over {tolerance}): serve with --attention padded")
+    return worst
+
+
+def flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                 max_q: int, max_k: int) -> torch.Tensor:
+    """PyTorch's FlashAttention-2 variable-length kernel (CUDA, bf16/fp16), causal aligned to
+    the end of each row's keys; grouped-query heads natively. ``[tokens, heads, dim]``."""
+    out: torch.Tensor = torch.ops.aten._flash_attention_forward(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_q, cu_k, max_q, max_k, 0.0, True, False)[0]
+    return out
+
+
+def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
+                     max_q: int, max_k: int) -> torch.Tensor:
+    """What ``flash_varlen`` computes, row by row in plain SDPA (any device and dtype): the
+    tests' stand-in on the CPU, and the warm-up's check of the kernel on a GPU."""
+    del max_q, max_k
+    outs = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for r in range(len(bounds_q) - 1):
+        qs = q[bounds_q[r]:bounds_q[r + 1]].transpose(0, 1)  # [heads, queries, dim]
+        ks, vs = (t[bounds_k[r]:bounds_k[r + 1]].transpose(0, 1) for t in (k, v))
+        n_q, n_k = qs.shape[1], ks.shape[1]
+        seen = torch.arange(n_k, device=q.device)[None, :] <= torch.arange(n_q, device=q.device)[:, None] + n_k - n_q
+        outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=seen, enable_gqa=True).transpose(0, 1))
+    return torch.cat(outs)
+
+
 class Qwen3Scorer:
     """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
 
-    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False) -> None:
+    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False,
+                 attention: str = "padded", varlen_kernel: VarlenKernel | None = None) -> None:
         # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
         config = model.config
         if getattr(config, "use_sliding_window", False):
@@ -122,6 +234,17 @@ class Qwen3Scorer:
         self.fold = self.heads // self.kv_heads if cuda else 1  # query heads per K/V head, or 1
         head = model.get_output_embeddings().weight
         self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
+        # "varlen": no padded layout, no mask, no scatter (see ``Varlen``); FlashAttention
+        # needs CUDA and a 16-bit dtype. ``varlen_kernel`` replaces the kernel (tests run
+        # ``varlen_reference`` on the CPU).
+        if attention not in ("padded", "varlen"):
+            raise ValueError(f"attention must be 'padded' or 'varlen', not {attention!r}")
+        if attention == "varlen" and varlen_kernel is None:
+            if not cuda or head.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and "
+                                 f"bfloat16 or float16, not {self.device.type} {head.dtype}; use --attention padded")
+            varlen_kernel = flash_varlen
+        self.varlen_kernel: VarlenKernel | None = varlen_kernel if attention == "varlen" else None
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
         # runs as three functions of (layer, tensors). With ``compile`` they go through
         # torch.compile with dynamic token counts: one graph serves all layers and batch
@@ -139,7 +262,8 @@ class Qwen3Scorer:
 
     def prefill(self, sequences: list[list[int]]) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later."""
-        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.fold)
+        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.fold,
+                             varlen_groups=[-1] * len(sequences) if self.varlen_kernel else None)
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
         self._run(sequences, Pasts.none(), layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
@@ -148,8 +272,10 @@ class Qwen3Scorer:
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
         past_lengths = [0 if p is None else p.shape[2] for p in pasts]
-        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.fold)
-        hidden = self._run(tails, Pasts.group(pasts, self.device), layout, None)
+        grouped = Pasts.group(pasts, self.device)
+        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.fold,
+                             varlen_groups=grouped.row_group if self.varlen_kernel else None)
+        hidden = self._run(tails, grouped, layout, None)
         hidden = self.model.norm(hidden).float()
         yes_no = hidden @ self.yes_no.T
         diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
@@ -192,7 +318,18 @@ class Qwen3Scorer:
         h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
         if collect is not None:
             collect.append(torch.stack((k, v)))
+        if layout.varlen is not None:
+            return h, self._pack_kv(k, layout.varlen, pasts, index, 0), self._pack_kv(v, layout.varlen, pasts, index, 1)
         return h, self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
+
+    @staticmethod
+    def _pack_kv(t: torch.Tensor, varlen: Varlen, pasts: Pasts, index: int, which: int) -> torch.Tensor:
+        """Keys or values ``[tokens, kv_heads, dim]`` with each row's prefix put before its
+        tokens: ``[keys, kv_heads, dim]`` in ``varlen.cu_k`` order."""
+        if varlen.key_gather is None:
+            return t
+        source = torch.cat([t, *(kv[index, which] for kv, _ in pasts.groups)])
+        return source.index_select(0, varlen.key_gather)
 
     def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
                 which: int) -> torch.Tensor:
@@ -211,6 +348,12 @@ class Qwen3Scorer:
         """Attention of packed queries ``[tokens, heads, dim]`` over padded K/V, ``fold``
         query heads a K/V head folded onto the query axis (see ``Layout.mask``); the rest,
         if any, grouped by the kernel. Returns ``[tokens, heads * dim]``."""
+        if layout.varlen is not None and self.varlen_kernel is not None:
+            vl = layout.varlen
+            out = (self.varlen_kernel(q, k, v, vl.cu_last, vl.cu_k, 1, vl.max_k) if only_last
+                   else self.varlen_kernel(q, k, v, vl.cu_q, vl.cu_k, vl.max_q, vl.max_k))
+            return out.reshape(-1, self.heads * self.head_dim)
+        assert layout.mask is not None and layout.last_mask is not None
         rows, fold, dim = layout.rows, self.fold, self.head_dim
         hq = self.heads // fold  # query heads the kernel sees
         gqa = hq != self.kv_heads
@@ -268,10 +411,11 @@ class Pasts:
     """A batch's prefixes, each once, with the rows that continue it."""
 
     groups: list[tuple[KV, torch.Tensor]]  # (prefix K/V, row indices on the device)
+    row_group: list[int]  # each row's index into ``groups``, -1 for a row without a prefix
 
     @classmethod
     def none(cls) -> Pasts:
-        return cls([])
+        return cls([], [])
 
     @classmethod
     def group(cls, pasts: list[KV | None], device: torch.device) -> Pasts:
@@ -281,4 +425,6 @@ class Pasts:
             if kv is not None:
                 rows.setdefault(id(kv), []).append(row)
                 tensors[id(kv)] = kv
-        return cls([(tensors[key], to_device(torch.tensor(r), device)) for key, r in rows.items()])
+        order = {key: g for g, key in enumerate(rows)}
+        row_group = [-1 if kv is None else order[id(kv)] for kv in pasts]
+        return cls([(tensors[key], to_device(torch.tensor(r), device)) for key, r in rows.items()], row_group)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from worker.prompt import PromptBuilder
-from worker.qwen3 import KV, Qwen3Scorer
+from worker.qwen3 import KV, Qwen3Scorer, check_varlen_kernel
 from worker.types import BatchScores, Truncation, WorkItem
 
 log = logging.getLogger(__name__)
@@ -72,28 +72,39 @@ class ModelRunner:  # implements worker.types.Runner
     """Scores batches of ``WorkItem`` with a real Qwen3-Reranker checkpoint."""
 
     def __init__(self, model: Any, tokenizer: Any, *, model_id: str,
-                 max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False) -> None:
+                 max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False,
+                 attention: str = "padded") -> None:
         limit = int(getattr(model.config, "max_position_embeddings", 32768))
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
         self.model_id = model_id
         self.builder = PromptBuilder(tokenizer, max_length)
         self.model = model  # the full Qwen3ForCausalLM (benchmarks run the card's loop on it)
-        self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile)
+        self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile,
+                                  attention=attention)
         self.cache = PrefixCache(prefix_cache_mb * 2**20)
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
-             max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None) -> ModelRunner:
+             max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
+             attention: str = "padded") -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
-        None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already)."""
+        None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already).
+        ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
+        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
         if compile is None:
             compile = dev.type == "cuda"
+        if attention not in ("padded", "varlen"):
+            raise ValueError(f"--attention must be padded or varlen, not {attention!r}")
+        if attention == "varlen" and (dev.type != "cuda" or torch_dtype == torch.float32):
+            raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and bfloat16 "
+                             f"or float16, not {dev.type} {str(torch_dtype).removeprefix('torch.')}; "
+                             "use --attention padded")
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
@@ -102,12 +113,13 @@ class ModelRunner:  # implements worker.types.Runner
         model.to(dev).eval().requires_grad_(False)
         log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
-                   prefix_cache_mb=prefix_cache_mb, compile=compile)
+                   prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
 
     def describe(self) -> dict[str, str]:
         return {"model": self.model_id, "device": str(self.scorer.device),
                 "dtype": str(self.dtype).removeprefix("torch."),
-                "max_length": str(self.builder.max_length)}
+                "max_length": str(self.builder.max_length),
+                "attention": "varlen" if self.scorer.varlen_kernel else "padded"}
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
@@ -115,6 +127,12 @@ class ModelRunner:  # implements worker.types.Runner
         ``compile``, this is where the graphs are built (one row, and several: a size of 1 is
         its own graph)."""
         started = time.perf_counter()
+        scorer = self.scorer
+        if scorer.varlen_kernel is not None:  # before any score depends on it
+            worst = check_varlen_kernel(scorer.varlen_kernel, scorer.device, self.dtype, scorer.heads,
+                                        scorer.kv_heads, scorer.head_dim)
+            log.info("variable-length attention kernel checked against the reference: largest "
+                     "difference %.2g", worst)
         prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
                                      None, Truncation.END)
         items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
