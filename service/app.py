@@ -35,7 +35,7 @@ def load_model_runner(config: ServeConfig) -> Runner:
         raise ValueError("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
     return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
                             max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb,
-                            compile=config.compile)
+                            compile=config.compile, attention=config.attention)
 
 
 # -- seams ---------------------------------------------------------------------------------
@@ -105,6 +105,8 @@ class WarmingEngine:
 class App:
     def __init__(self, config: ServeConfig, load_runner: Callable[[], Runner] | None = None,
                  core_parts: CoreParts | None = None) -> None:
+        if config.attention not in ("padded", "varlen"):
+            raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
         self.config = config
         self.draining = False
         self._load_runner = load_runner or (lambda: load_model_runner(config))

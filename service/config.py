@@ -65,6 +65,10 @@ class ServeConfig:
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
                                 "the MLP gate); adds ~20-30 s to warm-up, 1.3-1.5x on a GPU "
                                 "(docs/PERFORMANCE.md)", unset="on for cuda, off for cpu")
+    attention: str = knob("padded", "attention kernel: padded (masked SDPA over padded rows; every device) "
+                          "or varlen (FlashAttention's variable-length kernel: no padding, no mask; CUDA "
+                          "with bf16/fp16 only; experimental: checked against the reference at warm-up, "
+                          "not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
     # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
     max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
     max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")

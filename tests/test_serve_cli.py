@@ -71,7 +71,7 @@ def test_batching_knobs_override_the_device_defaults() -> None:
 
 
 @pytest.mark.parametrize("argv", [["--tls-cert", "c.pem"], ["--db", "/nonexistent/dir/ledger.sqlite3"],
-                                  ["--replicas", "0"]])
+                                  ["--replicas", "0"], ["--attention", "flash"], ["--idempotency-ttl-h", "0"]])
 def test_what_cannot_work_is_refused_at_start(argv: list[str], tmp_path: Path) -> None:
     assert cli.main(["serve", "--model", "unused", "--grpc-port", "0", "--http-port", "0",
                      "--data-dir", str(tmp_path), *argv]) == 2
@@ -166,3 +166,18 @@ def test_serve_score_and_sigterm(served: tuple[Server, str]) -> None:
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=30) == 0
     server.wait_for(r"stopped")
+
+
+@pytest.mark.parametrize("argv,says,hint", [
+    (["--model", "/nonexistent/checkpoint"], "/nonexistent/checkpoint", True),
+    (["--attention", "varlen", "--device", "cpu"], "needs a CUDA device", False),
+])
+def test_a_model_that_cannot_load_stops_the_server_saying_why(
+    argv: list[str], says: str, hint: bool, tiny_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Exit 1 with the reason; the --model advice only where the checkpoint was not found."""
+    assert cli.main(["serve", "--model", str(tiny_model_dir), "--grpc-port", "0", "--http-port", "0",
+                     "--data-dir", str(tmp_path), "--no-auth", *argv]) == 1
+    (failed,) = [r.getMessage() for r in caplog.records if "model failed to load" in r.getMessage()]
+    assert says in failed
+    assert ("--model takes a Hugging Face hub id" in failed) is hint

@@ -72,11 +72,13 @@ async def _ready_unless_stopped(app: App, stops: _Stops) -> bool:
     if not ready.done():
         ready.cancel()  # stopping while loading: stop() cancels the load
         return True
-    if ready.exception() is not None:
-        log.error("model failed to load: %s\n--model takes a Hugging Face hub id (which needs network access "
-                  "or the model in the local Hugging Face cache) or a local checkpoint directory; "
-                  "`rerank make-test-model DIR` writes a random-weight one for offline trials",
-                  ready.exception())
+    failure = ready.exception()
+    if failure is not None:
+        # OSError: from_pretrained found no checkpoint; anything else says what to change itself
+        hint = ("\n--model takes a Hugging Face hub id (which needs network access or the model in the "
+                "local Hugging Face cache) or a local checkpoint directory; `rerank make-test-model DIR` "
+                "writes a random-weight one for offline trials") if isinstance(failure, OSError) else ""
+        log.error("model failed to load: %s%s", failure, hint)
         return False
     return True
 
