@@ -287,6 +287,8 @@ def main() -> int:
     parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                         help="torch.compile the per-token layer work (auto: on for cuda, as served)")
+    parser.add_argument("--attention", choices=["padded", "varlen"], default="padded",
+                        help="attention kernel (varlen: FlashAttention variable-length, CUDA + bf16 only)")
     parser.add_argument("--check-alone", type=int, default=4,
                         help="per workload, compare this many scores with the pair run alone (the contract)")
     parser.add_argument("--seed", type=int, default=1234)
@@ -300,14 +302,16 @@ def main() -> int:
         print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
         make_random_reranker(model_dir, args.size)
     runner = ModelRunner.load(str(model_dir), device=args.device, dtype=args.dtype,
-                              compile=None if args.compile == "auto" else args.compile == "on")
+                              compile=None if args.compile == "auto" else args.compile == "on",
+                              attention=args.attention)
     device, dtype = runner.scorer.device, runner.dtype
     defaults = BatcherConfig.for_device(device.type)
     config = BatcherConfig(
         max_batch_tokens=args.max_batch_tokens or defaults.max_batch_tokens,
         max_batch_size=args.max_batch_size or defaults.max_batch_size,
         max_wait_ms=defaults.max_wait_ms, prefix_reuse=args.prefix_reuse == "on")
-    print(f"device={device} dtype={dtype} compiled={runner.scorer.compiled} threads={torch.get_num_threads()} "
+    print(f"device={device} dtype={dtype} compiled={runner.scorer.compiled} attention={args.attention} "
+          f"threads={torch.get_num_threads()} "
           f"max_batch_tokens={config.max_batch_tokens} max_batch_size={config.max_batch_size} "
           f"prefix_reuse={config.prefix_reuse}", flush=True)
     runner.warmup()
@@ -348,6 +352,7 @@ def main() -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"gemm_gflops": gemm, "gemm_gflops_end": gemm_after,
                                                "peak_matmul_tflops": peak, "compile": runner.scorer.compiled,
+                                               "attention": args.attention,
                                                "engine_peak_rss_gb": engine_rss_gb,
                                                "device": str(device), "dtype": str(dtype), "rows": rows}, indent=2))
     return 0

