@@ -115,28 +115,33 @@ class SqlLedger:
                       fingerprint: str) -> RerankReply:
         now = datetime.now(UTC)
         with unavailable("billing the call"):
-            try:
-                async with self.engine.begin() as conn:
-                    if idempotency_key:  # first: a duplicate fails before anything is written
-                        # an expired record of this key no longer counts: it makes way
-                        await conn.execute(delete(idempotency_records).where(
-                            idempotency_records.c.key_id == principal.key_id,
-                            idempotency_records.c.idempotency_key == idempotency_key,
-                            idempotency_records.c.created_at < now - self.idempotency_ttl))
-                        await conn.execute(insert(idempotency_records).values(
-                            key_id=principal.key_id, idempotency_key=idempotency_key,
-                            fingerprint=fingerprint, reply=reply.to_json(), created_at=now))
-                    await conn.execute(insert(usage_records).values(
-                        key_id=principal.key_id, request_id=reply.request_id, model=reply.model,
-                        queries=len(reply.outcomes), documents=reply.billed_documents,
-                        prompt_tokens=reply.prompt_tokens, computed_tokens=reply.computed_tokens,
-                        idempotency_key=idempotency_key or None, created_at=now,
-                        day=now.date().isoformat()))
-                return reply
-            except IntegrityError:
-                if not idempotency_key:
-                    raise
+            # A second try only when the key is taken: by an expired record (rare, and deleted
+            # in the retry's transaction, so the common path costs no extra statement) or by
+            # a live one, which fails the retry too and is replayed below.
+            for retry in (False, True) if idempotency_key else (False,):
+                try:
+                    async with self.engine.begin() as conn:
+                        if idempotency_key:  # first: a duplicate fails before anything is written
+                            if retry:
+                                await conn.execute(delete(idempotency_records).where(
+                                    idempotency_records.c.key_id == principal.key_id,
+                                    idempotency_records.c.idempotency_key == idempotency_key,
+                                    idempotency_records.c.created_at < now - self.idempotency_ttl))
+                            await conn.execute(insert(idempotency_records).values(
+                                key_id=principal.key_id, idempotency_key=idempotency_key,
+                                fingerprint=fingerprint, reply=reply.to_json(), created_at=now))
+                        await conn.execute(insert(usage_records).values(
+                            key_id=principal.key_id, request_id=reply.request_id, model=reply.model,
+                            queries=len(reply.outcomes), documents=reply.billed_documents,
+                            prompt_tokens=reply.prompt_tokens, computed_tokens=reply.computed_tokens,
+                            idempotency_key=idempotency_key or None, created_at=now,
+                            day=now.date().isoformat()))
+                    return reply
+                except IntegrityError:
+                    if not idempotency_key:
+                        raise
         # A concurrent duplicate committed first: its reply stands, and this call is free.
+        assert idempotency_key is not None
         stored = await self.replay(principal, idempotency_key, fingerprint)
         if stored is None:
             raise AssertionError("idempotency record missing after a unique violation: this is a bug")

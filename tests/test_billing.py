@@ -210,6 +210,21 @@ async def test_expired_idempotency_key_starts_a_new_billed_call(stack: Stack) ->
     assert len(await stack.ledger.records()) == 2
 
 
+async def test_concurrent_reuses_of_an_expired_key_bill_once(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    await stack.core.rerank(call(key, 2, idem="weekly"))
+    await age_idempotency_records(stack.ledger, timedelta(days=8))
+    stack.runner.gate.clear()
+    tasks = [asyncio.create_task(stack.core.rerank(call(key, 2, idem="weekly"))) for _ in range(6)]
+    await held(stack.runner)  # every reuse is past replay (the record has expired) and queued
+    stack.runner.gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert [r.replayed for r in replies].count(False) == 1
+    assert len({r.request_id for r in replies}) == 1
+    assert len(await stack.ledger.records()) == 2  # the first week's call and one new one
+    assert await stored_idempotency_keys(stack.ledger) == ["weekly"]
+
+
 async def test_purge_deletes_expired_idempotency_records_only(stack: Stack) -> None:
     key = (await stack.keys.create("alice")).key
     for idem in ("old-1", "old-2", "fresh"):
