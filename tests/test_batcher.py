@@ -203,3 +203,22 @@ async def test_stats_separate_prefill_from_rows_own_tokens() -> None:
         await batcher.close()
     (batch,) = stats
     assert batch.computed_tokens - batch.prefill_tokens <= batch.padded_tokens
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+async def test_what_each_request_shares(reuse: bool) -> None:
+    """Several documents share their request's prefix; a lone document shares the template's
+    system prompt (with every request); with reuse off, nothing is shared."""
+    runner = FakeRunner()
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, prefix_reuse=reuse))
+    batcher.start()
+    try:
+        await batcher.score(request(3))
+        await batcher.score(request(1, "a lone document"))
+    finally:
+        await batcher.close()
+    many, lone = runner.batches
+    shared = runner.builder.build("q", request(3).documents, None, Truncation.END).shared_len
+    assert shared > len(runner.builder.prefix_ids) > 0
+    assert [prefix for _, prefix in many] == [shared if reuse else 0] * 3
+    assert [prefix for _, prefix in lone] == [len(runner.builder.prefix_ids) if reuse else 0]

@@ -198,6 +198,7 @@ def test_prefix_position_bug_would_be_caught(
     monkeypatch.setattr(qwen3, "make_layout", restart_positions)
     buggy = runner.score(items).logits
     monkeypatch.undo()
+    runner.cache = type(runner.cache)(runner.cache.max_bytes)  # the bug's prefixes are cached too
     assert max(abs(b - expected[0, d][1]) for d, b in enumerate(buggy)) > 100 * TOL_LOGIT
     assert runner.score(items).logits == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
 
@@ -217,6 +218,31 @@ def test_runner_rows_equal_reference_with_and_without_prefix(
         for logit, dn in zip(out.logits, order):
             assert logit == pytest.approx(expected[2, dn][1], abs=TOL_LOGIT)
         assert out.computed[0] >= 1
+
+
+def test_the_system_prompt_is_computed_once_for_all_requests(
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """Lone documents share the template's system prompt with every other request, and a
+    request's own prefix is computed on top of it: exact, and each token computed once."""
+    from worker.runner import _Item
+
+    runner = any_runner
+    runner.cache = type(runner.cache)(runner.cache.max_bytes)
+    system = len(runner.builder.prefix_ids)
+    prompts = [runner.builder.build(q, DOCUMENTS, ins, Truncation.NONE) for q, ins in QUERIES]
+    lone = prompts[0].sequences[1]
+    first = runner.score([_Item(lone, system)])
+    assert (first.computed, first.prefill_tokens) == ([len(lone)], system)  # the system prompt, now
+    other = prompts[3].sequences[5]
+    second = runner.score([_Item(other, system)])
+    assert (second.computed, second.prefill_tokens) == ([len(other) - system], 0)  # cached
+    shared = prompts[2].shared_len
+    batch = runner.score([_Item(s, shared) for s in prompts[2].sequences[:4]])
+    assert batch.prefill_tokens == shared - system  # the instruction and query only
+    assert sum(batch.computed) == sum(len(s) - shared for s in prompts[2].sequences[:4]) + shared - system
+    assert [first.logits[0], second.logits[0], *batch.logits] == pytest.approx(
+        [expected[0, 1][1], expected[3, 5][1], *(expected[2, d][1] for d in range(4))], abs=TOL_LOGIT)
 
 
 def test_one_batch_with_several_prefixes_interleaved(
@@ -313,7 +339,7 @@ async def test_compiled_path_matches_reference(
     for step in range(24):
         docs = [" ".join(["word"] * rng.randint(1, 120)) for _ in range(rng.choice([1, 2, 3, 7, 16]))]
         prompts = compiled.builder.build(f"query {step}", docs, None, Truncation.END)
-        shared = prompts.shared_len if step % 3 else 0
+        shared = [0, prompts.shared_len, len(compiled.builder.prefix_ids)][step % 3]
         compiled.score([_Item(ids, shared) for ids in prompts.sequences])
     assert counters["stats"]["unique_graphs"] == warm_graphs
 

@@ -164,8 +164,12 @@ class Batcher:
         self._admit(len(request.documents))  # the queue may have filled while we tokenized
         group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
-        reuse = self.config.prefix_reuse and len(prompts.sequences) > 1
-        prefix_len = prompts.shared_len if reuse else 0
+        # Prefix reuse: a request's documents share its whole prefix (system prompt,
+        # instruction, query); a lone document shares only the system prompt, with every
+        # other request (cached once; the rest of its prefix is its own).
+        prefix_len = 0
+        if self.config.prefix_reuse:
+            prefix_len = prompts.shared_len if len(prompts.sequences) > 1 else len(self.runner.builder.prefix_ids)
         self.queue.append(Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences))
         self._in_flight.add(group)
         self._wake.set()

@@ -260,14 +260,21 @@ class Qwen3Scorer:
         device: torch.device = self.inv_freq.device
         return device
 
-    def prefill(self, sequences: list[list[int]]) -> list[KV]:
-        """Per-layer K/V of each sequence, to serve as a shared prefix later."""
-        layout = make_layout([len(s) for s in sequences], [0] * len(sequences), self.device, self.fold,
-                             varlen_groups=[-1] * len(sequences) if self.varlen_kernel else None)
+    def prefill(self, sequences: list[list[int]], past: KV | None = None) -> list[KV]:
+        """Per-layer K/V of each sequence, to serve as a shared prefix later; with ``past``,
+        of ``past``'s tokens followed by each sequence (only the sequence is computed)."""
+        grouped = Pasts.none() if past is None else Pasts.group([past] * len(sequences), self.device)
+        past_len = 0 if past is None else past.shape[2]
+        layout = make_layout([len(s) for s in sequences], [past_len] * len(sequences), self.device, self.fold,
+                             varlen_groups=(grouped.row_group or [-1] * len(sequences)) if self.varlen_kernel
+                             else None)
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
-        self._run(sequences, Pasts.none(), layout, per_layer)
+        self._run(sequences, grouped, layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
-        return [kv.contiguous() for kv in torch.split(stacked, layout.lengths, dim=2)]
+        new = torch.split(stacked, layout.lengths, dim=2)
+        if past is None:
+            return [kv.contiguous() for kv in new]
+        return [torch.cat((past, kv), dim=2) for kv in new]
 
     def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
         """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""

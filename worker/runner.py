@@ -136,7 +136,8 @@ class ModelRunner:  # implements worker.types.Runner
         prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
                                      None, Truncation.END)
         items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
-        self.score([*items, _Item(prompts.sequences[0], 0)])
+        lone = _Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
+        self.score([*items, _Item(prompts.sequences[0], 0), lone])
         self.score(items[:1])
         if self.scorer.device.type == "cuda":
             for rows, length in ((8, 128), (32, 256), (64, 512)):
@@ -144,7 +145,9 @@ class ModelRunner:  # implements worker.types.Runner
                 shaped = self.builder.build("warm up", [doc] * rows, None, Truncation.END)
                 self.score([_Item(ids, shaped.shared_len) for ids in shaped.sequences])
             torch.cuda.synchronize()
-        self.cache = PrefixCache(self.cache.max_bytes)
+        self.cache = PrefixCache(self.cache.max_bytes)  # warm-up's prefixes are nobody's
+        system = self.builder.prefix_ids  # everybody's: ready before the first call
+        self.cache.put(tuple(system), self.scorer.prefill([system])[0])
         log.info("warm-up done in %.1fs%s", time.perf_counter() - started,
                  " (compiled)" if self.scorer.compiled else "")
 
@@ -160,22 +163,46 @@ class ModelRunner:  # implements worker.types.Runner
                 if kv is None:
                     missing.setdefault(key, []).append(i)
                 pasts[i] = kv
-        if missing:
-            self._prefill(missing, pasts, computed)
+        prefill_tokens = self._prefill(missing, pasts, computed) if missing else 0
         tails = [it.ids[it.prefix_len:] for it in items]
         logits = self.scorer.score(tails, pasts).tolist()
         return BatchScores(logits, computed, len(items) * max(len(t) for t in tails),
-                           prefill_tokens=sum(len(key) for key in missing))
+                           prefill_tokens=prefill_tokens)
 
     def _prefill(self, missing: dict[tuple[int, ...], list[int]], pasts: list[KV | None],
-                 computed: list[int]) -> None:
-        keys = list(missing)
-        for key, kv in zip(keys, self.scorer.prefill([list(k) for k in keys])):
-            self.cache.put(key, kv)
-            first, *_ = missing[key]
-            computed[first] += len(key)
-            for i in missing[key]:
-                pasts[i] = kv
+                 computed: list[int]) -> int:
+        """Compute and cache the batch's missing prefixes; the tokens that took. Every prompt
+        starts with the template's system prompt: it is computed once and cached like any
+        prefix (single-document requests use it alone), and a request's longer prefix is
+        computed on top of it, so only its instruction and query run."""
+        system = tuple(self.builder.prefix_ids)
+        on_system = [k for k in missing if len(k) > len(system) and k[: len(system)] == system]
+        plain = [k for k in missing if k not in on_system]
+        base = self.cache.get(system) if on_system else None
+        if on_system and base is None and system not in missing:
+            plain.append(system)  # needed only as the base of the others
+        spent = 0
+        if plain:
+            for key, kv in zip(plain, self.scorer.prefill([list(k) for k in plain])):
+                rows = missing.get(key, [])
+                self.cache.put(key, kv)
+                computed[rows[0] if rows else missing[on_system[0]][0]] += len(key)  # counted once
+                spent += len(key)
+                for i in rows:
+                    pasts[i] = kv
+                if key == system:
+                    base = kv
+        if on_system:
+            assert base is not None
+            tails = [list(k[len(system):]) for k in on_system]
+            for key, kv in zip(on_system, self.scorer.prefill(tails, past=base)):
+                rows = missing[key]
+                self.cache.put(key, kv)
+                computed[rows[0]] += len(key) - len(system)
+                spent += len(key) - len(system)
+                for i in rows:
+                    pasts[i] = kv
+        return spent
 
 
 @dataclass(frozen=True, slots=True)
