@@ -73,6 +73,8 @@ def build_workloads(tokenizer, args: argparse.Namespace) -> dict[str, Workload]:
                           [ScoreRequest(query, docs(2 * args.docs, 55, 65))]),
         "concurrent": Workload(f"{args.concurrent} concurrent requests x 4 docs, 50-150 tokens",
                                [ScoreRequest(f"{query} #{i}", docs(4, 50, 150)) for i in range(args.concurrent)]),
+        "lone": Workload(f"{2 * args.docs} concurrent requests x 1 doc, ~60 tokens",
+                         [ScoreRequest(f"{query} #{i}", docs(1, 55, 65)) for i in range(2 * args.docs)]),
         "fixed": Workload(f"{args.fixed_requests} x (1 query x {args.docs} docs, {fixed} tokens)",
                           [ScoreRequest(f"{query} #{i}" if i else query, docs(args.docs, fixed, fixed))
                            for i in range(args.fixed_requests)]),
@@ -273,7 +275,7 @@ def main() -> int:
     parser.add_argument("--size", default="0.6b", choices=["0.6b", "tiny"])
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None)
-    parser.add_argument("--workloads", default="mixed,short,concurrent")
+    parser.add_argument("--workloads", default="mixed,short,concurrent,lone")
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--doc-tokens", type=int, default=256, help="length for the 'fixed' workload")
     parser.add_argument("--fixed-requests", type=int, default=1,

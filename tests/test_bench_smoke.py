@@ -29,13 +29,13 @@ def test_engine_bench_runs_every_workload_and_agrees_with_the_card(tiny_model_di
     out = tmp_path / "engine.json"
     run_script("bench/engine.py", "--model-dir", str(tiny_model_dir), "--size", "tiny", "--device", "cpu",
                "--docs", "3", "--concurrent", "2", "--doc-tokens", "20", "--latency-reps", "2",
-               "--workloads", "mixed,short,concurrent,fixed", "--check-alone", "2", "--json", str(out))
+               "--workloads", "mixed,short,concurrent,lone,fixed", "--check-alone", "2", "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     cards = [r for r in rows if r["path"] == "card"]
     alone = [r for r in rows if "max_alone_score_diff" in r]
-    assert {r["workload"] for r in cards} == {"mixed", "short", "concurrent", "fixed"}
+    assert {r["workload"] for r in cards} == {"mixed", "short", "concurrent", "lone", "fixed"}
     assert all(r["speedup"] > 0 and r["max_score_diff"] < 1e-4 for r in cards)
-    assert len(alone) == 4 and all(r["max_alone_score_diff"] < 1e-5 for r in alone)
+    assert len(alone) == 5 and all(r["max_alone_score_diff"] < 1e-5 for r in alone)
 
 
 def test_dtype_compare_reports_every_mode(tiny_model_dir: Path) -> None:
