@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import delete, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -147,13 +147,23 @@ class SqlLedger:
             raise AssertionError("idempotency record missing after a unique violation: this is a bug")
         return stored
 
-    async def purge_expired(self) -> int:
-        """Delete expired idempotency records; how many. Safe on several replicas at once."""
-        with unavailable("deleting expired idempotency records"):
-            async with self.engine.begin() as conn:
-                result = await conn.execute(delete(idempotency_records)
-                                            .where(idempotency_records.c.created_at < self._cutoff()))
-        return int(result.rowcount or 0)
+    async def purge_expired(self, chunk: int = 5000) -> int:
+        """Delete expired idempotency records; how many. In transactions of ``chunk`` rows, so a
+        first purge of a large old table never holds the write lock (SQLite's is the whole
+        database) long enough to stall billing. Safe on several replicas at once."""
+        t = idempotency_records
+        cutoff = self._cutoff()
+        expired = select(t.c.key_id, t.c.idempotency_key).where(t.c.created_at < cutoff).limit(chunk)
+        purged = 0
+        while True:
+            with unavailable("deleting expired idempotency records"):
+                async with self.engine.begin() as conn:
+                    result = await conn.execute(
+                        delete(t).where(tuple_(t.c.key_id, t.c.idempotency_key).in_(expired)))
+            deleted = int(result.rowcount or 0)
+            purged += deleted
+            if deleted < chunk:
+                return purged
 
     def _maybe_purge(self) -> None:
         """Start a background purge when one is due and none is running (never awaited by a call)."""
