@@ -23,7 +23,7 @@ from service.errors import Code, ServiceError
 from service.grpc_server import GrpcServer
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
-from worker.types import Runner, ScoreRequest, ScoreResult
+from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class WarmingEngine:
 class App:
     def __init__(self, config: ServeConfig, load_runner: Callable[[], Runner] | None = None,
                  core_parts: CoreParts | None = None) -> None:
-        if config.attention not in ("padded", "varlen"):
+        if config.attention not in ATTENTION_KINDS:
             raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
         self.config = config
         self.draining = False

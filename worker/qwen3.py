@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from worker.types import ATTENTION_KINDS
+
 KV = torch.Tensor  # one prefix's keys and values: [layers, 2, length, kv_heads, head_dim]
 
 
@@ -119,6 +121,15 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
         mask=mask.repeat_interleave(fold, dim=1)[:, None],
         last_mask=last_mask[:, None, None],
     )
+
+
+def check_attention(attention: str, device: torch.device, dtype: torch.dtype) -> None:
+    """ValueError unless ``attention`` can run here: FlashAttention needs CUDA and 16 bits."""
+    if attention not in ATTENTION_KINDS:
+        raise ValueError(f"--attention must be padded or varlen, not {attention!r}")
+    if attention == "varlen" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and bfloat16 or "
+                         f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use --attention padded")
 
 
 # (queries, keys, values, query offsets, key offsets, longest query run, longest key run)
@@ -237,14 +248,9 @@ class Qwen3Scorer:
         # "varlen": no padded layout, no mask, no scatter (see ``Varlen``); FlashAttention
         # needs CUDA and a 16-bit dtype. ``varlen_kernel`` replaces the kernel (tests run
         # ``varlen_reference`` on the CPU).
-        if attention not in ("padded", "varlen"):
-            raise ValueError(f"attention must be 'padded' or 'varlen', not {attention!r}")
-        if attention == "varlen" and varlen_kernel is None:
-            if not cuda or head.dtype not in (torch.bfloat16, torch.float16):
-                raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and "
-                                 f"bfloat16 or float16, not {self.device.type} {head.dtype}; use --attention padded")
-            varlen_kernel = flash_varlen
-        self.varlen_kernel: VarlenKernel | None = varlen_kernel if attention == "varlen" else None
+        if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
+            check_attention(attention, self.device, head.dtype)
+        self.varlen_kernel: VarlenKernel | None = (varlen_kernel or flash_varlen) if attention == "varlen" else None
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
         # runs as three functions of (layer, tensors). With ``compile`` they go through
         # torch.compile with dynamic token counts: one graph serves all layers and batch

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from worker.prompt import PromptBuilder
-from worker.qwen3 import KV, Qwen3Scorer, check_varlen_kernel
+from worker.qwen3 import KV, Qwen3Scorer, check_attention, check_varlen_kernel
 from worker.types import BatchScores, Truncation, WorkItem
 
 log = logging.getLogger(__name__)
@@ -99,12 +99,7 @@ class ModelRunner:  # implements worker.types.Runner
         torch_dtype = pick_dtype(dtype, dev)
         if compile is None:
             compile = dev.type == "cuda"
-        if attention not in ("padded", "varlen"):
-            raise ValueError(f"--attention must be padded or varlen, not {attention!r}")
-        if attention == "varlen" and (dev.type != "cuda" or torch_dtype == torch.float32):
-            raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and bfloat16 "
-                             f"or float16, not {dev.type} {str(torch_dtype).removeprefix('torch.')}; "
-                             "use --attention padded")
+        check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
     from worker.prompt import PromptBuilder
 
 
+ATTENTION_KINDS = ("padded", "varlen")  # ``--attention``: see worker/qwen3.py
+
+
 class Truncation(enum.Enum):
     """What to do with a document too long for ``max_length``."""
 
