@@ -180,11 +180,12 @@ def check_varlen_kernel(kernel: VarlenKernel, device: torch.device, dtype: torch
     k, v = (torch.randn(int(cu_k[-1]), kv_heads, head_dim, generator=gen) for _ in range(2))
     last = cu_q[1:] - 1
     cu_last = torch.arange(len(new) + 1)
+    max_k = max(p + n for p, n in zip(prefix, new))
     worst = 0.0
     for queries, offsets, max_q in ((q, cu_q, max(new)), (q[last], cu_last, 1)):
-        want = varlen_reference(queries, k, v, offsets, cu_k, max_q, int(max(cu_k.diff())))
+        want = varlen_reference(queries, k, v, offsets, cu_k, max_q, max_k)
         got = kernel(queries.to(device, dtype), k.to(device, dtype), v.to(device, dtype),
-                     offsets.to(device, torch.int32), cu_k.to(device, torch.int32), max_q, int(max(cu_k.diff())))
+                     offsets.to(device, torch.int32), cu_k.to(device, torch.int32), max_q, max_k)
         worst = max(worst, float((got.float().cpu() - want).abs().max()))
     if not worst <= tolerance:
         raise RuntimeError(f"the variable-length attention kernel disagrees with the reference on {device} "
