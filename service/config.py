@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core import Limits
+from service.edge import EdgeLimits
 from worker.batcher import BatcherConfig
 
 ENV_PREFIX = "RERANK_"
@@ -34,6 +35,7 @@ class TlsFiles:
 
 _LIMITS = Limits()
 _BATCHING = BatcherConfig()
+_EDGE = EdgeLimits()
 
 
 def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None,
@@ -98,6 +100,17 @@ class ServeConfig:
     # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
     # extension_components; the same knobs serve `rerank gateway`)
     http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
+    # -- the HTTP edge's resource limits (service.edge.EdgeLimits; docs/SECURITY.md)
+    http_max_connections: int = knob(_EDGE.max_connections, "open HTTP connections; past it a connection's "
+                                     "calls get 503 with Retry-After")
+    http_header_timeout_s: float = knob(_EDGE.header_timeout_s, "seconds for a request head (request line and "
+                                        "headers) to arrive; a connection that stalls is closed with 408")
+    http_body_timeout_s: float = knob(_EDGE.body_timeout_s, "seconds for a request body to arrive once its head "
+                                      "has; slower is 408")
+    http_idle_timeout_s: float = knob(_EDGE.idle_timeout_s, "seconds an idle keep-alive connection stays open")
+    http_max_header_bytes: int = knob(_EDGE.max_header_bytes, "bytes in a request head; larger is 431")
+    http_max_body_bytes_in_flight: int = knob(_EDGE.max_body_bytes_in_flight, "request body bytes received or "
+                                              "held at once, all connections together; past it calls get 429")
     db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
                               "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",
                               metavar="URL", flag="--db")
@@ -118,6 +131,12 @@ class ServeConfig:
         return Limits(max_documents=self.max_documents, max_queries=self.max_queries,
                       max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
                       max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
+
+    def edge_limits(self) -> EdgeLimits:
+        return EdgeLimits(max_connections=self.http_max_connections, header_timeout_s=self.http_header_timeout_s,
+                          body_timeout_s=self.http_body_timeout_s, idle_timeout_s=self.http_idle_timeout_s,
+                          max_header_bytes=self.http_max_header_bytes,
+                          max_body_bytes_in_flight=self.http_max_body_bytes_in_flight)
 
     def batcher_config(self, device: str) -> BatcherConfig:
         base = _device_batching(device)

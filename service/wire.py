@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from rerank.v1 import rerank_pb2 as pb
 
 from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from worker.types import Truncation
 
@@ -60,12 +61,12 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
 
 
 def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """The key of ``authorization: Bearer <key>``; another scheme passes through whole, so
-    the authenticator (not the wire layer) decides what to refuse."""
+    """The key of ``authorization: Bearer <key>``, by the rule HTTP applies too
+    (``service.edge.bearer_token``): no header is None, anything but ``Bearer <key>`` is
+    UNAUTHENTICATED, saying what was wrong."""
     for name, value in metadata or ():
         if name.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else value.strip()
+            return bearer_token(value)
     return None
 
 

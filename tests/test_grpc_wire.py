@@ -7,7 +7,7 @@ from rerank.v1 import rerank_pb2 as pb
 
 from service import wire
 from service.core import QueryOutcome, RankedDoc, RerankReply
-from service.errors import ServiceError
+from service.errors import Code, ServiceError
 from worker.types import Truncation
 
 
@@ -18,12 +18,25 @@ from worker.types import Truncation
     ([("authorization", "Bearer sk-1")], "sk-1"),
     ([("authorization", "bearer   sk-2  ")], "sk-2"),
     ([("Authorization", "Bearer sk-3")], "sk-3"),
-    ([("authorization", "Basic dXNlcg==")], "Basic dXNlcg=="),  # passed on: the authenticator refuses it
-    ([("authorization", "Bearer")], "Bearer"),
     ([("authorization-bin", b"\x00")], None),
 ])
 def test_bearer_key(metadata: list[tuple[str, str | bytes]] | None, key: str | None) -> None:
     assert wire.bearer_key(metadata) == key
+
+
+@pytest.mark.parametrize(("header", "says"), [
+    ("Basic dXNlcg==", "'Basic' scheme"),
+    ("rk_live_barekey", "no scheme"),
+    ("Bearer", "carries no key"),
+    ("Bearer   ", "carries no key"),
+    ("Bearer a b", "more than one value"),
+    ("\u00e9t\u00e9 x", "'another' scheme"),  # never echoes non-ASCII or long text
+])
+def test_anything_but_bearer_is_refused_saying_why(header: str, says: str) -> None:
+    with pytest.raises(ServiceError) as err:
+        wire.bearer_key([("authorization", header)])
+    assert err.value.code is Code.UNAUTHENTICATED
+    assert says in err.value.message
 
 
 @pytest.mark.parametrize(("truncation", "expected"), [
