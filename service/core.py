@@ -8,7 +8,8 @@ here, once. The order of a call is fixed and is what makes billing exact:
 2. validate against ``Limits`` (documented in docs/API.md);
 3. replay: a call whose idempotency key was already billed returns the stored reply,
    free; the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
-4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
+4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``; a replay
+   counts as a request (no documents), so replays cannot outpace the key's rps;
 5. score every query through the ``Engine`` (the in-process batcher, or a remote server);
 6. bill: one usage record per successful call, written with its idempotency key in one
    transaction (``UsageLedger.record``); if that write fails the call fails, unbilled.
@@ -228,6 +229,8 @@ class RerankCore:
         if call.idempotency_key and self.ledger is not None:
             stored = await self.ledger.replay(principal, call.idempotency_key, fingerprint)
             if stored is not None:
+                # free of charge, not of the request rate: a replay costs a lookup and a reply
+                await self.limiter.admit(principal, 0)
                 return stored
         documents = sum(len(q.documents) for q in call.queries)
         await self.limiter.admit(principal, documents)
@@ -298,12 +301,24 @@ def _invalid(message: str) -> ServiceError:
 
 async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[ScoreResult]:
     """Every query's scores; when one query fails, the others are cancelled, not left running."""
-    tasks = [asyncio.ensure_future(engine.score(_to_request(q))) for q in queries]
+    several = len(queries) > 1
+    tasks = [asyncio.ensure_future(_score(engine, q, f"queries[{n}]: " if several else ""))
+             for n, q in enumerate(queries)]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
         for task in tasks:
             task.cancel()
+        raise
+
+
+async def _score(engine: Engine, q: RerankQuery, where: str) -> ScoreResult:
+    """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
+    try:
+        return await engine.score(_to_request(q))
+    except ServiceError as exc:
+        if where and exc.code is Code.INVALID_ARGUMENT:
+            raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc
         raise
 
 

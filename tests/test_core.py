@@ -29,6 +29,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
         with pytest.raises(ServiceError) as info:
             await core.rerank(call)
         assert info.value.code is Code.INVALID_ARGUMENT
+        assert info.value.message.startswith("queries[1]: document 0 needs "), info.value.message
         runner.gate.set()
         await blocker
         await core.rerank(RerankCall([RerankQuery("after", ["e"])]))
@@ -55,3 +56,16 @@ async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
     assert [r.index for r in top.outcomes[0].results] == [r.index for r in ranked[:3]]
     assert [r.document for r in top.outcomes[0].results] == [docs[r.index] for r in ranked[:3]]
     assert top.billed_documents == 7  # every document sent is billed, not only the top_n
+
+
+async def test_an_invalid_single_query_is_not_named_by_index() -> None:
+    runner = FakeRunner(max_length=64)
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    core = RerankCore(BatcherEngine(batcher), model_name="fake")
+    try:
+        with pytest.raises(ServiceError) as info:
+            await core.rerank(RerankCall([RerankQuery("q", ["word " * 500], truncation=Truncation.NONE)]))
+        assert info.value.message.startswith("document 0 needs "), info.value.message
+    finally:
+        await batcher.close()
