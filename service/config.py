@@ -13,7 +13,7 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,10 +133,7 @@ class ServeConfig:
                       max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
 
     def edge_limits(self) -> EdgeLimits:
-        return EdgeLimits(max_connections=self.http_max_connections, header_timeout_s=self.http_header_timeout_s,
-                          body_timeout_s=self.http_body_timeout_s, idle_timeout_s=self.http_idle_timeout_s,
-                          max_header_bytes=self.http_max_header_bytes,
-                          max_body_bytes_in_flight=self.http_max_body_bytes_in_flight)
+        return edge_limits(self)
 
     def batcher_config(self, device: str) -> BatcherConfig:
         base = _device_batching(device)
@@ -152,16 +149,29 @@ class ServeConfig:
         return TlsFiles(Path(self.tls_cert), Path(self.tls_key)) if self.tls_cert and self.tls_key else None
 
 
+# The --http-* fields: EdgeLimits' fields with a prefix; `rerank gateway` takes them too.
+HTTP_EDGE_FIELDS = tuple("http_" + f.name for f in dataclasses.fields(EdgeLimits))
+
+
+def edge_limits(values: ServeConfig | argparse.Namespace) -> EdgeLimits:
+    """The HTTP edge's limits from a config or from parsed ``--http-*`` flags."""
+    return EdgeLimits(**{name.removeprefix("http_"): getattr(values, name) for name in HTTP_EDGE_FIELDS})
+
+
 def _device_batching(device: str) -> BatcherConfig:
     return BatcherConfig.for_device(device.split(":")[0])  # "cuda:1" -> "cuda"
 
 
 # -- flags and environment -------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """One flag per field; defaults come from ``env`` (default ``os.environ``), then the field."""
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
+                  only: Collection[str] | None = None) -> None:
+    """One flag per field (or per field named in ``only``); defaults come from ``env``
+    (default ``os.environ``), then the field."""
     env = os.environ if env is None else env
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
+        if only is not None and f.name not in only:
+            continue
         kind = _base_type(hints[f.name])
         var = ENV_PREFIX + f.name.upper()
         default = _parse_env(var, env[var], kind) if var in env else f.default
