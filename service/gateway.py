@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import math
 import time
@@ -38,7 +39,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core import Authenticator, RerankCore
+from service.core import Authenticator, Principal, RerankCore
 from service.edge import EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.gateway_schema import (
@@ -108,6 +109,10 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
         openapi(), core.limits, sorted(core.accepted_models))
     app.add_middleware(JsonByDefault)
+    if not isinstance(core.auth, CheckedOnce):
+        # the guard checks the key before the body; the core's check of the same request then
+        # reuses that answer instead of asking the key table again (gRPC calls pass through)
+        core.auth = CheckedOnce(core.auth)
     app.add_middleware(EdgeGuard, max_bytes=core.limits.max_request_bytes, limits=edge or EdgeLimits(),
                        auth=core.auth)
     app.add_middleware(Observe, metrics=metrics, routes=lambda: app.router.routes)
@@ -328,6 +333,29 @@ class BodyBudget:
         self.held -= size
 
 
+_CHECKED: contextvars.ContextVar[tuple[str | None, Principal] | None] = contextvars.ContextVar(
+    "rerank_checked_key", default=None)
+
+
+class CheckedOnce:
+    """An ``Authenticator`` that answers the core's check of an HTTP call from ``EdgeGuard``'s,
+    made moments before in the same request (the same task's context), for the same key.
+    Anything else (gRPC, another key) is the wrapped authenticator's to decide."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        checked = _CHECKED.get()
+        if checked is not None and checked[0] == api_key:
+            return checked[1]
+        return await self.auth.authenticate(api_key)
+
+    async def check_request(self, api_key: str | None) -> None:
+        """The guard's check; remembered for the rest of this request."""
+        _CHECKED.set((api_key, await self.auth.authenticate(api_key)))
+
+
 OVER_CAPACITY = "rerank.over_capacity"  # scope state set by http_server.EdgeProtocol past --http-max-connections
 _NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # their bodies, if any, are never read
 _BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")  # UTF-8, and UTF-16 (UTF-32's start the same)
@@ -353,7 +381,7 @@ class EdgeGuard:
 
     Errors are the API's JSON errors (``error_response``)."""
 
-    def __init__(self, app: ASGIApp, *, max_bytes: int, limits: EdgeLimits, auth: Authenticator) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, limits: EdgeLimits, auth: CheckedOnce) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.limits = limits
@@ -403,7 +431,7 @@ class EdgeGuard:
             return
         headers = Headers(scope=scope)
         try:
-            await self.auth.authenticate(bearer_token(headers.get("authorization")))
+            await self.auth.check_request(bearer_token(headers.get("authorization")))
         except ServiceError as exc:
             await _send_error(scope, receive, send, exc, close=True)
             return

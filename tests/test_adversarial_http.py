@@ -334,3 +334,20 @@ async def test_a_call_cut_at_the_end_of_the_grace_period_gets_a_json_503(caplog:
     assert reply.status_code == 503 and reply.headers["retry-after"] == "1"
     assert "shutting down" in reply.json()["detail"]
     assert "Exception in ASGI application" not in caplog.text and "Traceback" not in caplog.text
+
+
+def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before the body, the key is not read from the key table a second time by the core."""
+    key_id, secret = gw.create_key()
+    lookups: list[str | None] = []
+    authenticate = gw.keys.authenticate
+
+    async def counted(api_key: str | None) -> object:
+        lookups.append(api_key)
+        return await authenticate(api_key)
+
+    monkeypatch.setattr(gw.keys, "authenticate", counted)
+    for _ in range(3):
+        assert exchange(gw, request(key=secret, body=BODY)).status == 200
+    assert lookups == [secret] * 3
+    assert len(gw.records(key_id)) == 3
