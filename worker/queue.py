@@ -321,7 +321,7 @@ class FairQueue(_QueueBase):
             self._classes.pop(cls.priority, None)
 
 
-def make_queue(policy: Policy, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+def make_queue(policy: str, max_batch_tokens: int, max_batch_size: int, window: int = 512,
                max_attention_tokens: int | None = None) -> FairQueue | FifoQueue:
     if policy == "fair":
         return FairQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
