@@ -2,13 +2,13 @@
 
 The flood tenant keeps ``--flood-clients`` calls of ``--flood-docs`` documents of about
 ``--flood-doc-tokens`` tokens in flight, back to back; the quiet tenant sends one short
-document at a time, ``--quiet-gap-ms`` apart. Each scheduler (``--schedulers``) runs one
-phase of ``--seconds`` with the flood, after one phase of the quiet tenant alone, on the
-real serving path below the RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what the
-core sets from the API key). Reported per phase: the quiet tenant's latency p50/p99, the
-flood's throughput (tokens the model ran per second, from the batches, so calls cut off by
-the phase's end still count what they ran), and the slowest batch: the issue's target is
-quiet p99 during the flood <= quiet p99 alone + one maximal batch.
+document at a time, ``--quiet-gap-ms`` apart. Phases of ``--seconds`` each: the quiet tenant
+alone, the flood alone under each scheduler (``--schedulers``), then both under each, all on
+the real serving path below the RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what
+the core sets from the API key). Reported per phase: the quiet tenant's latency p50/p99/max,
+the throughput (tokens the model ran per second for everyone, from the batches, so calls cut
+off by the phase's end still count what they ran), and the slowest batch: the issue's target
+is quiet p99 during the flood <= quiet p99 alone + one maximal batch.
 
     python bench/noisy_neighbour.py --size tiny --model-dir /work/models/qwen3-reranker-tiny-random
     python bench/noisy_neighbour.py --size 0.6b --model-dir /work/models/qwen3-reranker-0.6b-random \\
@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.engine import percentile, text_of_tokens  # noqa: E402
+from bench.engine import WORDS, percentile  # noqa: E402
 from worker.batcher import Batcher, BatcherConfig, BatchStats  # noqa: E402
 from worker.offline import make_random_reranker  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
@@ -51,12 +51,19 @@ class Phase:
 
     def row(self) -> dict[str, object]:
         tokens = sum(b.computed_tokens for b in self.batches)
+        quiet = self.quiet_ms or [float("nan")]
         return {"phase": self.name, "quiet_calls": len(self.quiet_ms),
-                "quiet_p50_ms": round(percentile(self.quiet_ms, 50), 1),
-                "quiet_p99_ms": round(percentile(self.quiet_ms, 99), 1),
-                "quiet_max_ms": round(max(self.quiet_ms), 1),
+                "quiet_p50_ms": round(percentile(quiet, 50), 1), "quiet_p99_ms": round(percentile(quiet, 99), 1),
+                "quiet_max_ms": round(max(quiet), 1),
                 "tokens_per_s": round(tokens / self.seconds), "batches": len(self.batches),
                 "max_batch_ms": round(1000 * max((b.seconds for b in self.batches), default=0.0), 1)}
+
+
+def text_of_about(tokenizer, rng: random.Random, n: int) -> str:  # type: ignore[no-untyped-def]
+    """About ``n`` tokens of words, tokenized once (bench.engine's exact fit re-tokenizes per
+    word removed: minutes for the flood's 3,000-token documents)."""
+    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)["input_ids"]
+    return str(tokenizer.decode(ids[:n]))
 
 
 async def quiet_tenant(batcher: Batcher, phase: Phase, until: float, gap_s: float) -> None:
@@ -74,7 +81,7 @@ async def flood_tenant(batcher: Batcher, request: ScoreRequest) -> None:
 
 
 async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood: ScoreRequest | None,
-                    args: argparse.Namespace) -> Phase:
+                    args: argparse.Namespace, quiet: bool = True) -> Phase:
     phase = Phase(name)
     batcher = Batcher(runner, config, on_batch=phase.batches.append)
     batcher.start()
@@ -84,7 +91,10 @@ async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood
             await asyncio.sleep(args.flood_lead_s)  # the quiet tenant arrives into a running flood
         phase.batches.clear()
         started = time.perf_counter()
-        await quiet_tenant(batcher, phase, started + args.seconds, args.quiet_gap_ms / 1000)
+        if quiet:
+            await quiet_tenant(batcher, phase, started + args.seconds, args.quiet_gap_ms / 1000)
+        else:
+            await asyncio.sleep(args.seconds)
         phase.seconds = time.perf_counter() - started
     finally:
         for task in floods:
@@ -114,7 +124,7 @@ async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, o
     rng = random.Random(args.seed)
     tokenizer = runner.builder.tokenizer
     flood = ScoreRequest("which passages explain how the capital city grew along the river",
-                         [text_of_tokens(tokenizer, rng, args.flood_doc_tokens) for _ in range(args.flood_docs)],
+                         [text_of_about(tokenizer, rng, args.flood_doc_tokens) for _ in range(args.flood_docs)],
                          tenant="flood")
     base = BatcherConfig.for_device(runner.scorer.device.type)
     config = BatcherConfig(max_batch_tokens=args.max_batch_tokens or base.max_batch_tokens,
@@ -122,6 +132,9 @@ async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, o
                            max_queued_docs=10 * args.flood_docs * args.flood_clients,
                            max_queued_tokens=10 * args.flood_docs * args.flood_clients * args.flood_doc_tokens)
     rows = [(await run_phase(runner, config, "quiet alone", None, args)).row()]
+    for scheduler in args.schedulers.split(",") if args.flood_alone else ():
+        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
+                                     f"flood alone, {scheduler}", flood, args, quiet=False)).row())
     for scheduler in args.schedulers.split(","):
         rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
                                      f"flood, {scheduler}", flood, args)).row())
@@ -141,6 +154,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the device's")
     parser.add_argument("--schedulers", default="fifo,fair")
+    parser.add_argument("--flood-alone", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the flood without the quiet tenant (throughput without interruptions)")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()

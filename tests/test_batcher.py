@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -274,4 +275,32 @@ async def test_a_small_call_does_not_wait_for_another_keys_large_call(scheduler:
         assert len(runner.batches) == 6  # the large call's 8 rows took four batches either way
     finally:
         runner.gate.set()
+        await batcher.close()
+
+
+async def test_a_small_call_is_not_tokenized_behind_large_ones() -> None:
+    """Large calls tokenize for seconds; with every tokenizer thread busy on them, a short
+    call still gets its own lane (it waited behind them: p99 1.3 s in bench/noisy_neighbour.py)."""
+    runner = FakeRunner()
+    release = threading.Event()
+    build = runner.builder.build
+
+    def slow_for_large(query: str, documents: list[str], *rest: object) -> object:
+        if len(documents) > 1:
+            assert release.wait(10), "never released"
+        return build(query, documents, *rest)  # type: ignore[arg-type]
+
+    runner.builder.build = slow_for_large  # type: ignore[method-assign, assignment]
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, tokenizer_threads=2))
+    batcher.start()
+    try:
+        large = [asyncio.ensure_future(batcher.score(ScoreRequest(f"large {i}", ["word " * 2000] * 2)))
+                 for i in range(2)]  # 20,000 characters each
+        await asyncio.sleep(0.05)  # both tokenizer threads are now held by the large calls
+        small = await asyncio.wait_for(batcher.score(ScoreRequest("q", ["short"])), timeout=5)
+        assert len(small.scores) == 1 and not any(t.done() for t in large)
+        release.set()
+        await asyncio.gather(*large)
+    finally:
+        release.set()
         await batcher.close()

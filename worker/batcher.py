@@ -45,6 +45,8 @@ from worker.types import (
 
 log = logging.getLogger(__name__)
 
+SMALL_CALL_CHARS = 16_384  # query + documents: a few milliseconds of tokenizing at most
+
 
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
@@ -118,6 +120,8 @@ class Batcher:
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._tokenizers = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
+        # small calls tokenize in their own lane: never queued behind large calls' seconds of it
+        self._small_tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize-small")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._in_flight: set[Group] = set()
@@ -144,6 +148,7 @@ class Batcher:
         # joining the model thread waits for the batch in flight: off the loop, which keeps serving
         await asyncio.to_thread(self._model_thread.shutdown, True)
         self._tokenizers.shutdown(wait=False)
+        self._small_tokenizer.shutdown(wait=False)
 
     @property
     def accepting(self) -> bool:
@@ -161,7 +166,7 @@ class Batcher:
         self._admit(len(request.documents))
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
-            self._tokenizers, self.runner.builder.build, request.query, request.documents,
+            self._tokenizer_for(request), self.runner.builder.build, request.query, request.documents,
             request.instruction, request.truncation)
         group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
@@ -183,6 +188,10 @@ class Batcher:
             if not group.future.done() or group.future.cancelled():
                 group.cancelled = True  # queued entries are dropped, not computed
             self._in_flight.discard(group)
+
+    def _tokenizer_for(self, request: ScoreRequest) -> ThreadPoolExecutor:
+        chars = len(request.query) + sum(map(len, request.documents))
+        return self._small_tokenizer if chars <= SMALL_CALL_CHARS else self._tokenizers
 
     def _admit(self, docs: int, tokens: int = 0) -> None:
         """Refuse work past either limit: documents, or tokens (what the model must run). A call
