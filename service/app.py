@@ -23,6 +23,7 @@ from service.errors import Code, ServiceError
 from service.grpc_server import GrpcServer
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
+from worker.queue import POLICIES
 from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,8 @@ class App:
                  core_parts: CoreParts | None = None) -> None:
         if config.attention not in ATTENTION_KINDS:
             raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
+        if config.scheduler not in POLICIES:
+            raise ValueError(f"--scheduler must be {' or '.join(POLICIES)}, not {config.scheduler!r}")
         self.config = config
         self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
         self.stopping = False  # new calls refused: after the drain delay

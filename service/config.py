@@ -78,6 +78,12 @@ class ServeConfig:
                                      unset="per device")
     max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are refused "
                                                            "with RESOURCE_EXHAUSTED")
+    max_queued_tokens: int = knob(_BATCHING.max_queued_tokens, "tokens of queued work (each document's own "
+                                  "tokens; a shared query prefix once) before calls are refused with "
+                                  "RESOURCE_EXHAUSTED; a call alone in an empty queue is always taken")
+    scheduler: str = knob(_BATCHING.scheduler, "fair: share model batches between API keys and between a "
+                          "key's calls by tokens, with priority classes; fifo: arrival order (for comparison "
+                          "only: one key's large call delays everyone's)", metavar="POLICY")
     prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once")
     tokenizer_threads: int = knob(_BATCHING.tokenizer_threads, "threads tokenizing requests")
     # -- limits per call
@@ -141,7 +147,8 @@ class ServeConfig:
                                   "max_wait_ms": self.max_wait_ms}
         return dataclasses.replace(
             base, **{k: v for k, v in chosen.items() if v is not None}, max_queued_docs=self.max_queued_docs,
-            prefix_reuse=self.prefix_reuse, tokenizer_threads=self.tokenizer_threads)
+            max_queued_tokens=self.max_queued_tokens, scheduler=self.scheduler, prefix_reuse=self.prefix_reuse,
+            tokenizer_threads=self.tokenizer_threads)
 
     def tls(self) -> TlsFiles | None:
         if (self.tls_cert is None) != (self.tls_key is None):

@@ -5,7 +5,8 @@ and back, and map ``ServiceError`` with ``service.errors``; everything in betwee
 here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
-2. validate against ``Limits`` (documented in docs/API.md);
+2. validate against ``Limits`` (documented in docs/API.md), and resolve the call's
+   scheduling priority (``effective_priority``);
 3. replay: a call whose idempotency key was already billed returns the stored reply,
    free; the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
 4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``; a replay
@@ -46,6 +47,11 @@ class Limits:
     max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
 
 
+# Scheduling priority (Cohere v2's ``priority``): lower runs first; see worker/queue.py.
+MIN_PRIORITY, MAX_PRIORITY = 0, 999
+DEFAULT_PRIORITY = 0  # what a call that names none gets, unless its key says otherwise
+PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs first)"
+
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
@@ -69,6 +75,7 @@ class RerankCall:
     model: str | None = None  # None or "": the served model
     request_id: str | None = None
     idempotency_key: str | None = None
+    priority: int | None = None  # MIN_PRIORITY..MAX_PRIORITY; None: the key's default
 
     def fingerprint(self) -> str:
         """Hash of what the caller asked for, to tell a retry from a different call."""
@@ -101,6 +108,7 @@ class RerankReply:
     outcomes: list[QueryOutcome]
     timings_ms: dict[str, float] = field(default_factory=dict)
     replayed: bool = False  # served from the idempotency record, not billed again
+    warnings: list[str] = field(default_factory=list)  # what was changed rather than refused
 
     @property
     def billed_documents(self) -> int:
@@ -232,9 +240,10 @@ class RerankCore:
                 # free of charge, not of the request rate: a replay costs a lookup and a reply
                 await self.limiter.admit(principal, 0)
                 return stored
+        priority, warnings = effective_priority(principal, call.priority)
         documents = sum(len(q.documents) for q in call.queries)
         await self.limiter.admit(principal, documents)
-        results = await _score_all(self.engine, call.queries)
+        results = await _score_all(self.engine, call.queries, principal.key_id, priority)
         reply = RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
@@ -242,6 +251,7 @@ class RerankCore:
             timings_ms={"total": round(1000 * (time.perf_counter() - started), 3),
                         # the slowest query's queue + model time: the rest of total is overhead
                         "engine": round(max(r.timings_ms.get("queue_and_model", 0.0) for r in results), 3)},
+            warnings=warnings,
         )
         if self.ledger is not None:
             reply = await self.ledger.record(principal, reply, call.idempotency_key, fingerprint)
@@ -255,6 +265,8 @@ class RerankCore:
         for label, value in (("request id", call.request_id), ("idempotency key", call.idempotency_key)):
             if value is not None and not ID_PATTERN.fullmatch(value):
                 raise _invalid(f"the {label} must be 1-{MAX_ID_CHARS} visible ASCII characters (no spaces)")
+        if call.priority is not None and not MIN_PRIORITY <= call.priority <= MAX_PRIORITY:
+            raise _invalid(f"{PRIORITY_RULE}, got {call.priority}")
         if not call.queries:
             raise ServiceError(Code.INVALID_ARGUMENT, "no queries: send at least one query")
         if len(call.queries) > lim.max_queries:
@@ -299,10 +311,20 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(Code.INVALID_ARGUMENT, message)
 
 
-async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[ScoreResult]:
+def effective_priority(principal: Principal, requested: int | None) -> tuple[int, list[str]]:
+    """The priority a call runs at, from who calls and what it asked for (already in range),
+    and the warnings to return when that differs from the request. The one place for a key's
+    policy (its default, and the best priority it may ask for). Without keys (``--no-auth``,
+    ``ANONYMOUS``) the request's value is used."""
+    return (DEFAULT_PRIORITY if requested is None else requested), []
+
+
+async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str,
+                     priority: int) -> list[ScoreResult]:
     """Every query's scores; when one query fails, the others are cancelled, not left running."""
     several = len(queries) > 1
-    tasks = [asyncio.ensure_future(_score(engine, q, f"queries[{n}]: " if several else ""))
+    tasks = [asyncio.ensure_future(_score(engine, _to_request(q, tenant, priority),
+                                          f"queries[{n}]: " if several else ""))
              for n, q in enumerate(queries)]
     try:
         return list(await asyncio.gather(*tasks))
@@ -312,18 +334,18 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[Sco
         raise
 
 
-async def _score(engine: Engine, q: RerankQuery, where: str) -> ScoreResult:
+async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResult:
     """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
     try:
-        return await engine.score(_to_request(q))
+        return await engine.score(request)
     except ServiceError as exc:
         if where and exc.code is Code.INVALID_ARGUMENT:
             raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc
         raise
 
 
-def _to_request(q: RerankQuery) -> ScoreRequest:
-    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation)
+def _to_request(q: RerankQuery, tenant: str, priority: int) -> ScoreRequest:
+    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation, tenant=tenant, priority=priority)
 
 
 def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:

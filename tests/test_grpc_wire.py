@@ -74,3 +74,17 @@ def test_batch_reply_keeps_query_order_and_sums_usage() -> None:
     assert msg.queries[0].results[0].document == "b" and not msg.queries[0].results[1].HasField("document")
     assert (msg.usage.documents, msg.usage.prompt_tokens, msg.usage.computed_tokens) == (3, 60, 50)
     assert (msg.timing.total_ms, msg.timing.engine_ms, msg.replayed) == (5.0, 4.0, True)
+
+
+def test_priority_absent_is_none_and_zero_is_a_value() -> None:
+    assert wire.call_from_request(pb.RerankRequest(query="q", documents=["d"]), None).priority is None
+    assert wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], priority=0), None).priority == 0
+    batch = pb.RerankBatchRequest(queries=[pb.BatchQuery(query="q", documents=["d"])], priority=7)
+    assert wire.call_from_batch(batch, None).priority == 7
+    assert wire.call_from_batch(pb.RerankBatchRequest(), None).priority is None
+
+
+def test_warnings_reach_both_responses() -> None:
+    reply = RerankReply("r", "m", [QueryOutcome([], 1, 2, 2)], warnings=["priority clamped to 5"])
+    assert list(wire.response_from_reply(reply).warnings) == ["priority clamped to 5"]
+    assert list(wire.batch_response_from_reply(reply).warnings) == ["priority clamped to 5"]
