@@ -52,7 +52,7 @@ def open_billing(db: str | None, data_dir: str | Path | None, *, require_keys: b
     active_keys = prepare_schema(url)
     engine = open_engine(url)
     keys, ledger = KeyStore(engine), SqlLedger(engine, idempotency_ttl=timedelta(hours=idempotency_ttl_h))
-    limiter = KeyRateLimiter(quota=ledger, default_rps=default_rps, default_dps=default_dps, share=1 / replicas)
+    limiter = KeyRateLimiter(default_rps=default_rps, default_dps=default_dps, share=1 / replicas)
     _announce(db, url, require_keys, active_keys, replicas)
     return Billing(url, engine, keys, ledger, limiter, keys if require_keys else OpenAccess())
 

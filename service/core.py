@@ -9,11 +9,15 @@ here, once. The order of a call is fixed and is what makes billing exact:
 3. replay: a call whose idempotency key was already billed returns the stored reply,
    free; the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
 4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
-5. score every query through the ``Engine`` (the in-process batcher, or a remote server);
-6. bill: one usage record per successful call, written with its idempotency key in one
-   transaction (``UsageLedger.record``); if that write fails the call fails, unbilled.
+5. reserve the call's documents against the key's quota (``UsageLedger.reserve``): over it
+   is ``QUOTA_EXCEEDED``, counting the documents of calls still in flight;
+6. score every query through the ``Engine`` (the in-process batcher, or a remote server);
+7. bill: one usage record per successful call, written with its idempotency key in one
+   transaction that also settles the reservation (``UsageLedger.record``); if that write
+   fails the call fails, unbilled.
 
-A call that fails, is rejected or is cancelled before step 6 completes is never billed.
+A call that fails, is rejected or is cancelled before step 7 completes is never billed, and
+its reservation is released.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import re
 import time
 import uuid
@@ -31,6 +36,8 @@ from typing import Protocol
 from service.errors import Code, ServiceError, from_worker
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +146,15 @@ ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
 
 
 @dataclass(frozen=True, slots=True)
+class Reservation:
+    """Documents held against a key's quota for one call in flight (``UsageLedger.reserve``)."""
+
+    id: str
+    key_id: str
+    documents: int
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     model: str
     max_length: int
@@ -167,9 +183,16 @@ class UsageLedger(Protocol):
     async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
         """The stored reply of an already billed call; IDEMPOTENCY_CONFLICT if the body differs."""
 
+    async def reserve(self, principal: Principal, documents: int) -> Reservation | None:
+        """Hold ``documents`` against the key's quota (None: the key has none); raises QUOTA_EXCEEDED."""
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back the reservation of a call that will not be billed."""
+
     async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
-                     fingerprint: str) -> RerankReply:
-        """Bill ``reply`` once. On a lost race for the same idempotency key, the winner's reply."""
+                     fingerprint: str, reservation: Reservation | None = None) -> RerankReply:
+        """Bill ``reply`` once and settle its reservation. On a lost race for the same
+        idempotency key, the winner's reply (the reservation released)."""
 
 
 class OpenAccess:
@@ -231,8 +254,20 @@ class RerankCore:
                 return stored
         documents = sum(len(q.documents) for q in call.queries)
         await self.limiter.admit(principal, documents)
+        if self.ledger is None:
+            return await self._score(call, started)
+        reservation = await self.ledger.reserve(principal, documents)
+        try:
+            reply = await self._score(call, started)
+            return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
+        except BaseException:
+            if reservation is not None:
+                await self._release(reservation)
+            raise
+
+    async def _score(self, call: RerankCall, started: float) -> RerankReply:
         results = await _score_all(self.engine, call.queries)
-        reply = RerankReply(
+        return RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
             outcomes=[_rank(q, r) for q, r in zip(call.queries, results)],
@@ -240,9 +275,15 @@ class RerankCore:
                         # the slowest query's queue + model time: the rest of total is overhead
                         "engine": round(max(r.timings_ms.get("queue_and_model", 0.0) for r in results), 3)},
         )
-        if self.ledger is not None:
-            reply = await self.ledger.record(principal, reply, call.idempotency_key, fingerprint)
-        return reply
+
+    async def _release(self, reservation: Reservation) -> None:
+        """Release a failed call's reservation; a ledger that is down lets it expire instead,
+        and the call's own error is the one its caller sees."""
+        assert self.ledger is not None
+        try:
+            await self.ledger.release(reservation)
+        except ServiceError:
+            log.warning("a quota reservation of a failed call was not released; it expires by itself")
 
     def validate(self, call: RerankCall) -> None:
         lim = self.limits

@@ -1,4 +1,4 @@
-"""Per-key admission: token buckets for requests and documents per second, then the quota.
+"""Per-key admission: token buckets for requests and documents per second.
 
 ``admit`` never waits. It takes the call's tokens now or raises ``RATE_LIMITED`` with the
 exact wait as ``retry_after_s`` (the HTTP ``Retry-After``). asyncio-throttle's ``Throttler``
@@ -11,9 +11,9 @@ debt, so a key's average stays at its limit without large calls being refused fo
 
 Replicas: buckets live in each replica's memory, and each enforces ``share`` of every
 limit (``--replicas N`` gives 1/N). Behind a load balancer that spreads calls evenly, the
-sum is the key's limit, with no shared store on the hot path. The quota is read from the
-shared ledger, so it holds across replicas; calls in flight at the same moment can overshoot
-it by their own documents (a computed call is always billed, never refused afterwards).
+sum is the key's limit, with no shared store on the hot path. Quotas are not here: they are
+reserved in the shared ledger (``SqlLedger.reserve``), atomically, so they hold exactly
+across replicas.
 """
 
 from __future__ import annotations
@@ -21,14 +21,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from service.core import Principal
 from service.errors import Code, ServiceError
-
-
-class QuotaSource(Protocol):
-    async def used_documents(self, key_id: str) -> int: ...
 
 
 @dataclass(slots=True)
@@ -58,14 +53,13 @@ class TokenBucket:
 
 
 class KeyRateLimiter:
-    """A ``RateLimiter``: per-key rps/dps buckets (key's limits, else the defaults), then quota."""
+    """A ``RateLimiter``: per-key rps/dps buckets (key's limits, else the defaults)."""
 
-    def __init__(self, *, quota: QuotaSource | None = None, default_rps: float | None = None,
+    def __init__(self, *, default_rps: float | None = None,
                  default_dps: float | None = None, share: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0 < share <= 1:
             raise ValueError(f"share must be in (0, 1], got {share}")
-        self.quota = quota
         self.default_rps = default_rps
         self.default_dps = default_dps
         self.share = share
@@ -74,12 +68,6 @@ class KeyRateLimiter:
 
     async def admit(self, principal: Principal, documents: int) -> None:
         self._take(principal, documents)  # no await inside: check-and-take is atomic on the loop
-        if principal.quota_documents is not None and self.quota is not None:
-            used = await self.quota.used_documents(principal.key_id)
-            if used + documents > principal.quota_documents:
-                raise ServiceError(Code.QUOTA_EXCEEDED, (
-                    f"API key {principal.key_id} has used {used} of its {principal.quota_documents}"
-                    f"-document quota; this call needs {documents} more"))
 
     def _take(self, principal: Principal, documents: int) -> None:
         rps = principal.rate_limit_rps or self.default_rps

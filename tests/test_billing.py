@@ -47,7 +47,7 @@ async def stack(db_url: str) -> AsyncIterator[Stack]:  # noqa: F811 - the import
     batcher.start()
     keys, ledger = KeyStore(engine), SqlLedger(engine)
     core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger,
-                      limiter=KeyRateLimiter(quota=ledger))
+                      limiter=KeyRateLimiter())
     yield Stack(core, keys, ledger, runner, batcher)
     runner.gate.set()
     await batcher.close()

@@ -1,4 +1,4 @@
-"""Admission arithmetic: token buckets on a fake clock, debt, replica share, quotas."""
+"""Admission arithmetic: token buckets on a fake clock, debt, replica share (quotas: test_quota.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Usage:
-    def __init__(self, used: int) -> None:
-        self.used = used
-
-    async def used_documents(self, key_id: str) -> int:
-        return self.used
 
 
 def key(rps: float | None = None, dps: float | None = None, quota: int | None = None) -> Principal:
@@ -106,20 +98,6 @@ async def test_changed_limits_take_effect() -> None:
     with pytest.raises(ServiceError):
         await limiter.admit(key(rps=1), 1)
     await limiter.admit(key(rps=5), 1)  # a new limit starts a new, full bucket
-
-
-@pytest.mark.parametrize(("used", "documents", "admitted"), [
-    (0, 100, True), (90, 10, True), (90, 11, False), (100, 1, False),
-])
-async def test_quota(used: int, documents: int, admitted: bool) -> None:
-    limiter = KeyRateLimiter(quota=Usage(used), clock=Clock())
-    if admitted:
-        await limiter.admit(key(quota=100), documents)
-        return
-    with pytest.raises(ServiceError) as err:
-        await limiter.admit(key(quota=100), documents)
-    assert err.value.code is Code.QUOTA_EXCEEDED
-    assert err.value.retry_after_s is None  # waiting does not help
 
 
 def test_share_must_be_a_fraction() -> None:
