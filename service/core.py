@@ -38,6 +38,7 @@ from typing import Protocol
 
 from service.errors import Code, ServiceError, from_worker
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
+from worker.prompt import PREFIX, SUFFIX, format_body
 from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
 
 log = logging.getLogger(__name__)
@@ -143,6 +144,7 @@ class Principal:
     rate_limit_dps: float | None = None  # documents per second
     quota_documents: int | None = None  # lifetime document quota
     models: frozenset[str] | None = None  # the served models this key may call, None: any
+    rate_limit_tpm: float | None = None  # prompt tokens per minute
 
 
 ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
@@ -179,7 +181,11 @@ class Authenticator(Protocol):
 
 
 class RateLimiter(Protocol):
-    async def admit(self, principal: Principal, documents: int) -> None: ...  # raises RATE_LIMITED
+    async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
+        """Take a request, its documents and an upper bound of its prompt tokens; RATE_LIMITED."""
+
+    def refund(self, principal: Principal, tokens: int) -> None:
+        """Give back the prompt tokens ``admit`` took beyond the call's real count."""
 
 
 class UsageLedger(Protocol):
@@ -206,7 +212,10 @@ class OpenAccess:
 
 
 class NoRateLimit:
-    async def admit(self, principal: Principal, documents: int) -> None:
+    async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
+        return None
+
+    def refund(self, principal: Principal, tokens: int) -> None:
         return None
 
 
@@ -304,20 +313,23 @@ class RerankCore:
     async def _admit_score_bill(self, principal: Principal, call: RerankCall, fingerprint: str,
                                 started: float) -> RerankReply:
         documents = sum(len(q.documents) for q in call.queries)
-        await self.limiter.admit(principal, documents)
+        tokens = estimate_prompt_tokens(call.queries, int(self.engine.info()["max_length"]))
+        await self.limiter.admit(principal, documents, tokens)
         if self.ledger is None:
-            return await self._score(call, started)
+            return await self._score(principal, call, tokens, started)
         reservation = await self.ledger.reserve(principal, documents)
         try:
-            reply = await self._score(call, started)
+            reply = await self._score(principal, call, tokens, started)
             return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
         except BaseException:
             if reservation is not None:
                 await self._release(reservation)
             raise
 
-    async def _score(self, call: RerankCall, started: float) -> RerankReply:
+    async def _score(self, principal: Principal, call: RerankCall, estimated_tokens: int,
+                     started: float) -> RerankReply:
         results = await _score_all(self.engine, call.queries)
+        self.limiter.refund(principal, max(0, estimated_tokens - sum(r.prompt_tokens for r in results)))
         return RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
@@ -397,6 +409,18 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[Sco
         for task in tasks:
             task.cancel()
         raise
+
+
+def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:
+    """An upper bound of the call's prompt tokens, before anything is tokenized: each prompt's
+    UTF-8 bytes (a byte-level BPE token, like every Qwen3 token but the special ones, which
+    are longer, covers at least one byte), capped at ``max_length`` (longer prompts are cut
+    or refused). Usually 3-4x the real count for English; the limiter refunds the difference."""
+    total = 0
+    for q in queries:
+        fixed = len((PREFIX + format_body(q.query, "", q.instruction) + SUFFIX).encode())
+        total += sum(min(max_length, fixed + len(doc.encode())) for doc in q.documents)
+    return total
 
 
 def _to_request(q: RerankQuery) -> ScoreRequest:

@@ -54,6 +54,7 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True)),
     Column("rate_limit_rps", Float),
     Column("rate_limit_dps", Float),
+    Column("rate_limit_tpm", Float),  # prompt tokens per minute
     Column("quota_documents", BigInteger),
     Column("models", Text),  # JSON list of the served model names the key may call; NULL: any
 )
