@@ -56,6 +56,11 @@ class Limits:
     max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
 
 
+# Scheduling priority (Cohere v2's ``priority``): lower runs first; see worker/queue.py.
+MIN_PRIORITY, MAX_PRIORITY = 0, 999
+DEFAULT_PRIORITY = 0  # what a call that names none gets, unless its key says otherwise
+PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs first)"
+
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
@@ -145,6 +150,8 @@ class Principal:
     quota_documents: int | None = None  # lifetime document quota
     models: frozenset[str] | None = None  # the served models this key may call, None: any
     rate_limit_tpm: float | None = None  # prompt tokens per minute
+    default_priority: int | None = None  # a call that names no priority runs at this (None: DEFAULT_PRIORITY)
+    best_priority: int | None = None  # the best (lowest) priority it may ask for; None: any
 
 
 ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
@@ -409,6 +416,21 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[Sco
         for task in tasks:
             task.cancel()
         raise
+
+
+def effective_priority(principal: Principal, requested: int | None) -> tuple[int, list[str]]:
+    """The priority a call runs at, from who calls and what it asked for (already in range),
+    and the warnings to return when that differs from the request. The one place for a key's
+    policy: a call that names no priority gets the key's default, one that asks for better
+    than the key's best gets the best, and is told. Without keys (``--no-auth``,
+    ``ANONYMOUS``, who has neither) the request's value is used."""
+    best = MIN_PRIORITY if principal.best_priority is None else principal.best_priority
+    if requested is None:  # nothing asked, so nothing to warn about: a default is never better than best
+        default = DEFAULT_PRIORITY if principal.default_priority is None else principal.default_priority
+        return max(default, best), []
+    if requested < best:
+        return best, [f"priority {requested} is better than this key allows; clamped to {best}"]
+    return requested, []
 
 
 def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:

@@ -55,6 +55,8 @@ api_keys = Table(
     Column("rate_limit_rps", Float),
     Column("rate_limit_dps", Float),
     Column("rate_limit_tpm", Float),  # prompt tokens per minute
+    Column("default_priority", Integer),  # scheduling priority of calls that name none
+    Column("best_priority", Integer),  # the best (lowest) priority the key may ask for
     Column("quota_documents", BigInteger),
     Column("models", Text),  # JSON list of the served model names the key may call; NULL: any
 )

@@ -42,8 +42,9 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_keys(db_url: s
         new = await KeyStore(engine).create("old", rate_limit_rps=3)
     finally:
         await engine.dispose()
-    # as the version before per-key token limits and key scopes
-    run_sql(url, "ALTER TABLE api_keys DROP COLUMN rate_limit_tpm", "ALTER TABLE api_keys DROP COLUMN models")
+    # as the version before key scopes, token limits and priorities
+    run_sql(url, *(f"ALTER TABLE api_keys DROP COLUMN {c}"
+                   for c in ("models", "rate_limit_tpm", "default_priority", "best_priority")))
     assert prepare_schema(url) == 1
     engine = open_engine(url)
     try:
@@ -51,6 +52,7 @@ async def test_an_older_ledger_gets_the_new_columns_and_keeps_its_keys(db_url: s
     finally:
         await engine.dispose()
     assert (principal.rate_limit_rps, principal.rate_limit_tpm, principal.models) == (3, None, None)
+    assert (principal.default_priority, principal.best_priority) == (None, None)
 
 
 def test_a_missing_not_null_column_is_refused_with_what_is_missing(tmp_path: Path) -> None:

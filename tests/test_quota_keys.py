@@ -59,6 +59,21 @@ def test_keys_cli_sets_and_updates_the_token_limit(tmp_path: Path, capsys: pytes
     assert keys_cli(capsys, "list", "--db", db)[1][1].split()[5:7] == ["-", "500"]
 
 
+def test_keys_cli_sets_and_updates_priorities(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    db = str(tmp_path / "ledger.sqlite3")
+    code, out = keys_cli(capsys, "create", "--name", "p", "--default-priority", "10", "--best-priority", "5",
+                         "--db", db)
+    assert code == 0 and "priority=10/5" in out[0]
+    key_id = out[0].split()[1]
+    assert keys_cli(capsys, "list", "--db", db)[1][1].split()[8] == "10/5"
+    assert keys_cli(capsys, "update", key_id, "--best-priority", "50", "--db", db)[0] == 2  # default 10 is better
+    code, out = keys_cli(capsys, "update", key_id, "--best-priority", "50", "--default-priority", "none",
+                         "--db", db)
+    assert code == 0 and "priority=-/50" in out[0]
+    assert keys_cli(capsys, "create", "--name", "x", "--best-priority", "1000", "--db", db)[0] == 2
+    assert keys_cli(capsys, "update", key_id, "--best-priority", "none", "--db", db)[1][0].count("priority=-/-") == 1
+
+
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveGateway]:
     with LiveGateway(str(tmp_path_factory.mktemp("gw") / "ledger.sqlite3")) as live:

@@ -24,17 +24,35 @@ if TYPE_CHECKING:  # imported when run: `rerank --help` stays light
 
 HELP = "create, list, update and revoke API keys (stored in the usage ledger database)"
 
-# flag -> KeyStore setting; `update` takes the same flags as `create`
-_LIMIT_FLAGS = {"rps": "rate_limit_rps", "dps": "rate_limit_dps", "tpm": "rate_limit_tpm", "quota": "quota_documents"}
+# flag (its dest) -> KeyStore setting; `update` takes the same flags as `create`
+_SETTING_FLAGS = {"rps": "rate_limit_rps", "dps": "rate_limit_dps", "tpm": "rate_limit_tpm",
+                  "quota": "quota_documents", "default_priority": "default_priority",
+                  "best_priority": "best_priority"}
 
 
-def _add_limit_arguments(parser: argparse.ArgumentParser, parse: Callable[[str], object],
-                         unset: str) -> None:
-    parser.add_argument("--rps", type=parse, help=f"rate limit: requests per second ({unset})")
-    parser.add_argument("--dps", type=parse, help=f"rate limit: documents per second ({unset})")
-    parser.add_argument("--tpm", type=parse, help=f"rate limit: prompt tokens per minute ({unset})")
-    parser.add_argument("--quota", type=lambda v: parse(v) if v == "none" else int(v),
-                        help=f"lifetime quota of billed documents ({unset})")
+def _add_setting_arguments(parser: argparse.ArgumentParser, parse: Callable[[type], Callable[[str], object]],
+                           unset: str) -> None:
+    parser.add_argument("--rps", type=parse(float), help=f"rate limit: requests per second ({unset})")
+    parser.add_argument("--dps", type=parse(float), help=f"rate limit: documents per second ({unset})")
+    parser.add_argument("--tpm", type=parse(float), help=f"rate limit: prompt tokens per minute ({unset})")
+    parser.add_argument("--quota", type=parse(int), help=f"lifetime quota of billed documents ({unset})")
+    parser.add_argument("--default-priority", type=parse(int), metavar="N",
+                        help=f"scheduling priority of calls that name none, 0 (first) to 999 ({unset}: 0)")
+    parser.add_argument("--best-priority", type=parse(int), metavar="N",
+                        help=f"the best (lowest) priority the key's calls may ask for; better is clamped "
+                             f"to it ({unset}: any)")
+
+
+def _as_is(kind: type) -> Callable[[str], object]:
+    return kind
+
+
+def _or_none(kind: type) -> Callable[[str], object]:
+    """``kind``, or the word ``none``: remove the setting."""
+    def parse(value: str) -> object:
+        return "none" if value == "none" else kind(value)
+    parse.__name__ = kind.__name__  # argparse names the type in its error message
+    return parse
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,15 +60,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser("create", help="create a key and print it (once)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     create.add_argument("--name", required=True, help="who or what the key is for (shown in lists)")
-    _add_limit_arguments(create, float, "default: none")
+    _add_setting_arguments(create, _as_is, "default: none")
     create.add_argument("--model", action="append", dest="models", metavar="NAME",
                         help="restrict the key to this served model name; repeat for several (default: any). "
                              "For several deployments sharing one ledger database")
     listing = sub.add_parser("list", help="list keys (never the keys themselves) with billed usage",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    update = sub.add_parser("update", help="change a key's limits, at once on every server sharing the database")
+    update = sub.add_parser("update", help="change a key's limits and priorities, at once on every server "
+                                           "sharing the database")
     update.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
-    _add_limit_arguments(update, _number_or_none, "default: unchanged; none: remove the limit")
+    _add_setting_arguments(update, _or_none, "default: unchanged; none: remove it")
     revoke = sub.add_parser("revoke", help="revoke a key at once, on every server sharing the database",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     revoke.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
@@ -123,7 +142,7 @@ async def _ledger_database(args: argparse.Namespace) -> AsyncIterator[tuple[Asyn
 
 async def _create(store: KeyStore, args: argparse.Namespace, where: str) -> int:
     try:
-        new = await store.create(args.name, models=args.models, **_limits(args))
+        new = await store.create(args.name, models=args.models, **_settings_given(args))
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -134,7 +153,7 @@ async def _create(store: KeyStore, args: argparse.Namespace, where: str) -> int:
 
 
 async def _update(store: KeyStore, args: argparse.Namespace) -> int:
-    changes = {name: (None if value == "none" else value) for name, value in _limits(args).items()
+    changes = {name: (None if value == "none" else value) for name, value in _settings_given(args).items()
                if value is not None}
     try:
         record = await store.update(args.key_id, **changes)
@@ -148,28 +167,29 @@ async def _update(store: KeyStore, args: argparse.Namespace) -> int:
     return 0
 
 
-def _limits(args: argparse.Namespace) -> dict[str, Any]:  # a number, None (not given) or 'none' (update)
-    return {setting: getattr(args, flag) for flag, setting in _LIMIT_FLAGS.items()}
-
-
-def _number_or_none(value: str) -> float | str:
-    return value if value == "none" else float(value)
+def _settings_given(args: argparse.Namespace) -> dict[str, Any]:  # a value, None (not given) or 'none'
+    return {setting: getattr(args, flag) for flag, setting in _SETTING_FLAGS.items()}
 
 
 def _settings(r: KeyRecord) -> str:
     return (f"rps={_opt(r.rate_limit_rps)} dps={_opt(r.rate_limit_dps)} tpm={_opt(r.rate_limit_tpm)} "
-            f"quota={_opt(r.quota_documents)} models={_models(r.models)}")
+            f"quota={_opt(r.quota_documents)} priority={_priorities(r)} models={_models(r.models)}")
+
+
+def _priorities(r: KeyRecord) -> str:
+    """default/best, as in `list`."""
+    return f"{_opt(r.default_priority)}/{_opt(r.best_priority)}"
 
 
 async def _list(store: KeyStore, ledger: SqlLedger) -> int:
     billed = await ledger.billed_by_key()
     print(f"{'KEY_ID':22} {'PREFIX':14} {'STATUS':8} {'RPS':>7} {'DPS':>7} {'TPM':>9} {'QUOTA':>10} "
-          f"{'BILLED':>10}  {'CREATED':19}  {'MODELS':12} NAME")
+          f"{'BILLED':>10} {'PRIORITY':>8}  {'CREATED':19}  {'MODELS':12} NAME")
     for r in await store.list():
         status = "revoked" if r.revoked else "active"
         print(f"{r.key_id:22} {r.display_prefix + '…':14} {status:8} {_opt(r.rate_limit_rps):>7} "
               f"{_opt(r.rate_limit_dps):>7} {_opt(r.rate_limit_tpm):>9} {_opt(r.quota_documents):>10} "
-              f"{billed.get(r.key_id, 0):>10}  "
+              f"{billed.get(r.key_id, 0):>10} {_priorities(r):>8}  "
               f"{_when(r.created_at)}  {_models(r.models):12} {r.name}")
     return 0
 
