@@ -6,9 +6,9 @@ here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
 2. validate against ``Limits`` (documented in docs/API.md);
-3. single flight, then replay: a call whose idempotency key is in flight in this process
-   waits for that call and shares its reply (or error), free, instead of computing it
-   again; one whose key was already billed (by any replica) returns the stored reply, free;
+3. single flight (``service.flight``), then replay: a call whose idempotency key is in
+   flight in this process waits for that call and shares its reply (or error), free,
+   instead of computing it again; one whose key was already billed (by any replica) returns the stored reply, free;
    the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
 4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
 5. reserve the call's documents against the key's quota (``UsageLedger.reserve``): over it
@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from service.errors import Code, ServiceError, from_worker
+from service.flight import SingleFlight
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.prompt import PREFIX, SUFFIX, format_body
 from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
@@ -242,16 +243,6 @@ class BatcherEngine:
         return self.batcher.runner.describe()
 
 
-@dataclass(frozen=True, slots=True)
-class _Flight:
-    """A keyed call in flight: the fingerprint of its body and, when it ends, its outcome
-    (a ``ServiceError`` is an outcome too; the future is cancelled when the call ended
-    without one, e.g. its caller went away, and a waiting duplicate then runs it itself)."""
-
-    fingerprint: str
-    outcome: asyncio.Future[RerankReply | ServiceError]
-
-
 class RerankCore:
     def __init__(self, engine: Engine, *, model_name: str, limits: Limits | None = None,
                  auth: Authenticator | None = None, limiter: RateLimiter | None = None,
@@ -263,7 +254,7 @@ class RerankCore:
         self.auth = auth or OpenAccess()
         self.limiter = limiter or NoRateLimit()
         self.ledger = ledger
-        self._flights: dict[tuple[str, str], _Flight] = {}  # (key id, idempotency key): the call in flight
+        self._flights = SingleFlight[RerankReply]()  # keyed by (key id, idempotency key)
 
     def model_info(self) -> ModelInfo:
         info = self.engine.info()
@@ -277,37 +268,13 @@ class RerankCore:
             # one key table may serve several deployments (a shared PostgreSQL ledger)
             raise ServiceError(Code.PERMISSION_DENIED, f"API key {principal.key_id} may not call "
                                                        f"{self.model_name!r}")
-        if call.idempotency_key:
-            return await self._single_flight(principal, call, call.idempotency_key, started)
-        return await self._admit_score_bill(principal, call, call.fingerprint(), started)
-
-    async def _single_flight(self, principal: Principal, call: RerankCall, idempotency_key: str,
-                             started: float) -> RerankReply:
-        """Run a keyed call, unless the same call is in flight here: then wait for its outcome.
-        A different body with the same key waits too, then meets the ledger's verdict (the
-        first call's record: IDEMPOTENCY_CONFLICT, without computing anything)."""
-        fingerprint, key = call.fingerprint(), (principal.key_id, idempotency_key)
-        while (flight := self._flights.get(key)) is not None:
-            await asyncio.wait([flight.outcome])  # our cancellation propagates; theirs is not ours
-            if flight.fingerprint == fingerprint and not flight.outcome.cancelled():
-                outcome = flight.outcome.result()
-                if isinstance(outcome, ServiceError):
-                    raise ServiceError(outcome.code, outcome.message, outcome.retry_after_s)
-                return dataclasses.replace(outcome, replayed=True)
-        flight = _Flight(fingerprint, asyncio.get_running_loop().create_future())
-        self._flights[key] = flight  # no await since the lookup: one leader per key
-        try:
-            reply = await self._replay_or_run(principal, call, idempotency_key, fingerprint, started)
-        except ServiceError as exc:
-            flight.outcome.set_result(exc)
-            raise
-        except BaseException:
-            flight.outcome.cancel()
-            raise
-        finally:
-            del self._flights[key]
-        flight.outcome.set_result(reply)
-        return reply
+        fingerprint, idempotency_key = call.fingerprint(), call.idempotency_key
+        if not idempotency_key:
+            return await self._admit_score_bill(principal, call, fingerprint, started)
+        reply, shared = await self._flights.run(
+            (principal.key_id, idempotency_key), fingerprint,
+            lambda: self._replay_or_run(principal, call, idempotency_key, fingerprint, started))
+        return dataclasses.replace(reply, replayed=True) if shared else reply
 
     async def _replay_or_run(self, principal: Principal, call: RerankCall, idempotency_key: str,
                              fingerprint: str, started: float) -> RerankReply:

@@ -249,14 +249,6 @@ class SqlLedger:
         await self.engine.dispose()
 
     # -- reading ---------------------------------------------------------------------------
-    async def used_documents(self, key_id: str) -> int:
-        """Documents billed to ``key_id`` so far (for quotas)."""
-        with unavailable("reading usage"):
-            async with self.engine.connect() as conn:
-                total = await conn.scalar(select(func.coalesce(func.sum(usage_records.c.documents), 0))
-                                          .where(usage_records.c.key_id == key_id))
-        return int(total or 0)
-
     async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
         """Usage of one key by UTC day, ``since`` and ``until`` inclusive."""
         u = usage_records

@@ -31,16 +31,18 @@ _SETTING_FLAGS = {"rps": "rate_limit_rps", "dps": "rate_limit_dps", "tpm": "rate
 
 
 def _add_setting_arguments(parser: argparse.ArgumentParser, parse: Callable[[type], Callable[[str], object]],
-                           unset: str) -> None:
-    parser.add_argument("--rps", type=parse(float), help=f"rate limit: requests per second ({unset})")
-    parser.add_argument("--dps", type=parse(float), help=f"rate limit: documents per second ({unset})")
-    parser.add_argument("--tpm", type=parse(float), help=f"rate limit: prompt tokens per minute ({unset})")
-    parser.add_argument("--quota", type=parse(int), help=f"lifetime quota of billed documents ({unset})")
+                           unset: Callable[[str], str]) -> None:
+    """The key settings' flags; ``unset(meaning)`` says what leaving one out does."""
+    parser.add_argument("--rps", type=parse(float), help=f"rate limit: requests per second ({unset('no limit')})")
+    parser.add_argument("--dps", type=parse(float), help=f"rate limit: documents per second ({unset('no limit')})")
+    parser.add_argument("--tpm", type=parse(float),
+                        help=f"rate limit: prompt tokens per minute ({unset('no limit')})")
+    parser.add_argument("--quota", type=parse(int), help=f"lifetime quota of billed documents ({unset('no quota')})")
     parser.add_argument("--default-priority", type=parse(int), metavar="N",
-                        help=f"scheduling priority of calls that name none, 0 (first) to 999 ({unset}: 0)")
+                        help=f"scheduling priority, 0 (first) to 999, of calls that name none ({unset('0')})")
     parser.add_argument("--best-priority", type=parse(int), metavar="N",
                         help=f"the best (lowest) priority the key's calls may ask for; better is clamped "
-                             f"to it ({unset}: any)")
+                             f"to it ({unset('any')})")
 
 
 def _as_is(kind: type) -> Callable[[str], object]:
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     create = sub.add_parser("create", help="create a key and print it (once)",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     create.add_argument("--name", required=True, help="who or what the key is for (shown in lists)")
-    _add_setting_arguments(create, _as_is, "default: none")
+    _add_setting_arguments(create, _as_is, lambda meaning: f"unset: {meaning}")
     create.add_argument("--model", action="append", dest="models", metavar="NAME",
                         help="restrict the key to this served model name; repeat for several (default: any). "
                              "For several deployments sharing one ledger database")
@@ -69,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     update = sub.add_parser("update", help="change a key's limits and priorities, at once on every server "
                                            "sharing the database")
     update.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
-    _add_setting_arguments(update, _or_none, "default: unchanged; none: remove it")
+    _add_setting_arguments(update, _or_none, lambda meaning: f"default: unchanged; 'none' unsets it: {meaning}")
     revoke = sub.add_parser("revoke", help="revoke a key at once, on every server sharing the database",
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     revoke.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
