@@ -11,9 +11,12 @@ be: the only thing they share is the database.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
@@ -195,3 +198,11 @@ async def test_failed_calls_in_a_flood_bill_nothing_and_free_their_documents(rep
     for _ in range(failed):  # what the failures held is available again
         await replicas[0].core.rerank(call(new.key, 10))
     assert await billed(replicas[0].ledger, new.record.key_id) == 100
+
+
+def test_the_quota_benchmark_runs() -> None:
+    """bench/quota.py (the cost figures in OPERATIONS.md) still runs, and checks its quotas."""
+    done = subprocess.run([sys.executable, "bench/quota.py", "--calls", "20", "--concurrency", "1,4"],
+                          cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("billed 20 of 20") == 2
