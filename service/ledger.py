@@ -10,11 +10,12 @@ mid-write cannot leave it half done, and a retry with the same idempotency key g
 result for free. A call whose write fails (database down) fails with UNAVAILABLE, unbilled.
 
 Quotas hold under any concurrency, on one replica or many sharing PostgreSQL: ``reserve``
-counts a call's documents against its key's quota before it is scored, in one transaction
-that holds the key's lock (PostgreSQL: ``SELECT ... FOR UPDATE`` on the key's row; SQLite: a
-write first, which takes the database's one write lock), so two reservations of one key never
-read the same total. Billed documents and live reservations are summed in one statement, so a
-concurrent settle is counted exactly once. ``record`` settles (deletes) the reservation in
+counts a call's documents against its key's quota before it is scored, with one conditional
+``INSERT ... SELECT`` (reserve if billed + held + these <= quota) under the key's lock
+(PostgreSQL: ``SELECT ... FOR UPDATE`` on the key's row first; SQLite: the INSERT itself
+takes the database's one write lock before it reads), so two reservations of one key never
+read the same total. Billed documents and live reservations are summed in that one
+statement, so a concurrent settle is counted exactly once. ``record`` settles (deletes) the reservation in
 the billing transaction; a call that fails releases it. A reservation left by a replica
 that died expires after ``reservation_ttl`` (10 minutes): a call running longer than that
 no longer holds its documents back from others, the one way a quota can still be overshot.
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select, tuple_
+from sqlalchemy import ColumnElement, DateTime, delete, func, insert, literal, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -120,30 +121,35 @@ class SqlLedger:
 
     # -- quotas ----------------------------------------------------------------------------
     async def reserve(self, principal: Principal, documents: int) -> Reservation | None:
-        """Hold ``documents`` against the key's quota, or raise QUOTA_EXCEEDED; None: no quota."""
+        """Hold ``documents`` against the key's quota, or raise QUOTA_EXCEEDED; None: no quota.
+        The key's lock is held from its first statement to the commit, so the transaction is
+        kept to one conditional INSERT (two round trips on PostgreSQL, one on SQLite)."""
         quota = principal.quota_documents
         if quota is None:
             return None
         reservation = Reservation(secrets.token_hex(16), principal.key_id, documents)
-        r, u = quota_reservations, usage_records
+        r = quota_reservations
         now = datetime.now(UTC)
+        row = select(literal(reservation.id), literal(reservation.key_id), literal(documents),
+                     literal(now + self.reservation_ttl, DateTime(timezone=True)))
         with unavailable("reserving quota"):
             async with self.engine.begin() as conn:
-                # the key's lock first: PostgreSQL's row lock (SQLite ignores FOR UPDATE) ...
-                await conn.execute(select(api_keys.c.key_id).where(api_keys.c.key_id == principal.key_id)
-                                   .with_for_update())
-                # ... and SQLite's write lock, taken by the transaction's first write
+                if conn.dialect.name == "postgresql":  # the key's row lock (every key with a quota has a row)
+                    await conn.execute(select(api_keys.c.key_id).where(api_keys.c.key_id == principal.key_id)
+                                       .with_for_update())
+                # SQLite: this write, the transaction's first statement, takes the database's write
+                # lock before it reads: the sum it checks cannot change until the commit
+                admitted = await conn.execute(insert(r).from_select(
+                    [r.c.id, r.c.key_id, r.c.documents, r.c.expires_at],
+                    row.where(_used(principal.key_id, now) + documents <= quota)).returning(r.c.id))
+                if admitted.first() is not None:  # (rowcount is -1 for INSERT ... SELECT on psycopg)
+                    return reservation
+                # refused (no hurry now): forget reservations left by crashed replicas, and say why
                 await conn.execute(delete(r).where(r.c.key_id == principal.key_id, r.c.expires_at <= now))
-                billed = select(func.coalesce(func.sum(u.c.documents), 0)).where(u.c.key_id == principal.key_id)
-                held = select(func.coalesce(func.sum(r.c.documents), 0)).where(r.c.key_id == principal.key_id)
-                used = int(await conn.scalar(select(billed.scalar_subquery() + held.scalar_subquery())) or 0)
-                if used + documents > quota:
-                    raise ServiceError(Code.QUOTA_EXCEEDED, (
-                        f"API key {principal.key_id} has used or holds for calls in flight {used} of its "
-                        f"{quota}-document quota; this call needs {documents} more"))
-                await conn.execute(insert(r).values(id=reservation.id, key_id=reservation.key_id,
-                                                    documents=documents, expires_at=now + self.reservation_ttl))
-        return reservation
+                used = int(await conn.scalar(select(_used(principal.key_id, now))) or 0)
+        raise ServiceError(Code.QUOTA_EXCEEDED, (
+            f"API key {principal.key_id} has used or holds for calls in flight {used} of its "
+            f"{quota}-document quota; this call needs {documents} more"))
 
     async def release(self, reservation: Reservation) -> None:
         """Give back a failed call's reservation (shielded: a cancelled caller still releases).
@@ -284,3 +290,13 @@ class SqlLedger:
         with unavailable("reading usage"):
             async with self.engine.connect() as conn:
                 return [UsageRecord(*row) for row in await conn.execute(query)]
+
+
+def _used(key_id: str, now: datetime) -> ColumnElement[int]:
+    """Documents billed to ``key_id`` plus those held by its live reservations, as one
+    expression: read in one statement, so a concurrent settle (a reservation deleted and
+    its usage record written in one transaction) is counted exactly once."""
+    u, r = usage_records, quota_reservations
+    billed = select(func.coalesce(func.sum(u.c.documents), 0)).where(u.c.key_id == key_id)
+    held = select(func.coalesce(func.sum(r.c.documents), 0)).where(r.c.key_id == key_id, r.c.expires_at > now)
+    return billed.scalar_subquery() + held.scalar_subquery()

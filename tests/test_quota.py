@@ -138,10 +138,10 @@ async def test_expired_reservations_of_a_crashed_replica_stop_counting(replicas:
     crashed = SqlLedger(ledger.engine, reservation_ttl=timedelta(milliseconds=1))
     await crashed.reserve(principal, 10)  # never settled nor released: its replica "died"
     await asyncio.sleep(0.01)
-    assert await ledger.reserve(principal, 10) is not None  # the dead one expired, and is deleted
-    assert await reservations(ledger) == [10]
+    assert await ledger.reserve(principal, 10) is not None  # the dead one expired: it does not count
     with pytest.raises(ServiceError):
-        await ledger.reserve(principal, 1)  # the live one still counts
+        await ledger.reserve(principal, 1)  # the live one does
+    assert await reservations(ledger) == [10]  # and the refusal deleted the dead one
 
 
 # -- through the core -----------------------------------------------------------------------
