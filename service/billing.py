@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from sqlalchemy import Connection, create_engine, func, inspect, select
+from sqlalchemy import Connection, create_engine, func, inspect, select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -52,13 +52,14 @@ def open_billing(db: str | None, data_dir: str | Path | None, *, require_keys: b
     active_keys = prepare_schema(url)
     engine = open_engine(url)
     keys, ledger = KeyStore(engine), SqlLedger(engine, idempotency_ttl=timedelta(hours=idempotency_ttl_h))
-    limiter = KeyRateLimiter(quota=ledger, default_rps=default_rps, default_dps=default_dps, share=1 / replicas)
+    limiter = KeyRateLimiter(default_rps=default_rps, default_dps=default_dps, share=1 / replicas)
     _announce(db, url, require_keys, active_keys, replicas)
     return Billing(url, engine, keys, ledger, limiter, keys if require_keys else OpenAccess())
 
 
 def prepare_schema(url: str) -> int:
-    """Create missing tables with a short-lived sync connection; the number of active keys."""
+    """Create missing tables and columns with a short-lived sync connection; the number of
+    active keys."""
     sync_url = make_url(url)
     sync_url = sync_url.set(drivername={"sqlite+aiosqlite": "sqlite"}.get(sync_url.drivername,
                                                                          sync_url.drivername))
@@ -69,7 +70,7 @@ def prepare_schema(url: str) -> int:
             try:
                 with engine.begin() as conn:
                     metadata.create_all(conn)
-                    _check_columns(conn, url)
+                    _add_missing_columns(conn, url)
                     for table in metadata.sorted_tables:  # create_all skips existing tables' new indexes
                         for index in table.indexes:
                             index.create(conn, checkfirst=True)
@@ -84,17 +85,27 @@ def prepare_schema(url: str) -> int:
         engine.dispose()
 
 
-def _check_columns(conn: Connection, url: str) -> None:
-    """Refuse to start on a ledger made by an older version (create_all adds missing tables,
-    never missing columns): one clear error now instead of a 503 on every call."""
+def _add_missing_columns(conn: Connection, url: str) -> None:
+    """Bring a ledger made by an older version up to date: ``create_all`` adds missing tables,
+    never missing columns. A new column is nullable (NULL: the older behaviour, e.g. no limit),
+    so ``ALTER TABLE ... ADD COLUMN`` is all a migration needs, on SQLite and PostgreSQL alike.
+    A missing NOT NULL column has no such value: refused, one clear error instead of a 503 on
+    every call. Replicas migrating at once: the loser's ALTER fails and its retry finds the
+    column there."""
     existing = inspect(conn)
+    quote = conn.dialect.identifier_preparer.quote
     for table in metadata.sorted_tables:
         have = {c["name"] for c in existing.get_columns(table.name)}
-        missing = sorted(c.name for c in table.columns if c.name not in have)
-        if missing:
+        missing = [c for c in table.columns if c.name not in have]
+        required = sorted(c.name for c in missing if not c.nullable)
+        if required:
             raise ValueError(f"the usage ledger at {describe_url(url)} has an older schema: table "
-                             f"{table.name} lacks {', '.join(missing)}. There are no migrations yet: "
-                             "add the columns by hand or point --db at a new database")
+                             f"{table.name} lacks {', '.join(required)}, which cannot be added to "
+                             "existing rows: add the columns by hand or point --db at a new database")
+        for column in missing:
+            conn.execute(text(f"ALTER TABLE {quote(table.name)} ADD COLUMN {quote(column.name)} "
+                              f"{column.type.compile(dialect=conn.dialect)}"))
+            log.info("usage ledger: added column %s.%s", table.name, column.name)
 
 
 def _announce(db: str | None, url: str, require_keys: bool, active_keys: int, replicas: int) -> None:

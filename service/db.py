@@ -12,6 +12,10 @@ Tables
   primary key (caller, idempotency key) is what decides a race between duplicates: the row
   and its usage record are written in one transaction, so either both exist or neither does.
   Rows expire (``service.ledger``): the table holds about a day of keyed calls, not all of them.
+* ``quota_reservations``: documents promised to calls in flight on a key with a quota. A call
+  reserves at admission, in a transaction that holds the key's lock; billing deletes the row
+  in the transaction that writes the usage record; a failed call deletes it. Rows of a
+  replica that crashed expire (``expires_at``) and stop counting.
 
 Any database failure surfaces as ``ServiceError(UNAVAILABLE)``: the caller retries later or
 elsewhere, and nothing is billed for a call whose record did not commit.
@@ -56,6 +60,9 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True)),
     Column("rate_limit_rps", Float),
     Column("rate_limit_dps", Float),
+    Column("rate_limit_tpm", Float),  # prompt tokens per minute
+    Column("default_priority", Integer),  # scheduling priority of calls that name none
+    Column("best_priority", Integer),  # the best (lowest) priority the key may ask for
     Column("quota_documents", BigInteger),
     Column("models", Text),  # JSON list of the served model names the key may call; NULL: any
 )
@@ -85,6 +92,15 @@ idempotency_records = Table(
     Column("reply", Text, nullable=False),  # RerankReply.to_json()
     Column("created_at", DateTime(timezone=True), nullable=False),  # expires --idempotency-ttl-h after
     Index("ix_idempotency_created_at", "created_at"),  # the purge of expired records
+)
+
+quota_reservations = Table(
+    "quota_reservations", metadata,
+    Column("id", String(32), primary_key=True),
+    Column("key_id", String(64), nullable=False),
+    Column("documents", Integer, nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),  # then it no longer counts
+    Index("ix_quota_reservations_key", "key_id", "expires_at"),
 )
 
 

@@ -1,4 +1,5 @@
-"""API keys: the ``Authenticator`` both fronts share, and the admin side (create, list, revoke).
+"""API keys: the ``Authenticator`` both fronts share, and the admin side (create, list, update,
+revoke).
 
 A key is ``rk_live_`` + 32 random bytes, urlsafe-base64 (43 characters): the typed prefix
 lets secret scanners and humans recognise it, the 256 random bits make guessing hopeless.
@@ -26,7 +27,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Principal
+from service.core import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_RULE, Principal
 from service.db import api_keys, unavailable
 from service.errors import Code, ServiceError
 
@@ -48,6 +49,9 @@ class KeyRecord:
     rate_limit_dps: float | None
     quota_documents: int | None
     models: frozenset[str] | None = None  # None: any served model
+    rate_limit_tpm: float | None = None
+    default_priority: int | None = None
+    best_priority: int | None = None
 
     @property
     def revoked(self) -> bool:
@@ -55,7 +59,8 @@ class KeyRecord:
 
     def principal(self) -> Principal:
         return Principal(self.key_id, self.name, self.rate_limit_rps, self.rate_limit_dps,
-                         self.quota_documents, self.models)
+                         self.quota_documents, self.models, rate_limit_tpm=self.rate_limit_tpm,
+                         default_priority=self.default_priority, best_priority=self.best_priority)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,21 +98,38 @@ class KeyStore:
 
     async def create(self, name: str, *, rate_limit_rps: float | None = None,
                      rate_limit_dps: float | None = None, quota_documents: int | None = None,
-                     models: Iterable[str] | None = None) -> NewKey:
-        for label, value in (("rate limit (rps)", rate_limit_rps), ("rate limit (dps)", rate_limit_dps),
-                             ("quota", quota_documents)):
-            if value is not None and value <= 0:
-                raise ValueError(f"{label} must be positive, got {value}")
+                     models: Iterable[str] | None = None, rate_limit_tpm: float | None = None,
+                     default_priority: int | None = None, best_priority: int | None = None) -> NewKey:
+        settings = _checked({"rate_limit_rps": rate_limit_rps, "rate_limit_dps": rate_limit_dps,
+                             "rate_limit_tpm": rate_limit_tpm, "quota_documents": quota_documents,
+                             "default_priority": default_priority, "best_priority": best_priority})
         key = KEY_PREFIX + secrets.token_urlsafe(_SECRET_BYTES)
         record = KeyRecord(key_id="key_" + secrets.token_hex(8), name=name,
                            display_prefix=key[: len(KEY_PREFIX) + 4], created_at=datetime.now(UTC),
-                           revoked_at=None, rate_limit_rps=rate_limit_rps,
-                           rate_limit_dps=rate_limit_dps, quota_documents=quota_documents,
-                           models=None if models is None else frozenset(models))
+                           revoked_at=None, models=None if models is None else frozenset(models), **settings)
         with unavailable("creating a key"):
             async with self.engine.begin() as conn:
                 await conn.execute(insert(api_keys).values(key_hash=hash_key(key), **_columns(record)))
         return NewKey(record, key)
+
+    async def update(self, key_id: str, **changes: float | int | None) -> KeyRecord | None:
+        """Change a key's limits and priorities (the ``UPDATABLE`` ones given; None clears
+        one), at once on every replica sharing the database; None: no such key. The result
+        is checked whole (a default priority never better than the best), under the row's lock."""
+        unknown = sorted(set(changes) - set(UPDATABLE))
+        if unknown:
+            raise ValueError(f"not a key setting: {', '.join(unknown)}")
+        where = api_keys.c.key_id == key_id
+        with unavailable("updating a key"):
+            async with self.engine.begin() as conn:
+                row = (await conn.execute(select(api_keys).where(where).with_for_update())).first()
+                if row is None:
+                    return None
+                _checked({name: getattr(row, name) for name in UPDATABLE} | changes)
+                if changes:
+                    await conn.execute(update(api_keys).where(where).values(**changes))
+                row = (await conn.execute(select(api_keys).where(where))).first()
+        return _record(row)
 
     async def list(self) -> list[KeyRecord]:
         with unavailable("listing keys"):
@@ -126,6 +148,30 @@ class KeyStore:
         return None if row is None else _record(row)
 
 
+# what ``update`` may change, and the label errors name it by
+UPDATABLE = {"rate_limit_rps": "rate limit (rps)", "rate_limit_dps": "rate limit (dps)",
+             "rate_limit_tpm": "rate limit (tpm)", "quota_documents": "quota",
+             "default_priority": "default priority", "best_priority": "best priority"}
+_PRIORITIES = ("default_priority", "best_priority")
+
+
+def _checked(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings``, or ValueError: limits positive, priorities in range, default not better than best."""
+    for name, value in settings.items():
+        if value is None:
+            continue
+        if name in _PRIORITIES:
+            if not isinstance(value, int) or not MIN_PRIORITY <= value <= MAX_PRIORITY:
+                raise ValueError(f"{UPDATABLE[name]}: {PRIORITY_RULE}, got {value}")
+        elif not value > 0:  # NaN too
+            raise ValueError(f"{UPDATABLE[name]} must be positive, got {value}")
+    default, best = settings.get("default_priority"), settings.get("best_priority")
+    if default is not None and best is not None and default < best:
+        raise ValueError(f"the default priority {default} is better than the best priority {best} "
+                         "the key may ask for")
+    return settings
+
+
 def _unknown() -> ServiceError:
     return ServiceError(Code.UNAUTHENTICATED, "unknown API key")
 
@@ -133,12 +179,15 @@ def _unknown() -> ServiceError:
 def _record(row: Any) -> KeyRecord:
     models = None if row.models is None else frozenset(json.loads(row.models))
     return KeyRecord(row.key_id, row.name, row.display_prefix, row.created_at, row.revoked_at,
-                     row.rate_limit_rps, row.rate_limit_dps, row.quota_documents, models)
+                     row.rate_limit_rps, row.rate_limit_dps, row.quota_documents, models, row.rate_limit_tpm,
+                     row.default_priority, row.best_priority)
 
 
 def _columns(record: KeyRecord) -> dict[str, Any]:
     return {"key_id": record.key_id, "name": record.name, "display_prefix": record.display_prefix,
             "created_at": record.created_at, "revoked_at": record.revoked_at,
             "rate_limit_rps": record.rate_limit_rps, "rate_limit_dps": record.rate_limit_dps,
+            "rate_limit_tpm": record.rate_limit_tpm, "default_priority": record.default_priority,
+            "best_priority": record.best_priority,
             "quota_documents": record.quota_documents,
             "models": None if record.models is None else json.dumps(sorted(record.models))}

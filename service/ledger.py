@@ -9,6 +9,17 @@ Once scoring has finished the write is shielded from cancellation: a caller that
 mid-write cannot leave it half done, and a retry with the same idempotency key gets the
 result for free. A call whose write fails (database down) fails with UNAVAILABLE, unbilled.
 
+Quotas hold under any concurrency, on one replica or many sharing PostgreSQL: ``reserve``
+counts a call's documents against its key's quota before it is scored, with one conditional
+``INSERT ... SELECT`` (reserve if billed + held + these <= quota) under the key's lock
+(PostgreSQL: ``SELECT ... FOR UPDATE`` on the key's row first; SQLite: the INSERT itself
+takes the database's one write lock before it reads), so two reservations of one key never
+read the same total. Billed documents and live reservations are summed in that one
+statement, so a concurrent settle is counted exactly once. ``record`` settles (deletes) the reservation in
+the billing transaction; a call that fails releases it. A reservation left by a replica
+that died expires after ``reservation_ttl`` (10 minutes): a call running longer than that
+no longer holds its documents back from others, the one way a quota can still be overshot.
+
 Idempotency records expire after ``idempotency_ttl`` (24 hours by default, the window retries
 happen in): an expired key is free again, and its next call is a new, billed one. Expired rows
 are deleted in the background, at most once per ``purge_interval`` per process, after a keyed
@@ -20,21 +31,23 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
-from sqlalchemy import delete, func, insert, select, tuple_
+from sqlalchemy import ColumnElement, DateTime, delete, func, insert, literal, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Principal, RerankReply
-from service.db import idempotency_records, unavailable, usage_records
+from service.core import Principal, RerankReply, Reservation
+from service.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
 from service.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
+DEFAULT_RESERVATION_TTL = timedelta(minutes=10)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,11 +87,13 @@ class SqlLedger:
     """A ``UsageLedger`` on the ledger database (SQLite or PostgreSQL)."""
 
     def __init__(self, engine: AsyncEngine, *, idempotency_ttl: timedelta = DEFAULT_IDEMPOTENCY_TTL,
-                 purge_interval_s: float = 600.0) -> None:
-        if idempotency_ttl <= timedelta(0):
-            raise ValueError(f"the idempotency TTL must be positive, got {idempotency_ttl}")
+                 purge_interval_s: float = 600.0, reservation_ttl: timedelta = DEFAULT_RESERVATION_TTL) -> None:
+        for label, ttl in (("idempotency", idempotency_ttl), ("reservation", reservation_ttl)):
+            if ttl <= timedelta(0):
+                raise ValueError(f"the {label} TTL must be positive, got {ttl}")
         self.engine = engine
         self.idempotency_ttl = idempotency_ttl
+        self.reservation_ttl = reservation_ttl
         self.purge_interval_s = purge_interval_s
         self._next_purge = 0.0  # time.monotonic() after which a keyed call starts a purge
         self._purging: asyncio.Task[int] | None = None
@@ -104,15 +119,60 @@ class SqlLedger:
                                "send a new key for a new request")
         return dataclasses.replace(RerankReply.from_json(row.reply), replayed=True)
 
+    # -- quotas ----------------------------------------------------------------------------
+    async def reserve(self, principal: Principal, documents: int) -> Reservation | None:
+        """Hold ``documents`` against the key's quota, or raise QUOTA_EXCEEDED; None: no quota.
+        The key's lock is held from its first statement to the commit, so the transaction is
+        kept to one conditional INSERT (two round trips on PostgreSQL, one on SQLite)."""
+        quota = principal.quota_documents
+        if quota is None:
+            return None
+        reservation = Reservation(secrets.token_hex(16), principal.key_id, documents)
+        r = quota_reservations
+        now = datetime.now(UTC)
+        row = select(literal(reservation.id), literal(reservation.key_id), literal(documents),
+                     literal(now + self.reservation_ttl, DateTime(timezone=True)))
+        with unavailable("reserving quota"):
+            async with self.engine.begin() as conn:
+                if conn.dialect.name == "postgresql":  # the key's row lock (every key with a quota has a row)
+                    await conn.execute(select(api_keys.c.key_id).where(api_keys.c.key_id == principal.key_id)
+                                       .with_for_update())
+                # SQLite: this write, the transaction's first statement, takes the database's write
+                # lock before it reads: the sum it checks cannot change until the commit
+                admitted = await conn.execute(insert(r).from_select(
+                    [r.c.id, r.c.key_id, r.c.documents, r.c.expires_at],
+                    row.where(_used(principal.key_id, now) + documents <= quota)).returning(r.c.id))
+                if admitted.first() is not None:  # (rowcount is -1 for INSERT ... SELECT on psycopg)
+                    return reservation
+                # refused (no hurry now): forget reservations left by crashed replicas, and say why
+                await conn.execute(delete(r).where(r.c.key_id == principal.key_id, r.c.expires_at <= now))
+                used = int(await conn.scalar(select(_used(principal.key_id, now))) or 0)
+        raise ServiceError(Code.QUOTA_EXCEEDED, (
+            f"API key {principal.key_id} has used or holds for calls in flight {used} of its "
+            f"{quota}-document quota; this call needs {documents} more"))
+
+    async def release(self, reservation: Reservation) -> None:
+        """Give back a failed call's reservation (shielded: a cancelled caller still releases).
+        If the database is down the reservation stays until it expires."""
+        await asyncio.shield(self._release(reservation))
+
+    async def _release(self, reservation: Reservation) -> None:
+        with unavailable("releasing a quota reservation"):
+            async with self.engine.begin() as conn:
+                await conn.execute(delete(quota_reservations).where(quota_reservations.c.id == reservation.id))
+
+    # -- billing ---------------------------------------------------------------------------
     async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
-                     fingerprint: str) -> RerankReply:
-        recorded = await asyncio.shield(self._record(principal, reply, idempotency_key, fingerprint))
+                     fingerprint: str, reservation: Reservation | None = None) -> RerankReply:
+        """Bill ``reply`` and settle ``reservation`` in one transaction. On a lost race for the
+        idempotency key nothing is billed and the reservation is released."""
+        recorded = await asyncio.shield(self._record(principal, reply, idempotency_key, fingerprint, reservation))
         if idempotency_key:
             self._maybe_purge()
         return recorded
 
     async def _record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
-                      fingerprint: str) -> RerankReply:
+                      fingerprint: str, reservation: Reservation | None) -> RerankReply:
         now = datetime.now(UTC)
         with unavailable("billing the call"):
             # A second try only when the key is taken: by an expired record (rare, and deleted
@@ -136,12 +196,17 @@ class SqlLedger:
                             prompt_tokens=reply.prompt_tokens, computed_tokens=reply.computed_tokens,
                             idempotency_key=idempotency_key or None, created_at=now,
                             day=now.date().isoformat()))
+                        if reservation is not None:
+                            await conn.execute(delete(quota_reservations)
+                                               .where(quota_reservations.c.id == reservation.id))
                     return reply
                 except IntegrityError:
                     if not idempotency_key:
                         raise
         # A concurrent duplicate committed first: its reply stands, and this call is free.
         assert idempotency_key is not None
+        if reservation is not None:
+            await self._release(reservation)
         stored = await self.replay(principal, idempotency_key, fingerprint)
         if stored is None:
             raise AssertionError("idempotency record missing after a unique violation: this is a bug")
@@ -190,14 +255,6 @@ class SqlLedger:
         await self.engine.dispose()
 
     # -- reading ---------------------------------------------------------------------------
-    async def used_documents(self, key_id: str) -> int:
-        """Documents billed to ``key_id`` so far (for quotas)."""
-        with unavailable("reading usage"):
-            async with self.engine.connect() as conn:
-                total = await conn.scalar(select(func.coalesce(func.sum(usage_records.c.documents), 0))
-                                          .where(usage_records.c.key_id == key_id))
-        return int(total or 0)
-
     async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
         """Usage of one key by UTC day, ``since`` and ``until`` inclusive."""
         u = usage_records
@@ -233,3 +290,13 @@ class SqlLedger:
         with unavailable("reading usage"):
             async with self.engine.connect() as conn:
                 return [UsageRecord(*row) for row in await conn.execute(query)]
+
+
+def _used(key_id: str, now: datetime) -> ColumnElement[int]:
+    """Documents billed to ``key_id`` plus those held by its live reservations, as one
+    expression: read in one statement, so a concurrent settle (a reservation deleted and
+    its usage record written in one transaction) is counted exactly once."""
+    u, r = usage_records, quota_reservations
+    billed = select(func.coalesce(func.sum(u.c.documents), 0)).where(u.c.key_id == key_id)
+    held = select(func.coalesce(func.sum(r.c.documents), 0)).where(r.c.key_id == key_id, r.c.expires_at > now)
+    return billed.scalar_subquery() + held.scalar_subquery()

@@ -80,7 +80,7 @@ class LiveGateway:
         self.ledger = SqlLedger(self.engine)
         self.batcher = Batcher(self.runner, BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))
         self.batcher.start()
-        limiter = KeyRateLimiter(quota=self.ledger, default_rps=opts.default_rps, default_dps=opts.default_dps)
+        limiter = KeyRateLimiter(default_rps=opts.default_rps, default_dps=opts.default_dps)
         self.core = RerankCore(BatcherEngine(self.batcher), model_name=MODEL, limits=opts.limits,
                                auth=self.keys if opts.auth else None, limiter=limiter, ledger=self.ledger)
         self.server = HttpServer(create_app(self.core, ready=lambda: self.ready, edge=opts.edge), host="127.0.0.1",

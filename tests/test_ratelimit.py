@@ -1,4 +1,4 @@
-"""Admission arithmetic: token buckets on a fake clock, debt, replica share, quotas."""
+"""Admission arithmetic: token buckets on a fake clock, debt, replica share (quotas: test_quota.py)."""
 
 from __future__ import annotations
 
@@ -15,14 +15,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Usage:
-    def __init__(self, used: int) -> None:
-        self.used = used
-
-    async def used_documents(self, key_id: str) -> int:
-        return self.used
 
 
 def key(rps: float | None = None, dps: float | None = None, quota: int | None = None) -> Principal:
@@ -108,20 +100,45 @@ async def test_changed_limits_take_effect() -> None:
     await limiter.admit(key(rps=5), 1)  # a new limit starts a new, full bucket
 
 
-@pytest.mark.parametrize(("used", "documents", "admitted"), [
-    (0, 100, True), (90, 10, True), (90, 11, False), (100, 1, False),
-])
-async def test_quota(used: int, documents: int, admitted: bool) -> None:
-    limiter = KeyRateLimiter(quota=Usage(used), clock=Clock())
-    if admitted:
-        await limiter.admit(key(quota=100), documents)
-        return
-    with pytest.raises(ServiceError) as err:
-        await limiter.admit(key(quota=100), documents)
-    assert err.value.code is Code.QUOTA_EXCEEDED
-    assert err.value.retry_after_s is None  # waiting does not help
-
-
 def test_share_must_be_a_fraction() -> None:
     with pytest.raises(ValueError):
         KeyRateLimiter(share=0)
+
+
+def tpm_key(tpm: float) -> Principal:
+    return Principal("key_1", "one", rate_limit_tpm=tpm)
+
+
+async def test_tokens_per_minute_hold_a_minute_and_say_when_to_retry() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    await limiter.admit(tpm_key(6000), 1, tokens=5000)  # the bucket holds a minute: 6000
+    with pytest.raises(ServiceError) as err:
+        await limiter.admit(tpm_key(6000), 1, tokens=1500)
+    assert err.value.code is Code.RATE_LIMITED and "prompt tokens per minute" in err.value.message
+    assert err.value.retry_after_s == pytest.approx(5.0)  # 500 short at 100 tokens/s
+    clock.now += 5.0
+    await limiter.admit(tpm_key(6000), 1, tokens=1500)
+
+
+async def test_refund_gives_back_the_overestimate_up_to_a_full_bucket() -> None:
+    clock = Clock()
+    limiter = KeyRateLimiter(clock=clock)
+    await limiter.admit(tpm_key(6000), 1, tokens=6000)
+    limiter.refund(tpm_key(6000), 4000)  # the call's real prompt had 2000 tokens
+    await limiter.admit(tpm_key(6000), 1, tokens=4000)
+    with pytest.raises(ServiceError):
+        await limiter.admit(tpm_key(6000), 1, tokens=1)
+    limiter.refund(tpm_key(6000), 10**9)
+    await limiter.admit(tpm_key(6000), 1, tokens=6000)  # never more than a full bucket ...
+    with pytest.raises(ServiceError):
+        await limiter.admit(tpm_key(6000), 1, tokens=1)  # ... however much is refunded
+    limiter.refund(key(rps=1), 100)  # a key without a token limit: nothing to give back
+
+
+async def test_token_limit_is_shared_over_replicas() -> None:
+    limiter = KeyRateLimiter(share=0.5, clock=Clock())
+    await limiter.admit(tpm_key(6000), 1, tokens=3000)
+    with pytest.raises(ServiceError) as err:
+        await limiter.admit(tpm_key(6000), 1, tokens=1)
+    assert err.value.retry_after_s == pytest.approx(1 / 50)  # 3000 a minute here: 50 tokens/s
