@@ -5,15 +5,18 @@ awaits the same ``RerankCore`` the gRPC servicer uses (auth, limits, idempotent 
 limits, scoring, billing: all there, once) and writes JSON back. What is HTTP's own lives
 here and nowhere else:
 
-* the body is read whole, at most ``Limits.max_request_bytes`` of it, before anything parses
-  it: larger is 413 (``BodyLimit``);
-* the key comes from ``Authorization: Bearer``, the idempotency key from ``Idempotency-Key``;
+* the edge's checks come first (``EdgeGuard``): the key is checked before the body is read,
+  the body is read whole within its limits (at most ``Limits.max_request_bytes``: larger is
+  413) and must be UTF-8; ``Observe`` counts every call under a bounded label;
+* the key comes from ``Authorization: Bearer`` (``service.edge.bearer_token``, gRPC's rule
+  too), the idempotency key from ``Idempotency-Key``;
 * ``ServiceError`` becomes its ``Code.http_status`` with ``{"detail": ...}``, plus
   ``WWW-Authenticate`` on 401 and ``Retry-After`` (whole seconds) where a retry can succeed;
 * whatever a client sends ends as a 4xx with a ``detail`` string that is always encodable
   (no echo of lone surrogates or megabytes of input): the 500 handler is for bugs only.
 
-Invalid UTF-8 fails JSON decoding (400). Lone surrogates (``"\\ud800"``) decode to Python
+Invalid UTF-8 fails JSON decoding (400); a byte-order mark or NUL bytes (UTF-16/32, which
+Python's decoder would guess) are refused before it. Lone surrogates (``"\\ud800"``) decode to Python
 strings that pydantic accepts and the core refuses (400), so they are checked in one place.
 """
 

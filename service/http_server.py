@@ -44,10 +44,16 @@ class EdgeProtocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE:
             self._await_head()  # part of a request head has come: the rest is due by the deadline
-        else:
-            self._cancel_head_deadline()
+            return
+        self._cancel_head_deadline()
+        if self.conn.our_state is h11.DONE and self.conn.their_state is h11.SEND_BODY:
+            # answered, and the body nobody reads is still coming (e.g. a GET with a body): a
+            # slow sender would hold the connection past every deadline, so it is let go
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_deadline()

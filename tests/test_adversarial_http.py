@@ -351,3 +351,17 @@ def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest
         assert exchange(gw, request(key=secret, body=BODY)).status == 200
     assert lookups == [secret] * 3
     assert len(gw.records(key_id)) == 3
+
+
+def test_an_unread_body_still_arriving_after_the_reply_ends_the_connection(gw: LiveGateway) -> None:
+    """A GET's body is never read; dribbled after the reply, it must not hold the connection
+    past the deadlines (the keep-alive timer restarts with every byte)."""
+    with connect(gw) as sock:
+        sock.sendall(request("GET", "/health", length=10**6))
+        assert read_reply(sock).status == 200
+        with pytest.raises(OSError):
+            for _ in range(100):  # 5 s of dribbling, if nobody stops it
+                sock.sendall(b"x" * 10)
+                time.sleep(0.05)
+                if closed_by_server(sock, 0.001):
+                    raise ConnectionError("closed")

@@ -172,7 +172,7 @@ class Shutdown:
 def test_sigterm_mid_load_finishes_in_flight_refuses_new_and_exits_0(tiny_model_dir: Path,
                                                                       tmp_path: Path) -> None:
     """The documented shutdown, timed from the signal: for DRAIN_S health says NOT_SERVING while
-    gRPC still takes calls (HTTP answers 503 at once); then both refuse new calls; the calls in
+    both fronts still take calls; then both refuse new calls; the calls in
     flight run to completion; exit 0 within GRACE_S.
 
     Which calls are in flight must not depend on this machine's speed, so the batcher lingers
