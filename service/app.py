@@ -23,6 +23,7 @@ from service.errors import Code, ServiceError
 from service.grpc_server import GrpcServer
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
+from worker.queue import POLICIES
 from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,12 @@ def extension_components(config: ServeConfig, app: App) -> list[Component]:
     from service.gateway import create_app  # fastapi and uvicorn: only when serving
     from service.http_server import HttpServer
 
-    gateway = create_app(app.core, metrics=app.metrics,
-                         ready=lambda: app.batcher is not None and not app.draining)
-    return [HttpServer(gateway, host=config.host, port=config.http_port, grace_s=config.grace_s)]
+    # /ready says 503 from the drain on; calls are taken until the servers stop, as on gRPC
+    gateway = create_app(app.core, metrics=app.metrics, edge=config.edge_limits(),
+                         ready=lambda: app.batcher is not None and not app.draining,
+                         accepting=lambda: app.batcher is not None and not app.stopping)
+    return [HttpServer(gateway, host=config.host, port=config.http_port, grace_s=config.grace_s,
+                       limits=config.edge_limits())]
 
 
 # -- the engine while the model loads --------------------------------------------------------
@@ -107,8 +111,11 @@ class App:
                  core_parts: CoreParts | None = None) -> None:
         if config.attention not in ATTENTION_KINDS:
             raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
+        if config.scheduler not in POLICIES:
+            raise ValueError(f"--scheduler must be {' or '.join(POLICIES)}, not {config.scheduler!r}")
         self.config = config
-        self.draining = False
+        self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
+        self.stopping = False  # new calls refused: after the drain delay
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
         self.engine = WarmingEngine()
@@ -154,7 +161,7 @@ class App:
         log.info("ready: %s", runner.describe())
 
     async def drain(self) -> None:
-        self.draining = True  # the HTTP gateway's /ready and new calls answer 503 from now on
+        self.draining = True  # the HTTP gateway's /ready answers 503 from now on; calls are still taken
         await self.grpc.drain()
         self.metrics.ready.set(0)
 
@@ -162,6 +169,7 @@ class App:
         """Drain, stop every component within the grace period, then close the batcher."""
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.drain()
+        self.stopping = True  # both fronts refuse new calls from here (gRPC: its server's stop)
         await asyncio.gather(*(c.stop(grace) for c in self.components))
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()  # a load still running in its thread finishes unobserved

@@ -13,12 +13,13 @@ import dataclasses
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from service.core import Limits
+from service.edge import EdgeLimits
 from worker.batcher import BatcherConfig
 
 ENV_PREFIX = "RERANK_"
@@ -34,6 +35,7 @@ class TlsFiles:
 
 _LIMITS = Limits()
 _BATCHING = BatcherConfig()
+_EDGE = EdgeLimits()
 
 
 def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None,
@@ -76,6 +78,12 @@ class ServeConfig:
                                      unset="per device")
     max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are refused "
                                                            "with RESOURCE_EXHAUSTED")
+    max_queued_tokens: int = knob(_BATCHING.max_queued_tokens, "tokens of queued work (each document's own "
+                                  "tokens; a shared query prefix once) before calls are refused with "
+                                  "RESOURCE_EXHAUSTED; a call alone in an empty queue is always taken")
+    scheduler: str = knob(_BATCHING.scheduler, "fair: share model batches between API keys and between a "
+                          "key's calls by tokens, with priority classes; fifo: arrival order (for comparison "
+                          "only: one key's large call delays everyone's)", metavar="POLICY")
     prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once")
     tokenizer_threads: int = knob(_BATCHING.tokenizer_threads, "threads tokenizing requests")
     # -- limits per call
@@ -98,6 +106,17 @@ class ServeConfig:
     # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
     # extension_components; the same knobs serve `rerank gateway`)
     http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
+    # -- the HTTP edge's resource limits (service.edge.EdgeLimits; docs/SECURITY.md)
+    http_max_connections: int = knob(_EDGE.max_connections, "open HTTP connections; past it a connection's "
+                                     "calls get 503 with Retry-After")
+    http_header_timeout_s: float = knob(_EDGE.header_timeout_s, "seconds for a request head (request line and "
+                                        "headers) to arrive; a connection that stalls is closed with 408")
+    http_body_timeout_s: float = knob(_EDGE.body_timeout_s, "seconds for a request body to arrive once its head "
+                                      "has; slower is 408")
+    http_idle_timeout_s: float = knob(_EDGE.idle_timeout_s, "seconds an idle keep-alive connection stays open")
+    http_max_header_bytes: int = knob(_EDGE.max_header_bytes, "bytes in a request head; larger is 431")
+    http_max_body_bytes_in_flight: int = knob(_EDGE.max_body_bytes_in_flight, "request body bytes received or "
+                                              "held at once, all connections together; past it calls get 429")
     db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
                               "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",
                               metavar="URL", flag="--db")
@@ -119,13 +138,17 @@ class ServeConfig:
                       max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
                       max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
 
+    def edge_limits(self) -> EdgeLimits:
+        return edge_limits(self)
+
     def batcher_config(self, device: str) -> BatcherConfig:
         base = _device_batching(device)
         chosen: dict[str, Any] = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
                                   "max_wait_ms": self.max_wait_ms}
         return dataclasses.replace(
             base, **{k: v for k, v in chosen.items() if v is not None}, max_queued_docs=self.max_queued_docs,
-            prefix_reuse=self.prefix_reuse, tokenizer_threads=self.tokenizer_threads)
+            max_queued_tokens=self.max_queued_tokens, scheduler=self.scheduler, prefix_reuse=self.prefix_reuse,
+            tokenizer_threads=self.tokenizer_threads)
 
     def tls(self) -> TlsFiles | None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -133,16 +156,29 @@ class ServeConfig:
         return TlsFiles(Path(self.tls_cert), Path(self.tls_key)) if self.tls_cert and self.tls_key else None
 
 
+# The --http-* fields: EdgeLimits' fields with a prefix; `rerank gateway` takes them too.
+HTTP_EDGE_FIELDS = tuple("http_" + f.name for f in dataclasses.fields(EdgeLimits))
+
+
+def edge_limits(values: ServeConfig | argparse.Namespace) -> EdgeLimits:
+    """The HTTP edge's limits from a config or from parsed ``--http-*`` flags."""
+    return EdgeLimits(**{name.removeprefix("http_"): getattr(values, name) for name in HTTP_EDGE_FIELDS})
+
+
 def _device_batching(device: str) -> BatcherConfig:
     return BatcherConfig.for_device(device.split(":")[0])  # "cuda:1" -> "cuda"
 
 
 # -- flags and environment -------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None) -> None:
-    """One flag per field; defaults come from ``env`` (default ``os.environ``), then the field."""
+def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
+                  only: Collection[str] | None = None) -> None:
+    """One flag per field (or per field named in ``only``); defaults come from ``env``
+    (default ``os.environ``), then the field."""
     env = os.environ if env is None else env
     hints = typing.get_type_hints(ServeConfig)
     for f in dataclasses.fields(ServeConfig):
+        if only is not None and f.name not in only:
+            continue
         kind = _base_type(hints[f.name])
         var = ENV_PREFIX + f.name.upper()
         default = _parse_env(var, env[var], kind) if var in env else f.default

@@ -5,13 +5,15 @@ and back, and map ``ServiceError`` with ``service.errors``; everything in betwee
 here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
-2. validate against ``Limits`` (documented in docs/API.md);
+2. validate against ``Limits`` (documented in docs/API.md), and resolve the call's
+   scheduling priority (``effective_priority``: the key's policy);
 3. single flight (``service.flight``), then replay: a call whose idempotency key is in
    flight in this process waits for that call and shares its reply (or error), free,
    instead of computing it again; one whose key was already billed (by any replica)
    returns the stored reply, free; the same key with a different body is
    ``IDEMPOTENCY_CONFLICT``;
-4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
+4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``; a replay
+   counts as a request (no documents), so replays cannot outpace the key's rps;
 5. reserve the call's documents against the key's quota (``UsageLedger.reserve``): over it
    is ``QUOTA_EXCEEDED``, counting the documents of calls still in flight;
 6. score every query through the ``Engine`` (the in-process batcher, or a remote server);
@@ -86,6 +88,7 @@ class RerankCall:
     model: str | None = None  # None or "": the served model
     request_id: str | None = None
     idempotency_key: str | None = None
+    priority: int | None = None  # MIN_PRIORITY..MAX_PRIORITY; None: the key's default
 
     def fingerprint(self) -> str:
         """Hash of what the caller asked for, to tell a retry from a different call."""
@@ -118,6 +121,7 @@ class RerankReply:
     outcomes: list[QueryOutcome]
     timings_ms: dict[str, float] = field(default_factory=dict)
     replayed: bool = False  # served from the idempotency record, not billed again
+    warnings: list[str] = field(default_factory=list)  # what was changed rather than refused
 
     @property
     def billed_documents(self) -> int:
@@ -282,6 +286,8 @@ class RerankCore:
         if self.ledger is not None:
             stored = await self.ledger.replay(principal, idempotency_key, fingerprint)
             if stored is not None:
+                # free of charge, not of the request rate: a replay costs a lookup and a reply
+                await self.limiter.admit(principal, 0)
                 return stored
         return await self._admit_score_bill(principal, call, fingerprint, started)
 
@@ -291,19 +297,20 @@ class RerankCore:
         tokens = estimate_prompt_tokens(call.queries, int(self.engine.info()["max_length"]))
         await self.limiter.admit(principal, documents, tokens)
         if self.ledger is None:
-            return await self._score(principal, call, tokens, started)
+            return await self._score_call(principal, call, tokens, started)
         reservation = await self.ledger.reserve(principal, documents)
         try:
-            reply = await self._score(principal, call, tokens, started)
+            reply = await self._score_call(principal, call, tokens, started)
             return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
         except BaseException:
             if reservation is not None:
                 await self._release(reservation)
             raise
 
-    async def _score(self, principal: Principal, call: RerankCall, estimated_tokens: int,
-                     started: float) -> RerankReply:
-        results = await _score_all(self.engine, call.queries)
+    async def _score_call(self, principal: Principal, call: RerankCall, estimated_tokens: int,
+                          started: float) -> RerankReply:
+        priority, warnings = effective_priority(principal, call.priority)
+        results = await _score_all(self.engine, call.queries, principal.key_id, priority)
         self.limiter.refund(principal, max(0, estimated_tokens - sum(r.prompt_tokens for r in results)))
         return RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
@@ -312,6 +319,7 @@ class RerankCore:
             timings_ms={"total": round(1000 * (time.perf_counter() - started), 3),
                         # the slowest query's queue + model time: the rest of total is overhead
                         "engine": round(max(r.timings_ms.get("queue_and_model", 0.0) for r in results), 3)},
+            warnings=warnings,
         )
 
     async def _release(self, reservation: Reservation) -> None:
@@ -331,6 +339,8 @@ class RerankCore:
         for label, value in (("request id", call.request_id), ("idempotency key", call.idempotency_key)):
             if value is not None and not ID_PATTERN.fullmatch(value):
                 raise _invalid(f"the {label} must be 1-{MAX_ID_CHARS} visible ASCII characters (no spaces)")
+        if call.priority is not None and not MIN_PRIORITY <= call.priority <= MAX_PRIORITY:
+            raise _invalid(f"{PRIORITY_RULE}, got {call.priority}")
         if not call.queries:
             raise ServiceError(Code.INVALID_ARGUMENT, "no queries: send at least one query")
         if len(call.queries) > lim.max_queries:
@@ -375,9 +385,13 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(Code.INVALID_ARGUMENT, message)
 
 
-async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[ScoreResult]:
+async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str,
+                     priority: int) -> list[ScoreResult]:
     """Every query's scores; when one query fails, the others are cancelled, not left running."""
-    tasks = [asyncio.ensure_future(engine.score(_to_request(q))) for q in queries]
+    several = len(queries) > 1
+    tasks = [asyncio.ensure_future(_score(engine, _to_request(q, tenant, priority),
+                                          f"queries[{n}]: " if several else ""))
+             for n, q in enumerate(queries)]
     try:
         return list(await asyncio.gather(*tasks))
     except BaseException:
@@ -414,8 +428,18 @@ def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> i
     return total
 
 
-def _to_request(q: RerankQuery) -> ScoreRequest:
-    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation)
+async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResult:
+    """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
+    try:
+        return await engine.score(request)
+    except ServiceError as exc:
+        if where and exc.code is Code.INVALID_ARGUMENT:
+            raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc
+        raise
+
+
+def _to_request(q: RerankQuery, tenant: str, priority: int) -> ScoreRequest:
+    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation, tenant=tenant, priority=priority)
 
 
 def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:

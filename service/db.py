@@ -19,6 +19,12 @@ Tables
 
 Any database failure surfaces as ``ServiceError(UNAVAILABLE)``: the caller retries later or
 elsewhere, and nothing is billed for a call whose record did not commit.
+
+The ledger holds key hashes, usage and stored replies (document text, when a call asked for
+it back), so it is private to the service's user: the default data directory is created 0700
+and the SQLite file 0600 before SQLite opens it (SQLite gives its ``-wal`` and ``-shm`` files
+the database file's mode). No engine logs its statements' parameters (``hide_parameters``):
+an error line names the SQL, never the key ids, fingerprints or replies bound to it.
 """
 
 from __future__ import annotations
@@ -110,7 +116,7 @@ def database_url(db: str | None, data_dir: str | Path | None = None) -> str:
     """The async SQLAlchemy URL for ``--db``: a URL, a file path, or None for the default file."""
     if not db:
         folder = Path(data_dir) if data_dir else default_data_dir()
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)  # an existing directory keeps its mode
         return f"sqlite+aiosqlite:///{(folder / SQLITE_FILE).resolve()}"
     if "://" not in db:
         return f"sqlite+aiosqlite:///{Path(db).resolve()}"
@@ -130,15 +136,29 @@ def open_engine(url: str) -> AsyncEngine:
     SQLite file's directory does not exist."""
     url = database_url(url)
     if url.startswith("sqlite"):
-        folder = Path(make_url(url).database or ".").parent
+        database = make_url(url).database or ""
+        folder = Path(database or ".").parent
         if not folder.is_dir():  # fail here, clearly, rather than in aiosqlite's connect thread
             raise ConnectionError(f"no directory {folder} for the SQLite ledger")
+        if database and database != ":memory:" and not database.startswith("file:"):
+            _make_private(Path(database))
         # busy timeout: writers queue on SQLite's one write lock instead of failing at once
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": 30}, hide_parameters=True)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_pre_ping=True, pool_timeout=10,
+    return create_async_engine(url, pool_pre_ping=True, pool_timeout=10, hide_parameters=True,
                                connect_args={"connect_timeout": 5})
+
+
+def _make_private(database: Path) -> None:
+    """The SQLite file (created now if new) and its WAL files, readable by this user only.
+
+    SQLite creates ``-wal`` and ``-shm`` with the database file's mode, so a 0600 file keeps
+    them private too; existing ones (from an older, laxer version) are tightened here."""
+    os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+    for path in (database, database.with_name(database.name + "-wal"), database.with_name(database.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(path, 0o600)
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:

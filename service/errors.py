@@ -13,7 +13,13 @@ from worker.types import InvalidInput, ModelFailure, Overloaded, ShuttingDown, W
 
 
 class Code(enum.Enum):
-    # value: (gRPC status name, HTTP status)
+    """What went wrong, and its (gRPC status name, HTTP status).
+
+    Several conditions share a status (RATE_LIMITED, OVERLOADED and QUOTA_EXCEEDED are all
+    RESOURCE_EXHAUSTED / 429), so the statuses are attributes, not the members' values: with
+    equal values Python would make them one member, and ``code is Code.OVERLOADED`` would hold
+    for a rate limit too. Each value carries the member's position, so no two are equal."""
+
     INVALID_ARGUMENT = ("INVALID_ARGUMENT", 400)
     UNAUTHENTICATED = ("UNAUTHENTICATED", 401)
     PERMISSION_DENIED = ("PERMISSION_DENIED", 403)
@@ -27,14 +33,15 @@ class Code(enum.Enum):
     UNAVAILABLE = ("UNAVAILABLE", 503)  # not ready, draining, ledger down: retry elsewhere/later
     INTERNAL = ("INTERNAL", 500)  # a bug or a model fault, never the caller's input
 
-    @property
-    def grpc_status(self) -> str:
-        """Name of the ``grpc.StatusCode`` member (kept as text: no grpc import here)."""
-        return self.value[0]
+    grpc_status: str  # name of the ``grpc.StatusCode`` member (kept as text: no grpc import here)
+    http_status: int
 
-    @property
-    def http_status(self) -> int:
-        return self.value[1]
+    def __new__(cls, grpc_status: str, http_status: int) -> Code:
+        member = object.__new__(cls)
+        member._value_ = (grpc_status, http_status, len(cls.__members__))  # unique: never an alias
+        member.grpc_status = grpc_status
+        member.http_status = http_status
+        return member
 
 
 class ServiceError(Exception):

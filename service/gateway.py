@@ -20,10 +20,12 @@ strings that pydantic accepts and the core refuses (400), so they are checked in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
 import math
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import date
 from typing import Annotated, Any, Protocol, TypeVar
 
@@ -32,10 +34,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core import RerankCore
+from service.core import Authenticator, Principal, RerankCore
+from service.edge import EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.gateway_schema import (
     ErrorBody,
@@ -86,15 +91,17 @@ class UsageSource(Protocol):
 
 
 def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: Metrics | None = None,
-               ready: Callable[[], bool] = lambda: True) -> FastAPI:
+               ready: Callable[[], bool] = lambda: True, accepting: Callable[[], bool] | None = None,
+               edge: EdgeLimits | None = None) -> FastAPI:
     """The gateway as an ASGI app. ``usage`` defaults to the core's ledger when it can report;
-    ``ready`` answers /ready, and while it is false rerank calls get 503."""
+    ``ready`` answers /ready; while ``accepting`` (default: ``ready``) is false rerank calls get
+    503. They differ while draining: NOT ready, still accepting (docs/OPERATIONS.md)."""
     if usage is None and hasattr(core.ledger, "usage"):
         usage = core.ledger  # type: ignore[assignment]
     metrics = metrics or Metrics()
     app = FastAPI(title="Qwen3-Reranker API", version="1",
                   description="Billed rerank API; see docs/HTTP_API.md.")
-    _add_rerank_routes(app, core, ready)
+    _add_rerank_routes(app, core, accepting or ready)
     _add_info_routes(app, core, usage)
     _add_ops_routes(app, metrics, ready)
     _install_error_handlers(app)
@@ -102,18 +109,23 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
         openapi(), core.limits, sorted(core.accepted_models))
     app.add_middleware(JsonByDefault)
-    app.add_middleware(BodyLimit, max_bytes=core.limits.max_request_bytes)
-    app.add_middleware(Observe, metrics=metrics, routes={r.path for r in app.routes if hasattr(r, "path")})
+    if not isinstance(core.auth, CheckedOnce):
+        # the guard checks the key before the body; the core's check of the same request then
+        # reuses that answer instead of asking the key table again (gRPC calls pass through)
+        core.auth = CheckedOnce(core.auth)
+    app.add_middleware(EdgeGuard, max_bytes=core.limits.max_request_bytes, limits=edge or EdgeLimits(),
+                       auth=core.auth)
+    app.add_middleware(Observe, metrics=metrics, routes=lambda: app.router.routes)
     return app
 
 
-def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]) -> None:
+def _add_rerank_routes(app: FastAPI, core: RerankCore, accepting: Callable[[], bool]) -> None:
     async def rerank(body: RerankRequest, response: Response, request: Request,
                      credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> RerankResponse:
-        if not ready():
+        if not accepting():
             raise ServiceError(Code.UNAVAILABLE, "the server is not ready or is draining; retry",
                                retry_after_s=1.0)
-        reply = await _unless_disconnected(request, core.rerank(body.to_call(_token(credentials), idempotency_key)))
+        reply = await _unless_disconnected(request, core.rerank(body.to_call(_token(request), idempotency_key)))
         request.state.access = (f"request_id={reply.request_id} documents={reply.billed_documents} "
                                 f"prompt_tokens={reply.prompt_tokens} replayed={reply.replayed}")
         response.headers["X-Request-Id"] = reply.request_id
@@ -148,12 +160,12 @@ def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) 
         return ModelList(data=[card])
 
     @app.get("/v1/usage", responses={k: _ERRORS[k] for k in (401, 403, 404, 422, 503)}, tags=["billing"])
-    async def usage_report(credentials: Credentials,
+    async def usage_report(request: Request, credentials: Credentials,
                            since: Annotated[IsoDate | None, Query(description="First UTC day, YYYY-MM-DD.")] = None,
                            until: Annotated[IsoDate | None, Query(description="Last UTC day, inclusive.")] = None,
                            ) -> UsageResponse:
         """The caller's own billed usage, by UTC day and in total."""
-        principal = await core.auth.authenticate(_token(credentials))
+        principal = await core.auth.authenticate(_token(request))
         if usage is None:
             raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
         report = await usage.usage(principal.key_id, since, until)
@@ -212,8 +224,9 @@ async def _disconnect(request: Request) -> None:
         pass  # the body was read before this route ran: only the disconnect is left to come
 
 
-def _token(credentials: HTTPAuthorizationCredentials | None) -> str | None:
-    return credentials.credentials if credentials is not None else None
+def _token(request: Request) -> str | None:
+    """The key, by the rule gRPC applies too (``Credentials`` documents it in OpenAPI)."""
+    return bearer_token(request.headers.get("authorization"))
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -302,61 +315,254 @@ class JsonByDefault:
         await self.app(scope, receive, send)
 
 
-class BodyLimit:
-    """Reads the whole body, at most ``max_bytes``, before the app sees it: larger is 413.
+class BodyBudget:
+    """The request body bytes being received or held, all connections together, under a cap:
+    one caller's large bodies cannot take the memory another's need."""
 
-    An oversized body is read and dropped up to a cap before answering, so a client that is
-    still sending gets the 413 instead of a reset connection."""
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.held = 0
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def take(self, size: int) -> bool:
+        if self.held + size > self.max_bytes:
+            return False
+        self.held += size
+        return True
+
+    def give_back(self, size: int) -> None:
+        self.held -= size
+
+
+_CHECKED: contextvars.ContextVar[tuple[str | None, Principal] | None] = contextvars.ContextVar(
+    "rerank_checked_key", default=None)
+
+
+class CheckedOnce:
+    """An ``Authenticator`` that answers the core's check of an HTTP call from ``EdgeGuard``'s,
+    made moments before in the same request (the same task's context), for the same key.
+    Anything else (gRPC, another key) is the wrapped authenticator's to decide."""
+
+    def __init__(self, auth: Authenticator) -> None:
+        self.auth = auth
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        checked = _CHECKED.get()
+        if checked is not None and checked[0] == api_key:
+            return checked[1]
+        return await self.auth.authenticate(api_key)
+
+    async def check_request(self, api_key: str | None) -> None:
+        """The guard's check; remembered for the rest of this request."""
+        _CHECKED.set((api_key, await self.auth.authenticate(api_key)))
+
+
+OVER_CAPACITY = "rerank.over_capacity"  # scope state set by http_server.EdgeProtocol past --http-max-connections
+_NO_BODY_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # their bodies, if any, are never read
+_BOMS = (b"\xef\xbb\xbf", b"\xff\xfe", b"\xfe\xff")  # UTF-8, and UTF-16 (UTF-32's start the same)
+
+
+class EdgeGuard:
+    """Everything the edge checks, in order, before the app reads a body or sees a call:
+
+    1. a connection past ``--http-max-connections`` is answered 503 and closed; a request head
+       over ``--http-max-header-bytes`` is 431;
+    2. methods that carry a body: an ``Authorization`` header that is not ``Bearer <key>``
+       is 401 saying why (``service.edge.bearer_token``), and the key is checked before one
+       byte of the body is read, so an unauthenticated caller can make the server buffer
+       nothing; a ``Content-Encoding`` other than identity is 415;
+    3. the body is read whole, at most ``max_bytes`` (larger is 413, also when only declared),
+       within ``--http-body-timeout-s`` (408), and counted against the shared
+       ``--http-max-body-bytes-in-flight`` (over it: 429, retry);
+    4. the body must be UTF-8: a byte-order mark or a NUL byte (UTF-16, UTF-32) is 400, before
+       the JSON decoder could guess another encoding;
+    5. a call still running when the server's grace period ends at shutdown is cut with a
+       JSON 503 and ``Retry-After`` (an ``Idempotency-Key`` retry is billed at most once),
+       not left to the server's plain-text 500.
+
+    Errors are the API's JSON errors (``error_response``)."""
+
+    def __init__(self, app: ASGIApp, *, max_bytes: int, limits: EdgeLimits, auth: CheckedOnce) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.limits = limits
+        self.auth = auth
+        self.budget = BodyBudget(limits.max_body_bytes_in_flight)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def watched(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, watched)
+        except asyncio.CancelledError:
+            # uvicorn cancels the calls still running when its graceful shutdown times out
+            if started:
+                raise
+            cut = ServiceError(Code.UNAVAILABLE, "the server is shutting down and cut this call before it "
+                               "finished; retry (with the same Idempotency-Key it is billed at most once)",
+                               retry_after_s=1.0)
+            await _send_error(scope, receive, send, cut, close=True)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()  # answered: the cancellation has done its work
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get("state", {}).get(OVER_CAPACITY):
+            busy = ServiceError(Code.UNAVAILABLE, f"this server holds its limit of {self.limits.max_connections} "
+                                "connections; retry", retry_after_s=1.0)
+            await _send_error(scope, receive, send, busy, close=True)
+            return
+        head = len(scope["raw_path"]) + len(scope["query_string"]) + sum(len(k) + len(v) + 4
+                                                                          for k, v in scope["headers"])
+        if head > self.limits.max_header_bytes:  # the server checks only heads that arrive in pieces
+            await _send_error(scope, receive, send, close=True, status=431, message=(
+                f"the request head (request line and headers) is over this server's limit of "
+                f"{self.limits.max_header_bytes} bytes"))
+            return
+        if scope["method"] in _NO_BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        try:
+            await self.auth.check_request(bearer_token(headers.get("authorization")))
+        except ServiceError as exc:
+            await _send_error(scope, receive, send, exc, close=True)
+            return
+        encoding = headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            await _send_error(scope, receive, send, close=True, status=415, message=(
+                f"Content-Encoding {_printable(encoding, 40)!r} is not supported: send the body uncompressed"))
+            return
+        declared = _content_length(headers)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse_large(scope, receive, send, 0, True)
+            return
+        reserved = declared or 0
+        if not self.budget.take(reserved):
+            await _send_error(scope, receive, send, _BUSY_RECEIVING, close=True)
+            return
+        try:
+            body, reserved = await self._read(scope, receive, send, reserved)
+            if body is not None:
+                await self.app(scope, _replay(body, receive), send)
+        finally:
+            self.budget.give_back(reserved)
+
+    async def _read(self, scope: Scope, receive: Receive, send: Send, reserved: int) -> tuple[bytes | None, int]:
+        """The whole body (None once an error is answered) and the bytes now reserved for it."""
         chunks: list[bytes] = []
         size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return  # the client went away before sending its body: nothing to answer
-            size += len(message.get("body", b""))
-            more = bool(message.get("more_body", False))
-            if size > self.max_bytes:
-                await self._refuse(scope, receive, send, size, more)
-                return
-            chunks.append(message.get("body", b""))
+        try:
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while more:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None, reserved  # the client went away before sending its body
+                    chunk = message.get("body", b"")
+                    size += len(chunk)
+                    more = bool(message.get("more_body", False))
+                    if size > self.max_bytes:
+                        await self._refuse_large(scope, receive, send, size, more)
+                        return None, reserved
+                    if size > reserved:
+                        if not self.budget.take(size - reserved):
+                            await _send_error(scope, receive, send, _BUSY_RECEIVING, close=True)
+                            return None, reserved
+                        reserved = size
+                    chunks.append(chunk)
+        except TimeoutError:
+            await _send_error(scope, receive, send, close=True, status=408, message=(
+                f"the body did not arrive within {self.limits.body_timeout_s:g} s; send it at once"))
+            return None, reserved
         body = b"".join(chunks)
-        sent = False
+        problem = _not_utf8(body)
+        if problem:
+            await _send_error(scope, receive, send, status=400, message=problem)
+            return None, reserved
+        return body, reserved
 
-        async def replay() -> Message:
-            nonlocal sent
-            if not sent:
-                sent = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()  # after the body: disconnects, as the server reports them
+    async def _refuse_large(self, scope: Scope, receive: Receive, send: Send, size: int, more: bool) -> None:
+        """413; what is still coming is read and dropped up to a cap (and within the body
+        timeout), so a client that is still sending gets the answer, not a reset connection."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.limits.body_timeout_s):
+                while more and size <= _DRAIN_CAP_BYTES:
+                    message = await receive()
+                    size += len(message.get("body", b""))
+                    more = message["type"] == "http.request" and bool(message.get("more_body", False))
+        await _send_error(scope, receive, send, close=True, status=413, message=(
+            f"the body is larger than this server's limit of {self.max_bytes} bytes: send fewer or "
+            "shorter documents per call"))
 
-        await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, size: int, more: bool) -> None:
-        while more and size <= _DRAIN_CAP_BYTES:
-            message = await receive()
-            size += len(message.get("body", b""))
-            more = message["type"] == "http.request" and bool(message.get("more_body", False))
-        response = error_response(413, f"the body is larger than this server's limit of {self.max_bytes} "
-                                       "bytes: send fewer or shorter documents per call")
-        await response(scope, receive, send)
+_BUSY_RECEIVING = ServiceError(Code.OVERLOADED, "the server is receiving too many request bodies at once; retry",
+                               retry_after_s=1.0)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # after the body: disconnects, as the server reports them
+    return replay
+
+
+def _content_length(headers: Headers) -> int | None:
+    raw = headers.get("content-length")
+    return int(raw) if raw is not None and raw.isdigit() else None  # the server refuses other values
+
+
+def _not_utf8(body: bytes) -> str | None:
+    """Why ``body`` is not UTF-8 JSON text that Python's decoder would also read as UTF-8."""
+    if body.startswith(_BOMS):
+        return "the body starts with a byte-order mark: send UTF-8 JSON without one"
+    nul = body.find(b"\x00")
+    if nul >= 0:
+        return f"the body has a NUL byte at byte {nul} (UTF-16 or UTF-32?): send UTF-8 JSON"
+    return None
+
+
+async def _send_error(scope: Scope, receive: Receive, send: Send, error: ServiceError | None = None, *,
+                      status: int = 0, message: str = "", close: bool = False) -> None:
+    """The JSON error for ``error`` (or ``status`` and ``message``); ``close`` ends the
+    connection after it, for a body left unread or a caller to be let go of."""
+    if error is not None:
+        status, message = error.code.http_status, error.message
+    headers = {"Connection": "close"} if close else None
+    response = error_response(status, message, retry_after_s=error.retry_after_s if error else None,
+                              headers=headers)
+    await response(scope, receive, send)
 
 
 class Observe:
-    """Counts and logs every HTTP call once: metrics by route and status, one access line."""
+    """Counts and logs every HTTP call once: metrics by route template and status, one access line.
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, routes: set[str]) -> None:
+    Labels are bounded whatever a client sends: a call that matches a route (method and
+    path) is labelled by the route's template (``POST /v1/rerank``); any other method or
+    path is ``other``."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Callable[[], Sequence[BaseRoute]]) -> None:
         self.app = app
         self.metrics = metrics
         self.routes = routes
+
+    def label(self, scope: Scope) -> str:
+        for route in self.routes():
+            match, _ = route.matches(scope)
+            if match is Match.FULL:
+                return f"{scope['method']} {getattr(route, 'path', '')}"
+        return "other"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -373,13 +579,11 @@ class Observe:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            known = scope["path"] in self.routes
-            path = scope["path"] if known else "other"
+            label = self.label(scope)
             seconds = time.perf_counter() - started
-            # label values stay bounded: known routes by method, everything else as one
-            self.metrics.observe_request(f"{scope['method']} {path}" if known else "other", str(status), seconds)
-            if path.startswith(("/v1/", "/v2/")):
+            self.metrics.observe_request(label, str(status), seconds)
+            if label.split(" ")[-1].startswith(("/v1/", "/v2/")):
                 client = scope.get("client") or ("-", 0)
                 extra = scope.get("state", {}).get("access", "")
-                access_log.info("http=%s %s status=%d ms=%.1f peer=%s:%s %s", scope["method"], path, status,
+                access_log.info("http=%s status=%d ms=%.1f peer=%s:%s %s", label, status,
                                 1000 * seconds, client[0], client[1], extra)

@@ -19,9 +19,20 @@ import math
 from datetime import date
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from service.core import ID_PATTERN, MAX_ID_CHARS, Limits, RerankCall, RerankQuery, RerankReply
+from service.core import (
+    ID_PATTERN,
+    MAX_ID_CHARS,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    PRIORITY_RULE,
+    Limits,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+)
+from service.errors import Code, ServiceError
 from worker.types import Truncation
 
 
@@ -38,6 +49,10 @@ def _iso_date(value: Any) -> Any:
 
 
 JsonInt = Annotated[int, BeforeValidator(_integral)]
+# Any value parses; ``_priority`` refuses a non-integer with 400 naming the field (issue 11),
+# where a type error elsewhere in the body is pydantic's 422. The schema says what is accepted.
+PriorityValue = Annotated[Any, WithJsonSchema({"type": "integer", "minimum": MIN_PRIORITY,
+                                               "maximum": MAX_PRIORITY})]
 IsoDate = Annotated[date, BeforeValidator(_iso_date)]
 SEARCH_UNIT_DOCUMENTS = 100  # Cohere's unit: one query with up to 100 documents
 # "Not blank" as the core means it (``str.strip``), in a regex any JSON Schema tool reads:
@@ -63,12 +78,25 @@ class RerankRequest(BaseModel):
         "end", description="A (query, document) pair longer than the model's max_length: 'end' cuts "
         "the document's tail (the query is never cut; result.truncated says so), 'none' refuses the "
         "request with 400.")
+    priority: PriorityValue | None = Field(
+        None, description=f"Scheduling priority, {MIN_PRIORITY} (first) to {MAX_PRIORITY}, as Cohere v2: better "
+        "work runs first, worse work still gets a bounded share. Absent: the API key's default (0 without "
+        "keys); a key may be limited to a best priority, and a better one asked for is clamped to it "
+        "(meta.warnings says so). Outside the range or not an integer: 400.")
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
         query = RerankQuery(self.query, self.documents, self.instruction, self.top_n,
                             self.return_documents, Truncation(self.truncation))
         return RerankCall([query], api_key=api_key, model=self.model or None,
-                          idempotency_key=idempotency_key)  # "" is refused by the core
+                          idempotency_key=idempotency_key,  # "" is refused by the core
+                          priority=_priority(self.priority))  # its range too
+
+
+def _priority(value: Any) -> int | None:
+    value = _integral(value)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise ServiceError(Code.INVALID_ARGUMENT, f"{PRIORITY_RULE}, got {type(value).__name__}")
 
 
 class ResultDocument(BaseModel):

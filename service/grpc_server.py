@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
@@ -135,8 +136,9 @@ class _Undecodable:
 
 
 class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
-    """Turns a request protobuf cannot parse (e.g. invalid UTF-8 in a string) into a clean
-    INVALID_ARGUMENT; left alone, gRPC answers INTERNAL "Exception deserializing request"."""
+    """Turns a request protobuf cannot parse into a clean INVALID_ARGUMENT that says why
+    (malformed bytes, or invalid UTF-8 in a named string field); left alone, gRPC answers
+    INTERNAL "Exception deserializing request"."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
@@ -146,18 +148,93 @@ class DecodeGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is 
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
             return handler
-        return handler._replace(request_deserializer=_lenient(handler.request_deserializer),
-                                unary_unary=_refusing(handler.unary_unary, handler_call_details.method,
-                                                      self.metrics))
+        path = handler_call_details.method
+        return handler._replace(request_deserializer=_lenient(handler.request_deserializer, _input_type(path)),
+                                unary_unary=_refusing(handler.unary_unary, path, self.metrics))
 
 
-def _lenient(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+def _input_type(path: str) -> Descriptor | None:
+    """The request message of "/package.Service/Method", if it is one of ours."""
+    service, _, method = path.lstrip("/").rpartition("/")
+    found = pb.DESCRIPTOR.services_by_name.get(service.rpartition(".")[2])
+    if found is None or found.full_name != service or method not in found.methods_by_name:
+        return None
+    return found.methods_by_name[method].input_type
+
+
+def _lenient(deserialize: Callable[[bytes], Any], message: Descriptor | None) -> Callable[[bytes], Any]:
     def parse(data: bytes) -> Any:
         try:
             return deserialize(data)
-        except DecodeError as exc:
-            return _Undecodable(str(exc))
+        except DecodeError:
+            return _Undecodable(_why_undecodable(data, message) if message else "malformed protobuf")
     return parse
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _why_undecodable(data: bytes, message: Descriptor) -> str:
+    """What protobuf's "Error parsing message" meant: bad wire format, or a string field
+    (named, with its index) that is not UTF-8."""
+    try:
+        _walk(data, message, "")
+    except _Malformed as exc:
+        return str(exc)
+    return "malformed protobuf"
+
+
+def _walk(data: bytes, message: Descriptor, where: str) -> None:
+    pos, seen = 0, dict[int, int]()
+    while pos < len(data):
+        start = pos
+        tag, pos = _varint(data, pos)
+        number, wire_type = tag >> 3, tag & 7
+        if number == 0:
+            raise _Malformed(f"malformed protobuf: field number 0 at byte {start}")
+        if wire_type == 0:
+            _, pos = _varint(data, pos)
+        elif wire_type in (1, 5):
+            pos += 8 if wire_type == 1 else 4
+        elif wire_type == 2:
+            length, pos = _varint(data, pos)
+            if pos + length > len(data):
+                raise _Malformed(f"malformed protobuf: the field at byte {start} runs past the end of the message")
+            _check_field(data[pos:pos + length], message, number, seen, where)
+            pos += length
+        else:
+            raise _Malformed(f"malformed protobuf: wire type {wire_type} at byte {start}")
+        if pos > len(data):
+            raise _Malformed(f"malformed protobuf: truncated at byte {start}")
+
+
+def _check_field(chunk: bytes, message: Descriptor, number: int, seen: dict[int, int], where: str) -> None:
+    field = message.fields_by_number.get(number)
+    if field is None:
+        return  # unknown fields are kept, not parsed
+    index = seen.get(number, 0)
+    seen[number] = index + 1
+    name = where + field.name + (f"[{index}]" if field.is_repeated else "")
+    if field.type == FieldDescriptor.TYPE_STRING:
+        try:
+            chunk.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Malformed(f"{name} is not valid UTF-8 (byte {exc.start} of it); string fields must be") from None
+    elif field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type is not None:
+        _walk(chunk, field.message_type, name + ".")
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value, shift = 0, 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise _Malformed(f"malformed protobuf: a truncated or overlong varint at byte {pos}")
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
 
 
 def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Callable[..., Any]:
@@ -169,8 +246,7 @@ def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Cal
             access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message='undecodable request'", method,
                             context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"the request is not a valid protobuf message: {request.error} "
-                                "(string fields must be valid UTF-8)")
+                                f"the request is not a valid {method} request message: {request.error}")
         return await behaviour(request, context)
     return handle
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from rerank.v1 import rerank_pb2 as pb
 
 from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from worker.types import Truncation
 
@@ -25,13 +26,13 @@ _TRUNCATION = {
 def call_from_request(req: pb.RerankRequest, api_key: str | None) -> RerankCall:
     query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
                    req.top_n, req.return_documents, req.truncation)
-    return _call([query], req.model, req.request_id, api_key)
+    return _call([query], req.model, req.request_id, api_key, _priority(req))
 
 
 def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None) -> RerankCall:
     queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
                       q.top_n, q.return_documents, q.truncation) for q in req.queries]
-    return _call(queries, req.model, req.request_id, api_key)
+    return _call(queries, req.model, req.request_id, api_key, _priority(req))
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -40,14 +41,14 @@ def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
     outcome = reply.outcomes[0]
     return pb.RerankResponse(request_id=reply.request_id, model=reply.model,
                              results=_ranked(outcome.results), usage=_usage([outcome]),
-                             timing=_timing(reply), replayed=reply.replayed)
+                             timing=_timing(reply), replayed=reply.replayed, warnings=reply.warnings)
 
 
 def batch_response_from_reply(reply: RerankReply) -> pb.RerankBatchResponse:
     queries = [pb.QueryResults(results=_ranked(o.results), usage=_usage([o])) for o in reply.outcomes]
     return pb.RerankBatchResponse(request_id=reply.request_id, model=reply.model, queries=queries,
                                   usage=_usage(reply.outcomes), timing=_timing(reply),
-                                  replayed=reply.replayed)
+                                  replayed=reply.replayed, warnings=reply.warnings)
 
 
 def model_info_message(info: ModelInfo) -> pb.ModelInfo:
@@ -60,19 +61,24 @@ def model_info_message(info: ModelInfo) -> pb.ModelInfo:
 
 
 def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    """The key of ``authorization: Bearer <key>``; another scheme passes through whole, so
-    the authenticator (not the wire layer) decides what to refuse."""
+    """The key of ``authorization: Bearer <key>``, by the rule HTTP applies too
+    (``service.edge.bearer_token``): no header is None, anything but ``Bearer <key>`` is
+    UNAUTHENTICATED, saying what was wrong."""
     for name, value in metadata or ():
         if name.lower() == "authorization" and isinstance(value, str):
-            scheme, _, token = value.strip().partition(" ")
-            return token.strip() if scheme.lower() == "bearer" and token.strip() else value.strip()
+            return bearer_token(value)
     return None
 
 
-def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None) -> RerankCall:
+def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None,
+          priority: int | None) -> RerankCall:
     # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
     return RerankCall(queries, api_key=api_key, model=model or None, request_id=request_id or None,
-                      idempotency_key=request_id or None)
+                      idempotency_key=request_id or None, priority=priority)
+
+
+def _priority(req: pb.RerankRequest | pb.RerankBatchRequest) -> int | None:
+    return req.priority if req.HasField("priority") else None  # the core checks the range
 
 
 def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,

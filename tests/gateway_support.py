@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from service.core import BatcherEngine, Limits, RerankCore
 from service.db import create_schema, open_engine
+from service.edge import EdgeLimits
 from service.gateway import create_app
 from service.http_server import HttpServer
 from service.keys import KeyStore
@@ -35,6 +36,7 @@ class Options:
     default_rps: float | None = None
     default_dps: float | None = None
     max_queued_docs: int = 4096
+    edge: EdgeLimits = field(default_factory=EdgeLimits)
 
 
 class LiveGateway:
@@ -81,7 +83,8 @@ class LiveGateway:
         limiter = KeyRateLimiter(default_rps=opts.default_rps, default_dps=opts.default_dps)
         self.core = RerankCore(BatcherEngine(self.batcher), model_name=MODEL, limits=opts.limits,
                                auth=self.keys if opts.auth else None, limiter=limiter, ledger=self.ledger)
-        self.server = HttpServer(create_app(self.core, ready=lambda: self.ready), host="127.0.0.1", port=0)
+        self.server = HttpServer(create_app(self.core, ready=lambda: self.ready, edge=opts.edge), host="127.0.0.1",
+                                 port=0, limits=opts.edge)
         await self.server.start()
         self.url = f"http://127.0.0.1:{self.server.port}"
 

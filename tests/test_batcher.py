@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 import pytest
@@ -222,3 +223,84 @@ async def test_what_each_request_shares(reuse: bool) -> None:
     assert shared > len(runner.builder.prefix_ids) > 0
     assert [prefix for _, prefix in many] == [shared if reuse else 0] * 3
     assert [prefix for _, prefix in lone] == [len(runner.builder.prefix_ids) if reuse else 0]
+
+
+async def test_queued_tokens_are_a_limit_too() -> None:
+    """Few documents but much work: refused by tokens, while one call alone is always taken."""
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0, max_queued_docs=1000,
+                                            max_queued_tokens=400))
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.score(request(1)))
+        await entered(runner)
+        big = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["word " * 500])))  # > 400 alone
+        while batcher.queued_docs < 1:
+            await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="tokens queued") as info:
+            await batcher.score(ScoreRequest("q", ["word " * 10]))  # 1 document, but over the tokens
+        assert info.value.retry_after_s > 0
+        runner.gate.set()
+        await asyncio.gather(first, big)
+    finally:
+        runner.gate.set()
+        await batcher.close()
+
+
+# fair: after one turn of the flood (it came first), not after all of it; fifo: last
+@pytest.mark.parametrize(("scheduler", "small_runs_in_batch"), [("fair", 2), ("fifo", 5)])
+async def test_a_small_call_does_not_wait_for_another_keys_large_call(scheduler: str,
+                                                                     small_runs_in_batch: int) -> None:
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=128, max_wait_ms=0, scheduler=scheduler))
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.score(request(1)))
+        await entered(runner)  # the model is busy; what follows queues
+        large = asyncio.ensure_future(batcher.score(
+            ScoreRequest("q", [f"long {i} " + "word " * 50 for i in range(8)], tenant="flood")))
+        while batcher.queued_docs < 8:
+            await asyncio.sleep(0)
+        small = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["short"], tenant="quiet")))
+        while batcher.queued_docs < 9:
+            await asyncio.sleep(0)
+        runner.gate.set()
+        await asyncio.gather(first, large, small)
+        small_len = runner.builder.build("q", ["short"], None, Truncation.END).sequences[0]
+        where = [n for n, rows in enumerate(runner.batches) if (len(small_len), len(runner.builder.prefix_ids))
+                 in rows]
+        assert where == [small_runs_in_batch]
+        assert len(runner.batches) == 6  # the large call's 8 rows took four batches either way
+    finally:
+        runner.gate.set()
+        await batcher.close()
+
+
+async def test_a_small_call_is_not_tokenized_behind_large_ones() -> None:
+    """Large calls tokenize for seconds; with every tokenizer thread busy on them, a short
+    call still gets its own lane (it waited behind them: p99 1.3 s in bench/noisy_neighbour.py)."""
+    runner = FakeRunner()
+    release = threading.Event()
+    build = runner.builder.build
+
+    def slow_for_large(query: str, documents: list[str], *rest: object) -> object:
+        if len(documents) > 1:
+            assert release.wait(10), "never released"
+        return build(query, documents, *rest)  # type: ignore[arg-type]
+
+    runner.builder.build = slow_for_large  # type: ignore[method-assign, assignment]
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, tokenizer_threads=2))
+    batcher.start()
+    try:
+        large = [asyncio.ensure_future(batcher.score(ScoreRequest(f"large {i}", ["word " * 2000] * 2)))
+                 for i in range(2)]  # 20,000 characters each
+        await asyncio.sleep(0.05)  # both tokenizer threads are now held by the large calls
+        small = await asyncio.wait_for(batcher.score(ScoreRequest("q", ["short"])), timeout=5)
+        assert len(small.scores) == 1 and not any(t.done() for t in large)
+        release.set()
+        await asyncio.gather(*large)
+    finally:
+        release.set()
+        await batcher.close()

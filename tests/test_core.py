@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
-from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
+from service.core import ANONYMOUS, BatcherEngine, Principal, RerankCall, RerankCore, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
-from worker.types import Truncation
+from worker.types import DocScore, ScoreRequest, ScoreResult, Truncation
 
 
 async def test_failing_query_cancels_its_siblings() -> None:
@@ -29,6 +29,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
         with pytest.raises(ServiceError) as info:
             await core.rerank(call)
         assert info.value.code is Code.INVALID_ARGUMENT
+        assert info.value.message.startswith("queries[1]: document 0 needs "), info.value.message
         runner.gate.set()
         await blocker
         await core.rerank(RerankCall([RerankQuery("after", ["e"])]))
@@ -55,3 +56,66 @@ async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
     assert [r.index for r in top.outcomes[0].results] == [r.index for r in ranked[:3]]
     assert [r.document for r in top.outcomes[0].results] == [docs[r.index] for r in ranked[:3]]
     assert top.billed_documents == 7  # every document sent is billed, not only the top_n
+
+
+async def test_an_invalid_single_query_is_not_named_by_index() -> None:
+    runner = FakeRunner(max_length=64)
+    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    core = RerankCore(BatcherEngine(batcher), model_name="fake")
+    try:
+        with pytest.raises(ServiceError) as info:
+            await core.rerank(RerankCall([RerankQuery("q", ["word " * 500], truncation=Truncation.NONE)]))
+        assert info.value.message.startswith("document 0 needs "), info.value.message
+    finally:
+        await batcher.close()
+
+
+class SpyEngine:
+    """Records what reaches the worker; scores every document 0."""
+
+    def __init__(self) -> None:
+        self.requests: list[ScoreRequest] = []
+
+    async def score(self, request: ScoreRequest) -> ScoreResult:
+        self.requests.append(request)
+        return ScoreResult([DocScore(i, 0.5, 0.0, 1, False) for i in range(len(request.documents))], 1)
+
+    def info(self) -> dict[str, str]:
+        return {"model": "spy", "max_length": "64", "dtype": "none", "device": "cpu"}
+
+
+class OneKey:
+    async def authenticate(self, api_key: str | None) -> Principal:
+        return Principal(key_id="key-7", name="seven")
+
+
+@pytest.mark.parametrize(("auth", "priority", "tenant", "expected"), [
+    (None, None, ANONYMOUS.key_id, 0),  # --no-auth: the request's value, 0 when absent
+    (None, 999, ANONYMOUS.key_id, 999),
+    (OneKey(), 3, "key-7", 3),  # the key id is the tenant the scheduler shares by
+])
+async def test_tenant_and_priority_reach_every_query(auth: OneKey | None, priority: int | None, tenant: str,
+                                                     expected: int) -> None:
+    engine = SpyEngine()
+    core = RerankCore(engine, model_name="spy", auth=auth)
+    reply = await core.rerank(RerankCall([RerankQuery("q", ["a"]), RerankQuery("p", ["b", "c"])],
+                                         priority=priority))
+    assert [(r.tenant, r.priority) for r in engine.requests] == [(tenant, expected)] * 2
+    assert reply.warnings == []
+
+
+@pytest.mark.parametrize("priority", [-1, 1000, 10**12])
+async def test_a_priority_out_of_range_is_refused_before_any_work(priority: int) -> None:
+    engine = SpyEngine()
+    with pytest.raises(ServiceError) as info:
+        await RerankCore(engine, model_name="spy").rerank(RerankCall([RerankQuery("q", ["a"])], priority=priority))
+    assert info.value.code is Code.INVALID_ARGUMENT and "priority" in info.value.message
+    assert engine.requests == []
+
+
+def test_warnings_survive_the_idempotency_record() -> None:
+    reply = RerankReply("r", "m", [], warnings=["priority clamped to 5"])
+    assert RerankReply.from_json(reply.to_json()).warnings == ["priority clamped to 5"]
+    legacy = '{"request_id": "r", "model": "m", "outcomes": [], "timings_ms": {}, "replayed": false}'
+    assert RerankReply.from_json(legacy).warnings == []  # records stored before warnings existed

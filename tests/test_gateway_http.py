@@ -102,6 +102,15 @@ def test_response_shape_and_ranking(gw: LiveGateway, key: tuple[str, str]) -> No
     assert not body["meta"]["replayed"]
 
 
+@pytest.mark.parametrize("priority", [0, 999, 5.0, None])
+def test_a_priority_in_range_is_taken(gw: LiveGateway, key: tuple[str, str], priority: float | None) -> None:
+    r = post(gw, {"query": QUERY, "documents": DOCS, "priority": priority}, key[1], path="/v2/rerank")
+    assert r.status_code == 200, r.text
+    schema = httpx.get(gw.url + "/openapi.json", timeout=30).json()["components"]["schemas"]["RerankRequest"]
+    assert {"type": "integer", "minimum": 0, "maximum": 999}.items() <= schema["properties"]["priority"][
+        "anyOf"][0].items()
+
+
 def test_same_call_on_both_routes_scores_the_same(gw: LiveGateway, key: tuple[str, str]) -> None:
     v1 = post(gw, {"query": QUERY, "documents": DOCS}, key[1]).json()
     v2 = post(gw, {"query": QUERY, "documents": DOCS}, key[1], path="/v2/rerank").json()
@@ -141,6 +150,12 @@ NASTY: list[tuple[str, bytes, int]] = [
     ("query over the limit", json.dumps({"query": "q" * 2001, "documents": ["d"]}).encode(), 400),
     ("10k documents", json.dumps({"query": "q", "documents": ["d"] * 10_000}).encode(), 400),
     ("unknown model", b'{"model": "rerank-v3.5", "query": "q", "documents": ["d"]}', 404),
+    ("priority is a string", b'{"query": "q", "documents": ["d"], "priority": "1"}', 400),
+    ("priority is a float", b'{"query": "q", "documents": ["d"], "priority": 1.5}', 400),
+    ("priority is a bool", b'{"query": "q", "documents": ["d"], "priority": true}', 400),
+    ("priority is huge", b'{"query": "q", "documents": ["d"], "priority": 1e400}', 400),
+    ("priority over the range", b'{"query": "q", "documents": ["d"], "priority": 1000}', 400),
+    ("priority negative", b'{"query": "q", "documents": ["d"], "priority": -1}', 400),
     ("body over the byte limit", b'{"query": "' + b"q" * (2**20 + 10) + b'", "documents": ["d"]}', 413),
 ]
 
@@ -151,6 +166,8 @@ def test_nasty_bodies_are_4xx_with_detail_and_unbilled(gw: LiveGateway, key: tup
     r = post(gw, None, key[1], content=content, headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     assert isinstance(r.json()["detail"], str) and r.json()["detail"]
+    if b'"priority"' in content:
+        assert "priority must be an integer from 0 to 999" in r.json()["detail"]  # names the field
     assert gw.records(key[0]) == []
 
 

@@ -77,14 +77,20 @@ async def test_grpc_and_http_share_keys_and_ledger(served: tuple[App, str]) -> N
 
 
 async def test_ready_follows_the_model_and_the_drain(served: tuple[App, str]) -> None:
+    """docs/OPERATIONS.md: during --drain-delay-s both fronts say not ready but take calls;
+    once the servers stop, new calls are refused (503 with Retry-After)."""
     app, key = served
-    async with httpx.AsyncClient(base_url=http_url(app)) as http:
+    body, auth = {"query": "q", "documents": ["a"]}, {"Authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=http_url(app)) as http, \
+            AsyncRerankClient(f"127.0.0.1:{app.grpc.port}", api_key=key) as grpc_client:
         assert (await http.get("/ready")).status_code == 200
         await app.drain()
         assert (await http.get("/ready")).status_code == 503
-        r = await http.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
-                            headers={"Authorization": f"Bearer {key}"})
-        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert (await http.post("/v1/rerank", json=body, headers=auth)).status_code == 200
+        assert len((await grpc_client.rerank("q", ["a"])).results) == 1  # the two fronts agree
+        app.stopping = True  # what App.stop sets before the servers stop taking calls
+        r = await http.post("/v1/rerank", json=body, headers=auth)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "draining" in r.json()["detail"]
 
 
 async def test_start_names_the_ledger_and_says_loudly_that_auth_is_off(

@@ -157,3 +157,23 @@ async def _assert_dropped(app: App, runner: FakeRunner, blocker: asyncio.Task[ob
         await probe.rerank("after", ["z"])
     assert [len(batch) for batch in runner.batches] == [1, 1]
     assert app.batcher is not None and app.batcher.queued_docs == 0
+
+
+@pytest.mark.parametrize("priority", [-1, 1000, 2**31 - 1])
+async def test_a_priority_out_of_range_is_invalid_argument_naming_it(priority: int) -> None:
+    from rerank.v1 import rerank_pb2_grpc as pb_grpc
+
+    async with running_app(FakeRunner(max_length=64), **LIMITS) as app, \
+            grpc.aio.insecure_channel(target(app)) as channel:
+        stub = pb_grpc.RerankServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Rerank(pb.RerankRequest(query="q", documents=["d"], priority=priority))
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details() or ""
+        assert "priority must be an integer from 0 to 999" in details and details.endswith(f"got {priority}")
+        with pytest.raises(grpc.aio.AioRpcError) as batch_err:
+            await stub.RerankBatch(pb.RerankBatchRequest(queries=[pb.BatchQuery(query="q", documents=["d"])],
+                                                         priority=priority))
+        assert batch_err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        ok = await stub.Rerank(pb.RerankRequest(query="q", documents=["d"], priority=999))
+        assert len(ok.results) == 1 and list(ok.warnings) == []

@@ -192,7 +192,7 @@ async def test_health_is_not_serving_until_warm_then_serving_then_not_while_drai
     from service.app import App
     from service.config import ServeConfig
 
-    app = App(ServeConfig(model="fake", host="127.0.0.1", grpc_port=0), load_runner=slow_load,
+    app = App(ServeConfig(model="fake", host="127.0.0.1", grpc_port=0, http_port=0), load_runner=slow_load,
               core_parts=CoreParts())
     await app.start()
     try:

@@ -7,7 +7,7 @@ from rerank.v1 import rerank_pb2 as pb
 
 from service import wire
 from service.core import QueryOutcome, RankedDoc, RerankReply
-from service.errors import ServiceError
+from service.errors import Code, ServiceError
 from worker.types import Truncation
 
 
@@ -18,12 +18,25 @@ from worker.types import Truncation
     ([("authorization", "Bearer sk-1")], "sk-1"),
     ([("authorization", "bearer   sk-2  ")], "sk-2"),
     ([("Authorization", "Bearer sk-3")], "sk-3"),
-    ([("authorization", "Basic dXNlcg==")], "Basic dXNlcg=="),  # passed on: the authenticator refuses it
-    ([("authorization", "Bearer")], "Bearer"),
     ([("authorization-bin", b"\x00")], None),
 ])
 def test_bearer_key(metadata: list[tuple[str, str | bytes]] | None, key: str | None) -> None:
     assert wire.bearer_key(metadata) == key
+
+
+@pytest.mark.parametrize(("header", "says"), [
+    ("Basic dXNlcg==", "'Basic' scheme"),
+    ("rk_live_barekey", "no scheme"),
+    ("Bearer", "carries no key"),
+    ("Bearer   ", "carries no key"),
+    ("Bearer a b", "more than one value"),
+    ("\u00e9t\u00e9 x", "'another' scheme"),  # never echoes non-ASCII or long text
+])
+def test_anything_but_bearer_is_refused_saying_why(header: str, says: str) -> None:
+    with pytest.raises(ServiceError) as err:
+        wire.bearer_key([("authorization", header)])
+    assert err.value.code is Code.UNAUTHENTICATED
+    assert says in err.value.message
 
 
 @pytest.mark.parametrize(("truncation", "expected"), [
@@ -61,3 +74,17 @@ def test_batch_reply_keeps_query_order_and_sums_usage() -> None:
     assert msg.queries[0].results[0].document == "b" and not msg.queries[0].results[1].HasField("document")
     assert (msg.usage.documents, msg.usage.prompt_tokens, msg.usage.computed_tokens) == (3, 60, 50)
     assert (msg.timing.total_ms, msg.timing.engine_ms, msg.replayed) == (5.0, 4.0, True)
+
+
+def test_priority_absent_is_none_and_zero_is_a_value() -> None:
+    assert wire.call_from_request(pb.RerankRequest(query="q", documents=["d"]), None).priority is None
+    assert wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], priority=0), None).priority == 0
+    batch = pb.RerankBatchRequest(queries=[pb.BatchQuery(query="q", documents=["d"])], priority=7)
+    assert wire.call_from_batch(batch, None).priority == 7
+    assert wire.call_from_batch(pb.RerankBatchRequest(), None).priority is None
+
+
+def test_warnings_reach_both_responses() -> None:
+    reply = RerankReply("r", "m", [QueryOutcome([], 1, 2, 2)], warnings=["priority clamped to 5"])
+    assert list(wire.response_from_reply(reply).warnings) == ["priority clamped to 5"]
+    assert list(wire.batch_response_from_reply(reply).warnings) == ["priority clamped to 5"]

@@ -1,17 +1,20 @@
-"""The token-budget queue, table-driven: budget, fairness, bucketing, cancellation."""
+"""The scheduler, table-driven: budget, bucketing and cancellation under both policies; fair
+shares across tenants and requests, priority and its starvation bound under ``FairQueue``."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
 
-from worker.queue import Entry, TokenBudgetQueue
+from worker.queue import POLICIES, Entry, FairQueue, FifoQueue, Policy, make_queue
 
 
 @dataclass(eq=False)
 class Owner:
     cancelled: bool = False
+    label: str = ""
 
 
 def entries(costs: list[int], owner: Owner | None = None) -> list[Entry]:
@@ -19,6 +22,19 @@ def entries(costs: list[int], owner: Owner | None = None) -> list[Entry]:
     return [Entry(list(range(c)), 0, owner, i) for i, c in enumerate(costs)]
 
 
+def labels(batch: list[Entry]) -> str:
+    return "".join(sorted(e.owner.label for e in batch))  # type: ignore[attr-defined]
+
+
+def drain(queue: FairQueue | FifoQueue) -> list[list[Entry]]:
+    batches = []
+    while batch := queue.next_batch():
+        batches.append(batch)
+    return batches
+
+
+# -- what both policies keep: the budget, bucketing, cancellation ---------------------------
+@pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize(
     ("costs", "budget", "max_size", "expected_first_batch"),
     [
@@ -27,85 +43,79 @@ def entries(costs: list[int], owner: Owner | None = None) -> list[Entry]:
         ([10, 10, 10, 10], 1000, 2, [10, 10]),  # row cap
         ([100, 10, 10], 150, 64, [100]),  # padded cost: 100*2 > 150 although 120 < 150
         ([500, 10], 100, 64, [500]),  # larger than the budget: served alone, not starved
-        ([50, 10, 48, 12, 51], 150, 64, [50, 48, 12]),  # close lengths first, older first; 12 still fits
+        ([50, 10, 48, 12, 51], 150, 64, [50, 48, 12]),  # close lengths first; 12 still fits
         ([10, 50, 11, 49, 12], 40, 64, [10, 11, 12]),  # ... in both directions
     ],
 )
-def test_batch_respects_padded_budget(costs: list[int], budget: int, max_size: int,
+def test_batch_respects_padded_budget(policy: Policy, costs: list[int], budget: int, max_size: int,
                                       expected_first_batch: list[int]) -> None:
-    queue = TokenBudgetQueue(budget, max_size)
+    queue = make_queue(policy, budget, max_size)
     queue.append(entries(costs))
     batch = queue.next_batch()
     assert sorted(e.cost for e in batch) == sorted(expected_first_batch)
-    assert batch[0].index == 0  # the oldest entry always runs
+    assert batch[0].index == 0  # the head always runs
     if len(batch) > 1:
         assert max(e.cost for e in batch) * len(batch) <= budget
 
 
-def test_similar_lengths_are_served_in_arrival_order() -> None:
-    """Many requests of similar documents: the first ones finish first, not all at the end."""
-    owners = [Owner() for _ in range(6)]
-    queue = TokenBudgetQueue(max_batch_tokens=8 * 64, max_batch_size=8)
-    for n, owner in enumerate(owners):
-        queue.append(entries([60 + (n + i) % 4 for i in range(4)], owner))
-    first, second, third = (queue.next_batch() for _ in range(3))
-    assert {e.owner for e in first} == {owners[0], owners[1]}
-    assert {e.owner for e in second} == {owners[2], owners[3]}
-    assert {e.owner for e in third} == {owners[4], owners[5]}
-
-
-def test_every_entry_is_served_once_in_bounded_batches() -> None:
-    costs = [7, 300, 12, 12, 90, 5, 64, 64, 1, 250, 33]
-    queue = TokenBudgetQueue(256, 4)
-    queue.append(entries(costs))
-    served: list[int] = []
-    while len(queue):
-        batch = queue.next_batch()
-        assert batch, "a live queue must yield a batch"
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("seed", range(5))
+def test_every_entry_is_served_once_in_bounded_batches(policy: Policy, seed: int) -> None:
+    rng = random.Random(seed)
+    queue = make_queue(policy, 256, 4)
+    sent: set[tuple[int, int]] = set()
+    for n in range(12):
+        owner = Owner(label=str(n))
+        rows = entries([rng.randint(1, 300) for _ in range(rng.randint(1, 6))], owner)
+        queue.append(rows, tenant=rng.choice("abc"), priority=rng.choice([0, 0, 5]))
+        sent |= {(id(owner), e.index) for e in rows}
+    served: list[tuple[int, int]] = []
+    for batch in drain(queue):
         assert len(batch) <= 4
         assert len(batch) == 1 or max(e.cost for e in batch) * len(batch) <= 256
-        served += [e.index for e in batch]
-    assert sorted(served) == list(range(len(costs)))
-    assert queue.queued_tokens == 0
+        served += [(id(e.owner), e.index) for e in batch]
+    assert sorted(served) == sorted(sent)
+    assert queue.queued_tokens == 0 and len(queue) == 0
 
 
-def test_old_long_entry_is_not_overtaken_forever_by_new_short_ones() -> None:
-    queue = TokenBudgetQueue(100, 64)
-    old = entries([90])
-    queue.append(entries([10, 10]) + old)
-    rounds = 0
-    while old[0] in [*queue._entries]:  # noqa: SLF001 - white-box check of the order
-        queue.next_batch()
-        queue.append(entries([10] * 5))  # a steady stream of new short work
-        rounds += 1
-        assert rounds <= 3, "the long entry was starved"
-
-
-def test_cancelled_entries_are_dropped_not_returned() -> None:
+@pytest.mark.parametrize("policy", POLICIES)
+def test_cancelled_entries_are_dropped_not_returned(policy: Policy) -> None:
     gone, live = Owner(), Owner()
-    queue = TokenBudgetQueue(1000, 64)
-    queue.append(entries([5, 5, 5], gone) + entries([6, 6], live))
+    queue = make_queue(policy, 1000, 64)
+    queue.append(entries([5, 5, 5], gone), tenant="a")
+    queue.append(entries([6, 6], live), tenant="b")
     gone.cancelled = True
-    batch = queue.next_batch()
-    assert [e.owner for e in batch] == [live, live]
+    assert [e.owner for e in queue.next_batch()] == [live, live]
     assert queue.next_batch() == []
-    assert queue.queued_tokens == 0
+    assert queue.queued_tokens == 0 and len(queue) == 0
 
 
-def test_drop_cancelled_frees_capacity() -> None:
+@pytest.mark.parametrize("policy", POLICIES)
+def test_drop_cancelled_frees_capacity(policy: Policy) -> None:
     gone = Owner()
-    queue = TokenBudgetQueue(1000, 64)
-    queue.append(entries([5, 5], gone) + entries([3]))
+    queue = make_queue(policy, 1000, 64)
+    queue.append(entries([5, 5], gone))
+    queue.append(entries([3]))
     gone.cancelled = True
     assert queue.drop_cancelled() == 2
     assert len(queue) == 1 and queue.queued_tokens == 3
 
 
-def test_window_limits_lookahead_and_keeps_order() -> None:
-    queue = TokenBudgetQueue(1000, 64, window=2)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_window_limits_lookahead(policy: Policy) -> None:
+    queue = make_queue(policy, 1000, 64, window=2)
     queue.append(entries([10, 50, 10]))
     assert [e.index for e in queue.next_batch()] == [0, 1]  # index 2 is outside the window
     assert [e.index for e in queue.next_batch()] == [2]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_long_shared_prefix_bounds_attention_width(policy: Policy) -> None:
+    owner = Owner()
+    rows = [Entry(list(range(1000)), 980, owner, i) for i in range(10)]  # cost 20, width 1000
+    queue = make_queue(policy, max_batch_tokens=1000, max_batch_size=64, max_attention_tokens=4000)
+    queue.append(rows)
+    assert [len(queue.next_batch()) for _ in range(3)] == [4, 4, 2]  # 20 * 10 would fit the budget
 
 
 def test_prefix_reuse_lowers_cost() -> None:
@@ -113,15 +123,109 @@ def test_prefix_reuse_lowers_cost() -> None:
     assert entry.cost == 20
 
 
-def test_long_shared_prefix_bounds_attention_width() -> None:
-    owner = Owner()
-    rows = [Entry(list(range(1000)), 980, owner, i) for i in range(10)]  # cost 20, width 1000
-    queue = TokenBudgetQueue(max_batch_tokens=1000, max_batch_size=64, max_attention_tokens=4000)
-    queue.append(rows)
-    assert [len(queue.next_batch()) for _ in range(3)] == [4, 4, 2]  # 20 * 10 would fit the budget
-
-
 @pytest.mark.parametrize("args", [(0, 1), (1, 0), (1, 1, 0)])
 def test_rejects_nonsense_config(args: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError):
-        TokenBudgetQueue(*args)
+    for cls in (FairQueue, FifoQueue):
+        with pytest.raises(ValueError):
+            cls(*args)
+    with pytest.raises(ValueError, match="share_every"):
+        FairQueue(10, 10, share_every=1)
+    with pytest.raises(ValueError, match="scheduler"):
+        make_queue("lifo", 10, 10)  # type: ignore[arg-type]
+
+
+# -- the orders, side by side -----------------------------------------------------------------
+# Each request: (label, tenant, priority, row costs), appended in this order before the first
+# batch. Expected: the labels of each batch's rows, sorted, batch by batch.
+FLOOD_THEN_QUIET = [("F", "flood", 0, [100] * 6), ("G", "flood", 0, [100] * 6), ("q", "quiet", 0, [100])]
+ORDERS = [
+    # a small call never waits for another tenant's large call, only for a fair share
+    ("flood then quiet", FLOOD_THEN_QUIET, 200, {"fifo": ["FF", "FF", "FF", "GG", "GG", "GG", "q"],
+                                                 "fair": ["Fq", "FG", "FG", "FG", "FG", "FG", "G"]}),
+    # ... and the same between the requests of one tenant
+    ("big then small, one tenant", [("B", "k", 0, [100] * 6), ("s", "k", 0, [100])], 200,
+     {"fifo": ["BB", "BB", "BB", "s"], "fair": ["Bs", "BB", "BB", "B"]}),
+    # shares are by tokens: one 400-token row is worth four of 100
+    ("weighted by tokens", [("L", "a", 0, [400] * 3), ("s", "b", 0, [100] * 9)], 400,
+     {"fifo": ["L", "L", "L", "ssss", "ssss", "s"], "fair": ["L", "ssss", "L", "ssss", "L", "s"]}),
+    # priority: the better class first, whenever it has work
+    ("priority first", [("z", "a", 9, [100] * 2), ("u", "b", 0, [100] * 2)], 100,
+     {"fifo": ["z", "z", "u", "u"], "fair": ["u", "u", "z", "z"]}),
+]
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(("name", "requests", "budget", "expected"), ORDERS, ids=[o[0] for o in ORDERS])
+def test_batch_order(policy: Policy, name: str, requests: list[tuple[str, str, int, list[int]]], budget: int,
+                     expected: dict[str, list[str]]) -> None:
+    queue = make_queue(policy, budget, 64)
+    for label, tenant, priority, costs in requests:
+        queue.append(entries(costs, Owner(label=label)), tenant=tenant, priority=priority)
+    assert [labels(b) for b in drain(queue)] == expected[policy]
+
+
+def test_a_call_arriving_during_a_flood_runs_in_the_next_batch() -> None:
+    """The quiet tenant arrives while the flood is being served: it is the next batch's head."""
+    queue = FairQueue(max_batch_tokens=300, max_batch_size=64)
+    queue.append(entries([300] * 50, Owner(label="F")), tenant="flood")
+    for _ in range(10):
+        queue.next_batch()
+    queue.append(entries([5], Owner(label="q")), tenant="quiet")
+    assert labels(queue.next_batch()) == "q"
+
+
+def test_an_idle_tenant_banks_no_credit() -> None:
+    """A tenant that was away gets its share from its return on, not the tokens it missed."""
+    queue = FairQueue(max_batch_tokens=100, max_batch_size=64)
+    queue.append(entries([100] * 30, Owner(label="a")), tenant="a")
+    for _ in range(20):
+        queue.next_batch()
+    queue.append(entries([100] * 10, Owner(label="b")), tenant="b")
+    assert [labels(queue.next_batch()) for _ in range(6)] == ["b", "a", "b", "a", "b", "a"]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_backlogged_tenants_stay_within_two_batches_of_each_other(seed: int) -> None:
+    """Two tenants with work queued throughout: the tokens charged to them never differ by more
+    than two batches' budget, whatever the row lengths."""
+    rng = random.Random(seed)
+    budget = 512
+    queue = FairQueue(budget, 16)
+    served = {"a": 0, "b": 0}
+    tenant_of: dict[int, str] = {}
+    for tenant in served:
+        for _ in range(40):
+            owner = Owner()
+            tenant_of[id(owner)] = tenant
+            queue.append(entries([rng.randint(10, 200) for _ in range(rng.randint(1, 8))], owner), tenant=tenant)
+    while all(any(t == name for t in tenant_of.values()) for name in served):
+        batch = queue.next_batch()
+        padded = max(e.cost for e in batch)
+        for entry in batch:
+            served[tenant_of[id(entry.owner)]] += padded
+        assert abs(served["a"] - served["b"]) <= 2 * budget
+        live = {id(e.owner) for cls in queue._classes.values() for t in cls.tenants.values()  # noqa: SLF001
+                for f in t.flows.values() for e in f.entries}
+        tenant_of = {k: v for k, v in tenant_of.items() if k in live}
+
+
+def test_a_worse_class_is_served_within_share_every_batches_once_oldest() -> None:
+    """A steady stream of priority-0 work cannot starve a priority-9 request that waits."""
+    queue = FairQueue(max_batch_tokens=100, max_batch_size=64, share_every=4)
+    low = Owner(label="z")
+    queue.append(entries([100], low), tenant="batch-job", priority=9)
+    waited = 0
+    while True:
+        queue.append(entries([100], Owner(label="u")), tenant="online", priority=0)
+        if labels(queue.next_batch()) == "z":
+            break
+        waited += 1
+        assert waited < 4, "the worse class was starved"
+    assert waited == 3  # and priority did hold for the batches before
+
+
+def test_a_worse_class_only_fills_spare_room() -> None:
+    queue = FairQueue(max_batch_tokens=300, max_batch_size=64)
+    queue.append(entries([50, 50], Owner(label="z")), tenant="a", priority=5)
+    queue.append(entries([100, 100], Owner(label="u")), tenant="b", priority=0)
+    assert labels(queue.next_batch()) == "uuz"  # 3 * 100 fits; the closer length of z waits its tier

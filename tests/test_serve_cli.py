@@ -181,3 +181,20 @@ def test_a_model_that_cannot_load_stops_the_server_saying_why(
     (failed,) = [r.getMessage() for r in caplog.records if "model failed to load" in r.getMessage()]
     assert says in failed
     assert ("--model takes a Hugging Face hub id" in failed) is hint
+
+
+def test_http_edge_flags_reach_the_limits_of_serve_and_gateway() -> None:
+    from service.commands import gateway
+    from service.edge import EdgeLimits
+
+    parser = argparse.ArgumentParser()
+    serve_config.add_arguments(parser, env={"RERANK_HTTP_HEADER_TIMEOUT_S": "3"})
+    args = parser.parse_args(["--http-max-connections", "7", "--http-body-timeout-s", "2.5"])
+    limits = serve_config.from_args(args).edge_limits()
+    assert (limits.max_connections, limits.body_timeout_s, limits.header_timeout_s) == (7, 2.5, 3.0)
+    parser = argparse.ArgumentParser()
+    gateway.add_arguments(parser)
+    args = parser.parse_args(["--backend", "h:1", "--http-max-body-bytes-in-flight", "1000"])
+    assert serve_config.edge_limits(args) == EdgeLimits(max_body_bytes_in_flight=1000)
+    with pytest.raises(ValueError, match="--http-max-connections must be positive"):
+        EdgeLimits(max_connections=0)

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 ``score(request)`` tokenizes on a thread pool (off the loop and off the model thread, so
 the next batch's tokens are ready while the model runs), turns the request into a
-``Group`` of per-document entries, appends them to the ``TokenBudgetQueue`` and awaits the
+``Group`` of per-document entries, appends them to the scheduler (``worker.queue``) and awaits the
 group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` until work
 arrives, optionally lingers up to ``max_wait_ms`` for more, takes ``next_batch()``, runs
 ``runner.score`` on a single model thread and settles what finished.
@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.prompt import Prompts
-from worker.queue import Entry, TokenBudgetQueue
+from worker.queue import Entry, make_queue
 from worker.types import (
     BatchScores,
     DocScore,
@@ -45,6 +45,8 @@ from worker.types import (
 
 log = logging.getLogger(__name__)
 
+SMALL_CALL_CHARS = 16_384  # query + documents: a few milliseconds of tokenizing at most
+
 
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
@@ -52,6 +54,8 @@ class BatcherConfig:
     max_batch_size: int = 64
     max_wait_ms: float = 2.0  # linger for more work when the model is idle; 0: never
     max_queued_docs: int = 4096  # backpressure: more is Overloaded
+    max_queued_tokens: int = 1_048_576  # ... and so is more queued work (row tokens, prefixes cached)
+    scheduler: str = "fair"  # worker/queue.py: "fair" (tenants, priority) or "fifo" (arrival order)
     window: int = 512  # look-ahead for length bucketing
     prefix_reuse: bool = True  # share the query prefix across a request's documents
     tokenizer_threads: int = 2
@@ -110,12 +114,14 @@ class Batcher:
                  on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.runner = runner
         self.config = config or BatcherConfig()
-        self.queue = TokenBudgetQueue(self.config.max_batch_tokens, self.config.max_batch_size,
-                                      self.config.window)
+        self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens,
+                                self.config.max_batch_size, self.config.window)
         self.on_batch = on_batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._tokenizers = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
+        # small calls tokenize in their own lane: never queued behind large calls' seconds of it
+        self._small_tokenizer = ThreadPoolExecutor(1, thread_name_prefix="tokenize-small")
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._in_flight: set[Group] = set()
@@ -142,6 +148,7 @@ class Batcher:
         # joining the model thread waits for the batch in flight: off the loop, which keeps serving
         await asyncio.to_thread(self._model_thread.shutdown, True)
         self._tokenizers.shutdown(wait=False)
+        self._small_tokenizer.shutdown(wait=False)
 
     @property
     def accepting(self) -> bool:
@@ -159,9 +166,8 @@ class Batcher:
         self._admit(len(request.documents))
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
-            self._tokenizers, self.runner.builder.build, request.query, request.documents,
+            self._tokenizer_for(request), self.runner.builder.build, request.query, request.documents,
             request.instruction, request.truncation)
-        self._admit(len(request.documents))  # the queue may have filled while we tokenized
         group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
         # Prefix reuse: a request's documents share its whole prefix (system prompt,
@@ -170,7 +176,10 @@ class Batcher:
         prefix_len = 0
         if self.config.prefix_reuse:
             prefix_len = prompts.shared_len if len(prompts.sequences) > 1 else len(self.runner.builder.prefix_ids)
-        self.queue.append(Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences))
+        entries = [Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences)]
+        # the queue may have filled while we tokenized; now the request's own work is known
+        self._admit(len(entries), sum(e.cost for e in entries))
+        self.queue.append(entries, tenant=request.tenant, priority=request.priority)
         self._in_flight.add(group)
         self._wake.set()
         try:
@@ -180,15 +189,27 @@ class Batcher:
                 group.cancelled = True  # queued entries are dropped, not computed
             self._in_flight.discard(group)
 
-    def _admit(self, docs: int) -> None:
+    def _tokenizer_for(self, request: ScoreRequest) -> ThreadPoolExecutor:
+        chars = len(request.query) + sum(map(len, request.documents))
+        return self._small_tokenizer if chars <= SMALL_CALL_CHARS else self._tokenizers
+
+    def _admit(self, docs: int, tokens: int = 0) -> None:
+        """Refuse work past either limit: documents, or tokens (what the model must run). A call
+        alone in an empty queue is admitted whatever its size, or it could never run."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
-        if len(self.queue) + docs > self.config.max_queued_docs:
+        if self._over(docs, tokens):
             self.queue.drop_cancelled()
-        if len(self.queue) + docs > self.config.max_queued_docs:
+        if self._over(docs, tokens):
             wait = max(0.05, self.queue.queued_tokens * self._seconds_per_token)
-            raise Overloaded(f"{len(self.queue)} documents queued (limit "
-                             f"{self.config.max_queued_docs}); retry in {wait:.2f}s", wait)
+            raise Overloaded(f"{len(self.queue)} documents, {self.queue.queued_tokens} tokens queued (limits "
+                             f"{self.config.max_queued_docs}, {self.config.max_queued_tokens}); retry in "
+                             f"{wait:.2f}s", wait)
+
+    def _over(self, docs: int, tokens: int) -> bool:
+        queued = self.queue.queued_tokens
+        return (len(self.queue) + docs > self.config.max_queued_docs
+                or (queued > 0 and queued + tokens > self.config.max_queued_tokens))
 
     # -- the loop's side -----------------------------------------------------------------
     async def _run(self) -> None:

@@ -1,35 +1,65 @@
-"""The token-budget queue: which queued documents run together in the next batch.
+"""The scheduler: which queued documents run together in the next model batch.
 
 Theory of operation
 -------------------
-Requests arrive as groups of per-document ``Entry`` objects, appended in arrival order.
-``next_batch`` always takes the oldest live entry (the head) and fills the batch with the
-entries from a look-ahead window whose lengths are closest to the head's, so rows of
-similar length run together and padding stays small, across requests. Among rows of
-about the same length the older go first, so requests finish in arrival order.
+Requests arrive as groups of per-document ``Entry`` objects, appended with the request's
+``tenant`` (the API key id) and ``priority`` (lower runs first). ``next_batch`` decides two
+things: *whose* rows may run next (the policy) and *which* of those fit one batch (the budget).
+
+``FairQueue`` (the default policy) keeps one virtual clock per tenant and one per request:
+the tokens they have had the model run for them. The candidates for the next batch are
+listed in fair order by replaying deficit round robin with a one-token quantum (start-time
+fair queueing): repeatedly the tenant with the smallest clock, then its request with the
+smallest clock, gives its next row, and both clocks advance by that row's tokens. A tenant
+(or a request) that arrives starts at the clock of the work now being served, so it goes
+next: it neither banks credit while idle nor queues behind a backlog it did not send. Each
+row taken is charged its padded cost (the batch's longest row: what it occupied).
+
+Priority classes are served best first, every batch, except that every ``share_every``-th
+batch contested by several classes goes to the class holding the oldest queued request.
+
+``FifoQueue`` is the policy before fairness (oldest request first), kept to measure against
+(``bench/noisy_neighbour.py``).
+
+Both build a batch the same way (``_Budget.fill``): the first candidate (the head) always
+runs; the other candidates join closest length first, in buckets of ~1/8 of the head's
+length, in candidate order within a bucket, while the batch fits. Rows of one request keep
+their shared prefix, so they stay groupable.
 
 Invariants
 ----------
-* Padded cost: ``max(cost) * len(batch) <= max_batch_tokens`` and
-  ``len(batch) <= max_batch_size``, except a head whose cost alone exceeds the budget: it
-  runs alone rather than never. ``cost`` is the tokens a row computes (its shared prefix
-  is cached); attention also reads the prefix, so ``max(len(ids)) * len(batch)`` is held
-  under ``max_attention_tokens`` too, which bounds memory when a long query's prefix is
-  shared by many short documents.
-* Fairness: the head is in every batch, and only entries inside the window can join it, so
-  an entry waits at most for the entries ahead of it; newer short work cannot starve it.
+* Budget: ``max(cost) * len(batch) <= max_batch_tokens``, ``len(batch) <= max_batch_size``
+  and ``max(len(ids)) * len(batch) <= max_attention_tokens``, except a head too large for
+  any batch: it runs alone rather than never. ``cost`` is the tokens a row computes (its
+  shared prefix is cached); attention also reads the prefix, hence the second bound.
+* Fair share (``FairQueue``): the head of every batch is the first row of the fair order
+  of the class chosen, so the tenant of a class that has had the fewest tokens served since
+  it had work queued is in the next batch: a call never waits for another tenant's call to
+  finish, only for the batch in flight (and the same between the requests of one tenant).
+  Another tenant's row joins only if its fair start is within ``max_batch_tokens`` of the
+  head's, so two tenants with work queued throughout never differ in tokens charged by more
+  than ``2 * max_batch_tokens``, however length bucketing picks within that horizon.
+* Starvation bound (``FairQueue``): while several priority classes have work, at least one
+  batch in every ``share_every`` is headed by the class of the oldest queued request; so
+  once a request is the oldest queued, its class is served within ``share_every`` batches,
+  and no request waits forever, whatever arrives after it.
 * Cancelled entries (their caller gave up, or their request already failed) are dropped
-  when met, never returned.
-* Plain and synchronous: no asyncio, no threads, no model. The batcher owns the only
-  instance and calls it from the event loop.
+  when met, never returned; ``queued_tokens`` and ``len`` count live and not-yet-met ones.
+* Plain and synchronous: no asyncio, no threads, no model, no clock. The batcher owns the
+  only instance and calls it from the event loop.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
+
+Policy = Literal["fair", "fifo"]
+POLICIES: tuple[Policy, ...] = ("fair", "fifo")
 
 
 class Owner(Protocol):
@@ -51,72 +81,253 @@ class Entry:
         self.cost = len(self.ids) - self.prefix_len
 
 
-class TokenBudgetQueue:
-    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None) -> None:
-        if max_batch_tokens < 1 or max_batch_size < 1 or window < 1:
-            raise ValueError("max_batch_tokens, max_batch_size and window must be positive")
-        self.max_batch_tokens = max_batch_tokens
-        self.max_attention_tokens = max_attention_tokens or 4 * max_batch_tokens
-        self.max_batch_size = max_batch_size
-        self.window = window
-        self._entries: deque[Entry] = deque()
-        self.queued_tokens = 0
+@dataclass(frozen=True, slots=True)
+class _Budget:
+    max_batch_tokens: int
+    max_batch_size: int
+    max_attention_tokens: int
 
-    def __len__(self) -> int:
-        """Queued entries, cancelled ones not yet dropped included."""
-        return len(self._entries)
-
-    def append(self, entries: Iterable[Entry]) -> None:
-        for entry in entries:
-            self._entries.append(entry)
-            self.queued_tokens += entry.cost
-
-    def next_batch(self) -> list[Entry]:
-        """The next batch to run, oldest entry first; empty when nothing live is queued."""
-        window = self._take_window()
-        if not window:
-            return []
-        head, rest = window[0], window[1:]
-        # closest lengths first, in buckets of ~1/8 of the head's length, oldest first within
-        # a bucket: padding stays small and older requests finish first (latency), instead of
-        # every request's documents being spread thinly over all the batches
+    def fill(self, candidates: list[Entry], tiers: list[int] | None = None) -> list[Entry]:
+        """The batch: ``candidates[0]`` and what joins it. ``tiers`` (lower first) rank the
+        candidates above length closeness: rows of a worse class only fill spare room."""
+        head = candidates[0]
         bucket = max(8, head.cost // 8)
-        order = {id(e): n for n, e in enumerate(rest)}
-        rest.sort(key=lambda e: (abs(e.cost - head.cost) // bucket, order[id(e)]))
-        batch, longest, widest, leftover = [head], head.cost, len(head.ids), []
-        for entry in rest:
+        tier = tiers or [0] * len(candidates)
+        order = sorted(range(1, len(candidates)),
+                       key=lambda n: (tier[n], abs(candidates[n].cost - head.cost) // bucket, n))
+        batch, longest, widest = [head], head.cost, len(head.ids)
+        for n in order:
+            entry = candidates[n]
             grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
             if (rows <= self.max_batch_size and grown * rows <= self.max_batch_tokens
                     and wider * rows <= self.max_attention_tokens):
                 batch.append(entry)
                 longest, widest = grown, wider
-            else:
-                leftover.append(entry)
-        self._put_back(window, leftover)
-        self.queued_tokens -= sum(e.cost for e in batch)
+        return batch
+
+
+class _QueueBase:
+    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+                 max_attention_tokens: int | None = None) -> None:
+        if max_batch_tokens < 1 or max_batch_size < 1 or window < 1:
+            raise ValueError("max_batch_tokens, max_batch_size and window must be positive")
+        self.budget = _Budget(max_batch_tokens, max_batch_size, max_attention_tokens or 4 * max_batch_tokens)
+        self.window = window  # candidates considered for one batch (length bucketing look-ahead)
+        self.queued_tokens = 0
+        self._count = 0
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return self.budget.max_batch_tokens
+
+    def __len__(self) -> int:
+        """Queued entries, cancelled ones not yet dropped included."""
+        return self._count
+
+    def _counted(self, entries: list[Entry], sign: int) -> None:
+        self._count += sign * len(entries)
+        self.queued_tokens += sign * sum(e.cost for e in entries)
+
+
+class FifoQueue(_QueueBase):
+    """Oldest entry first, whoever sent it: the policy before fair scheduling."""
+
+    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+                 max_attention_tokens: int | None = None) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+        self._entries: deque[Entry] = deque()
+
+    def append(self, entries: Iterable[Entry], *, tenant: str = "", priority: int = 0) -> None:
+        added = list(entries)
+        self._entries.extend(added)
+        self._counted(added, +1)
+
+    def next_batch(self) -> list[Entry]:
+        """The next batch to run, oldest entry first; empty when nothing live is queued."""
+        window: list[Entry] = []
+        while self._entries and len(window) < self.window:
+            entry = self._entries.popleft()
+            self._counted([entry], -1)
+            if not entry.owner.cancelled:
+                window.append(entry)
+        if not window:
+            return []
+        batch = self.budget.fill(window)
+        taken = set(map(id, batch))
+        leftover = [e for e in window if id(e) not in taken]
+        self._entries.extendleft(reversed(leftover))  # back at the front, in arrival order
+        self._counted(leftover, +1)
         return batch
 
     def drop_cancelled(self) -> int:
         """Remove every cancelled entry now; returns how many went."""
-        before = len(self._entries)
-        live = [e for e in self._entries if not e.owner.cancelled]
-        self._entries = deque(live)
-        self.queued_tokens = sum(e.cost for e in live)
-        return before - len(live)
+        gone = [e for e in self._entries if e.owner.cancelled]
+        self._entries = deque(e for e in self._entries if not e.owner.cancelled)
+        self._counted(gone, -1)
+        return len(gone)
 
-    def _take_window(self) -> list[Entry]:
-        window: list[Entry] = []
-        while self._entries and len(window) < self.window:
-            entry = self._entries.popleft()
-            if entry.owner.cancelled:
-                self.queued_tokens -= entry.cost
+
+# -- fair scheduling ------------------------------------------------------------------------
+@dataclass(eq=False, slots=True)
+class _Flow:
+    """One request's queued entries, in document order."""
+
+    owner: Owner
+    entries: list[Entry]
+    seq: int  # arrival number: ties and "oldest request"
+    vtime: int  # tokens charged to this request
+
+
+@dataclass(eq=False, slots=True)
+class _Tenant:
+    seq: int
+    vtime: int  # tokens charged to this tenant while it had work queued
+    clock: int = 0  # the clock of the request served last: where a new request starts
+    flows: dict[int, _Flow] = field(default_factory=dict)  # by id(owner)
+
+
+@dataclass(eq=False, slots=True)
+class _Class:
+    priority: int
+    clock: int = 0  # the clock of the tenant served last: where a new tenant starts
+    tenants: dict[str, _Tenant] = field(default_factory=dict)
+
+    def oldest(self) -> int:
+        return min(f.seq for t in self.tenants.values() for f in t.flows.values())
+
+
+class FairQueue(_QueueBase):
+    """Priority classes; in each, tenants and then their requests share by tokens (DRR)."""
+
+    def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+                 max_attention_tokens: int | None = None, share_every: int = 4) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+        if share_every < 2:
+            raise ValueError("share_every must be at least 2 (1 would ignore priority)")
+        self.share_every = share_every
+        self._classes: dict[int, _Class] = {}
+        self._seq = itertools.count()
+        self._contested = 0  # batches built while several classes had work
+
+    def append(self, entries: Iterable[Entry], *, tenant: str = "", priority: int = 0) -> None:
+        added = [e for e in entries if not e.owner.cancelled]
+        if not added:
+            return
+        cls = self._classes.setdefault(priority, _Class(priority))
+        if tenant not in cls.tenants:
+            cls.tenants[tenant] = _Tenant(next(self._seq), vtime=cls.clock)
+        state = cls.tenants[tenant]
+        for owner_id, group in itertools.groupby(added, key=lambda e: id(e.owner)):
+            rows = list(group)
+            flow = state.flows.get(owner_id)
+            if flow is None:
+                state.flows[owner_id] = _Flow(rows[0].owner, rows, next(self._seq), vtime=state.clock)
             else:
-                window.append(entry)
-        return window
+                flow.entries.extend(rows)
+        self._counted(added, +1)
 
-    def _put_back(self, window: list[Entry], leftover: list[Entry]) -> None:
-        keep = set(map(id, leftover))
-        for entry in reversed(window):  # restore arrival order at the front
-            if id(entry) in keep:
-                self._entries.appendleft(entry)
+    def next_batch(self) -> list[Entry]:
+        """The next batch to run, fair order first; empty when nothing live is queued."""
+        self.drop_cancelled()
+        if not self._classes:
+            return []
+        chosen = self._choose_class()
+        candidates: list[Entry] = []
+        tiers: list[int] = []
+        rest = sorted((c for c in self._classes.values() if c is not chosen), key=lambda c: c.priority)
+        for tier, cls in enumerate([chosen, *rest]):
+            first: tuple[int, int] | None = None  # the class head's tenant and its start
+            for entry, start, tenant in itertools.islice(self._fair_order(cls), self.window - len(candidates)):
+                first = first or (tenant, start)
+                if tenant != first[0] and start > first[1] + self.max_batch_tokens:
+                    continue  # another tenant's row ahead of its fair turn
+                candidates.append(entry)
+                tiers.append(tier)
+        batch = self.budget.fill(candidates, tiers)
+        self._take(batch)
+        return batch
+
+    def drop_cancelled(self) -> int:
+        """Remove every cancelled request now; returns how many entries went."""
+        gone = 0
+        for cls in list(self._classes.values()):
+            for name, tenant in list(cls.tenants.items()):
+                for owner_id, flow in list(tenant.flows.items()):
+                    if flow.owner.cancelled:
+                        gone += len(flow.entries)
+                        self._counted(flow.entries, -1)
+                        del tenant.flows[owner_id]
+                self._forget_if_idle(cls, name)
+        return gone
+
+    def _choose_class(self) -> _Class:
+        best = self._classes[min(self._classes)]
+        if len(self._classes) == 1:
+            return best
+        self._contested += 1
+        if self._contested % self.share_every == 0:
+            return min(self._classes.values(), key=_Class.oldest)
+        return best
+
+    def _fair_order(self, cls: _Class) -> Iterator[tuple[Entry, int, int]]:
+        """DRR with a one-token quantum, replayed on copies of the clocks: tenant by smallest
+        clock, then its request by smallest clock; ties go to the earlier arrival. Each row
+        comes with its tenant's clock when it is reached (its fair start) and its tenant."""
+        tenants = [(t.vtime, t.seq, n) for n, t in enumerate(cls.tenants.values())]
+        flows = [[(f.vtime, f.seq, 0, f) for f in t.flows.values()] for t in cls.tenants.values()]
+        heapq.heapify(tenants)
+        for heap in flows:
+            heapq.heapify(heap)
+        while tenants:
+            t_clock, t_seq, n = heapq.heappop(tenants)
+            f_clock, f_seq, pos, flow = heapq.heappop(flows[n])
+            entry = flow.entries[pos]
+            yield entry, t_clock, n
+            if pos + 1 < len(flow.entries):
+                heapq.heappush(flows[n], (f_clock + entry.cost, f_seq, pos + 1, flow))
+            if flows[n]:
+                heapq.heappush(tenants, (t_clock + entry.cost, t_seq, n))
+
+    def _take(self, batch: list[Entry]) -> None:
+        """Remove ``batch`` from the queue and charge each row its padded cost."""
+        padded = max(e.cost for e in batch)
+        taken = {id(e) for e in batch}
+        owners = {id(e.owner) for e in batch}
+        for cls in list(self._classes.values()):
+            tenant_clocks = []
+            for name, tenant in list(cls.tenants.items()):
+                served = [f for k, f in tenant.flows.items() if k in owners]
+                if not served:
+                    continue
+                tenant_clocks.append(tenant.vtime)
+                tenant.clock = max(tenant.clock, min(f.vtime for f in served))
+                for flow in served:
+                    rows = sum(1 for e in flow.entries if id(e) in taken)
+                    flow.vtime += padded * rows
+                    tenant.vtime += padded * rows
+                    flow.entries = [e for e in flow.entries if id(e) not in taken]
+                    if not flow.entries:
+                        del tenant.flows[id(flow.owner)]
+                self._forget_if_idle(cls, name)
+            if tenant_clocks:
+                cls.clock = max(cls.clock, min(tenant_clocks))
+        self._counted(batch, -1)
+
+    def _forget_if_idle(self, cls: _Class, tenant: str) -> None:
+        """A tenant without queued work keeps no clock (no credit, no debt); an empty class goes."""
+        if not cls.tenants[tenant].flows:
+            del cls.tenants[tenant]
+        if not cls.tenants:
+            self._classes.pop(cls.priority, None)
+
+
+def make_queue(policy: str, max_batch_tokens: int, max_batch_size: int, window: int = 512,
+               max_attention_tokens: int | None = None) -> FairQueue | FifoQueue:
+    if policy == "fair":
+        return FairQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+    if policy == "fifo":
+        return FifoQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+    raise ValueError(f"unknown scheduler {policy!r}: use one of {', '.join(POLICIES)}")
+
+
+TokenBudgetQueue = FairQueue  # the name the batcher and older callers know

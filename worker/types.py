@@ -55,6 +55,8 @@ class ScoreRequest:
     documents: Sequence[str]
     instruction: str | None = None  # None: the model's default instruction
     truncation: Truncation = Truncation.END
+    tenant: str = ""  # who the work is for (the API key id): the scheduler shares by tenant
+    priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
 
 
 @dataclass(frozen=True, slots=True)

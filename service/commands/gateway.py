@@ -17,6 +17,7 @@ import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from service import config as serve_config
 from service.commands.keys import add_database_arguments
 
 if TYPE_CHECKING:
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wait this long at start for a backend to answer (they may be loading)")
     parser.add_argument("--grace-s", type=float, default=30.0, metavar="X",
                         help="on SIGTERM, let in-flight calls finish this long")
+    serve_config.add_arguments(parser, only=serve_config.HTTP_EDGE_FIELDS)  # the same --http-* limits as serve
 
 
 @dataclass
@@ -92,8 +94,9 @@ async def start(args: argparse.Namespace) -> Gateway:
     core = RerankCore(engine, model_name=model.model, limits=limits, auth=billing.auth, limiter=billing.limiter,
                       ledger=billing.ledger)
     draining = asyncio.Event()
-    server = HttpServer(create_app(core, ready=lambda: not draining.is_set()), host=args.host,
-                        port=args.http_port, grace_s=args.grace_s)
+    edge = serve_config.edge_limits(args)
+    server = HttpServer(create_app(core, ready=lambda: not draining.is_set(), edge=edge), host=args.host,
+                        port=args.http_port, grace_s=args.grace_s, limits=edge)
     await server.start()
     log.info("gateway for %s on %d backend(s): %s", model.model, len(args.backend), ", ".join(args.backend))
     return Gateway(engine, billing, server, draining)

@@ -76,6 +76,7 @@ class RerankRequest(_message.Message):
     RETURN_DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the model this server serves. Any other name that the
     server does not serve is NOT_FOUND.
@@ -100,6 +101,12 @@ class RerankRequest(_message.Message):
     when empty. It is also the idempotency key: a retry with the same id and the same request
     is billed once.
     """
+    priority: _builtins.int
+    """Scheduling priority, 0 (first) to 999 (last), as Cohere's v2 `priority`: better work runs
+    first, while worse work still gets a bounded share. Absent: the API key's default (0
+    without keys). A key may be limited to a best priority; a better one asked for is clamped
+    to it and the response's `warnings` says so. Outside 0..999 is INVALID_ARGUMENT.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, at least one. Results refer to them by index."""
@@ -115,14 +122,20 @@ class RerankRequest(_message.Message):
         return_documents: _builtins.bool = ...,
         truncation: Global___Truncation.ValueType = ...,
         request_id: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "instruction", b"instruction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_priority", b"_priority", "instruction", b"instruction", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "documents", b"documents", "instruction", b"instruction", "model", b"model", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_priority", b"_priority", "documents", b"documents", "instruction", b"instruction", "model", b"model", "priority", b"priority", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___RerankRequest: _TypeAlias = RerankRequest  # noqa: Y015
 
@@ -236,6 +249,7 @@ class RerankResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's `request_id`, or the one the server made."""
     model: _builtins.str
@@ -256,6 +270,12 @@ class RerankResponse(_message.Message):
     def timing(self) -> Global___Timing:
         """Server-side timing."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the server changed about the request instead of refusing it (for example a
+        `priority` clamped to the key's best), one sentence each.
+        """
+
     def __init__(
         self,
         *,
@@ -265,10 +285,11 @@ class RerankResponse(_message.Message):
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
         replayed: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "replayed", b"replayed", "request_id", b"request_id", "results", b"results", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "replayed", b"replayed", "request_id", b"request_id", "results", b"results", "timing", b"timing", "usage", b"usage", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -329,10 +350,13 @@ class RerankBatchRequest(_message.Message):
     MODEL_FIELD_NUMBER: _builtins.int
     QUERIES_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the model this server serves."""
     request_id: _builtins.str
     """As in `RerankRequest`: echoed, logged, and the idempotency key of the whole batch."""
+    priority: _builtins.int
+    """As in `RerankRequest`, for every query of the batch."""
     @_builtins.property
     def queries(self) -> _containers.RepeatedCompositeFieldContainer[Global___BatchQuery]:
         """The queries, at least one; results come back in the same order."""
@@ -343,12 +367,15 @@ class RerankBatchRequest(_message.Message):
         model: _builtins.str = ...,
         queries: _abc.Iterable[Global___BatchQuery] | None = ...,
         request_id: _builtins.str = ...,
+        priority: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "queries", b"queries", "request_id", b"request_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_priority", b"_priority", "model", b"model", "priority", b"priority", "queries", b"queries", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
+    _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
 Global___RerankBatchRequest: _TypeAlias = RerankBatchRequest  # noqa: Y015
 
@@ -394,6 +421,7 @@ class RerankBatchResponse(_message.Message):
     USAGE_FIELD_NUMBER: _builtins.int
     TIMING_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    WARNINGS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """The request's `request_id`, or the one the server made."""
     model: _builtins.str
@@ -412,6 +440,10 @@ class RerankBatchResponse(_message.Message):
     def timing(self) -> Global___Timing:
         """Server-side timing of the whole call."""
 
+    @_builtins.property
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in `RerankResponse`."""
+
     def __init__(
         self,
         *,
@@ -421,10 +453,11 @@ class RerankBatchResponse(_message.Message):
         usage: Global___Usage | None = ...,
         timing: Global___Timing | None = ...,
         replayed: _builtins.bool = ...,
+        warnings: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timing", b"timing", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "queries", b"queries", "replayed", b"replayed", "request_id", b"request_id", "timing", b"timing", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["model", b"model", "queries", b"queries", "replayed", b"replayed", "request_id", b"request_id", "timing", b"timing", "usage", b"usage", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,177 @@
+"""Noisy-neighbour benchmark: a flood tenant and a latency-sensitive tenant on one worker.
+
+The flood tenant keeps ``--flood-clients`` calls of ``--flood-docs`` documents of about
+``--flood-doc-tokens`` tokens in flight, back to back; the quiet tenant sends one short
+document at a time, ``--quiet-gap-ms`` apart. Phases of ``--seconds`` each: the quiet tenant
+alone, the flood alone under each scheduler (``--schedulers``), then both under each, all on
+the real serving path below the RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what
+the core sets from the API key). Reported per phase: the quiet tenant's latency p50/p99/max,
+the throughput (tokens the model ran per second for everyone, from the batches, so calls cut
+off by the phase's end still count what they ran), and the slowest batch: the issue's target
+is quiet p99 during the flood <= quiet p99 alone + one maximal batch.
+
+    python bench/noisy_neighbour.py --size tiny --model-dir /work/models/qwen3-reranker-tiny-random
+    python bench/noisy_neighbour.py --size 0.6b --model-dir /work/models/qwen3-reranker-0.6b-random \\
+        --flood-docs 16 --flood-doc-tokens 256 --max-batch-tokens 1024 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import json
+import platform
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.engine import WORDS, percentile  # noqa: E402
+from worker.batcher import Batcher, BatcherConfig, BatchStats  # noqa: E402
+from worker.offline import make_random_reranker  # noqa: E402
+from worker.runner import ModelRunner  # noqa: E402
+from worker.types import ScoreRequest  # noqa: E402
+
+QUIET_QUERY = "capital of France"
+QUIET_DOC = "Paris is the capital and largest city of France."
+
+
+@dataclass
+class Phase:
+    name: str
+    quiet_ms: list[float] = field(default_factory=list)
+    batches: list[BatchStats] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def row(self) -> dict[str, object]:
+        tokens = sum(b.computed_tokens for b in self.batches)
+        quiet = self.quiet_ms or [float("nan")]
+        return {"phase": self.name, "quiet_calls": len(self.quiet_ms),
+                "quiet_p50_ms": round(percentile(quiet, 50), 1), "quiet_p99_ms": round(percentile(quiet, 99), 1),
+                "quiet_max_ms": round(max(quiet), 1),
+                "tokens_per_s": round(tokens / self.seconds), "batches": len(self.batches),
+                "max_batch_ms": round(1000 * max((b.seconds for b in self.batches), default=0.0), 1)}
+
+
+def text_of_about(tokenizer, rng: random.Random, n: int) -> str:  # type: ignore[no-untyped-def]
+    """About ``n`` tokens of words, tokenized once (bench.engine's exact fit re-tokenizes per
+    word removed: minutes for the flood's 3,000-token documents)."""
+    ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)["input_ids"]
+    return str(tokenizer.decode(ids[:n]))
+
+
+async def quiet_tenant(batcher: Batcher, phase: Phase, until: float, gap_s: float) -> None:
+    request = ScoreRequest(QUIET_QUERY, [QUIET_DOC], tenant="quiet")
+    while time.perf_counter() < until:
+        started = time.perf_counter()
+        await batcher.score(request)
+        phase.quiet_ms.append(1000 * (time.perf_counter() - started))
+        await asyncio.sleep(gap_s)
+
+
+async def flood_tenant(batcher: Batcher, request: ScoreRequest) -> None:
+    while True:
+        await batcher.score(request)
+
+
+async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood: ScoreRequest | None,
+                    args: argparse.Namespace, quiet: bool = True) -> Phase:
+    phase = Phase(name)
+    batcher = Batcher(runner, config, on_batch=phase.batches.append)
+    batcher.start()
+    floods = [asyncio.ensure_future(flood_tenant(batcher, flood)) for _ in range(args.flood_clients if flood else 0)]
+    try:
+        if floods:
+            await asyncio.sleep(args.flood_lead_s)  # the quiet tenant arrives into a running flood
+        phase.batches.clear()
+        started = time.perf_counter()
+        if quiet:
+            await quiet_tenant(batcher, phase, started + args.seconds, args.quiet_gap_ms / 1000)
+        else:
+            await asyncio.sleep(args.seconds)
+        phase.seconds = time.perf_counter() - started
+    finally:
+        for task in floods:
+            task.cancel()
+        await asyncio.gather(*floods, return_exceptions=True)
+        await batcher.close()
+    print(json.dumps(phase.row()), flush=True)
+    return phase
+
+
+def cpu_name() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, object]]:
+    rng = random.Random(args.seed)
+    tokenizer = runner.builder.tokenizer
+    flood = ScoreRequest("which passages explain how the capital city grew along the river",
+                         [text_of_about(tokenizer, rng, args.flood_doc_tokens) for _ in range(args.flood_docs)],
+                         tenant="flood")
+    base = BatcherConfig.for_device(runner.scorer.device.type)
+    config = BatcherConfig(max_batch_tokens=args.max_batch_tokens or base.max_batch_tokens,
+                           max_batch_size=base.max_batch_size, max_wait_ms=base.max_wait_ms,
+                           max_queued_docs=10 * args.flood_docs * args.flood_clients,
+                           max_queued_tokens=10 * args.flood_docs * args.flood_clients * args.flood_doc_tokens)
+    rows = [(await run_phase(runner, config, "quiet alone", None, args)).row()]
+    for scheduler in args.schedulers.split(",") if args.flood_alone else ():
+        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
+                                     f"flood alone, {scheduler}", flood, args, quiet=False)).row())
+    for scheduler in args.schedulers.split(","):
+        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
+                                     f"flood, {scheduler}", flood, args)).row())
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-dir", default="/work/models/qwen3-reranker-tiny-random")
+    parser.add_argument("--size", default="tiny", choices=["0.6b", "tiny"], help="built if --model-dir is empty")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--flood-docs", type=int, default=80)
+    parser.add_argument("--flood-doc-tokens", type=int, default=3000)
+    parser.add_argument("--flood-clients", type=int, default=2, help="flood calls in flight at once")
+    parser.add_argument("--flood-lead-s", type=float, default=1.0, help="the flood runs this long first")
+    parser.add_argument("--quiet-gap-ms", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
+    parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the device's")
+    parser.add_argument("--schedulers", default="fifo,fair")
+    parser.add_argument("--flood-alone", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run the flood without the quiet tenant (throughput without interruptions)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--json", default=None, help="also write the rows here")
+    args = parser.parse_args()
+    model_dir = Path(args.model_dir)
+    if not (model_dir / "config.json").exists():
+        print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
+        make_random_reranker(model_dir, args.size)
+    runner = ModelRunner.load(str(model_dir), device=args.device)
+    runner.warmup()
+    print(f"cpu={cpu_name()!r} device={args.device} model={model_dir.name}", flush=True)
+    rows = asyncio.run(run(runner, args))
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "args": vars(args), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

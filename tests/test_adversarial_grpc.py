@@ -1,0 +1,132 @@
+"""The gRPC front under hostile traffic, at the wire level: raw request bytes through a
+generic ``unary_unary`` with identity serializers, so nothing client-side fixes them first.
+
+Every call must end in a status that says what the caller did (INVALID_ARGUMENT,
+UNAUTHENTICATED, RESOURCE_EXHAUSTED, ...) or a retryable UNAVAILABLE: never INTERNAL or
+UNKNOWN (docs/SECURITY.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from rerank.v1 import rerank_pb2 as pb
+from serving import running_app, target
+
+from service.app import App
+from worker.fake import FakeRunner
+
+RERANK = "/rerank.v1.RerankService/Rerank"
+BATCH = "/rerank.v1.RerankService/RerankBatch"
+NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
+
+
+@pytest.fixture
+async def app() -> AsyncIterator[App]:
+    async with running_app(FakeRunner(max_length=64), max_request_bytes=2**16) as served:
+        yield served
+
+
+async def raw_call(app: App, method: str, data: bytes,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> tuple[grpc.StatusCode, str]:
+    async with grpc.aio.insecure_channel(target(app)) as channel:
+        call = channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+        try:
+            await call(data, metadata=metadata, timeout=10)
+        except grpc.aio.AioRpcError as err:
+            return err.code(), err.details() or ""
+        return grpc.StatusCode.OK, ""
+
+
+def field(message: type, name: str, value: bytes) -> bytes:
+    """A length-delimited field, bytes as given (a real client would refuse to encode them)."""
+    number = message.DESCRIPTOR.fields_by_name[name].number  # type: ignore[attr-defined]
+    assert number < 16 and len(value) < 128
+    return bytes([number << 3 | 2, len(value)]) + value
+
+
+@pytest.mark.parametrize("data", [
+    b"\x0a\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff",  # a length varint that never ends
+    b"\x0a\x10abc",  # a length past the end
+    b"\x0f",  # wire type 7
+    b"\x00\x01",  # field number 0
+    bytes(range(256)),
+])
+async def test_corrupt_protobuf_is_invalid_argument_and_not_called_utf8(app: App, data: bytes) -> None:
+    code, details = await raw_call(app, RERANK, data)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed protobuf" in details and "UTF-8" not in details, details
+
+
+async def test_invalid_utf8_names_the_field(app: App) -> None:
+    R = pb.RerankRequest
+    code, details = await raw_call(app, RERANK, field(R, "query", b"q") + field(R, "documents", b"ok")
+                                   + field(R, "documents", b"bad \xff"))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "documents[1] is not valid UTF-8" in details, details
+
+
+async def test_invalid_utf8_in_a_batch_names_the_query(app: App) -> None:
+    good = pb.BatchQuery(query="q", documents=["a"]).SerializeToString()
+    bad = field(pb.BatchQuery, "query", b"q") + field(pb.BatchQuery, "documents", b"\xc3")
+    data = field(pb.RerankBatchRequest, "queries", good) + field(pb.RerankBatchRequest, "queries", bad)
+    code, details = await raw_call(app, BATCH, data)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "queries[1].documents[0] is not valid UTF-8" in details
+
+
+async def test_a_batch_error_from_the_model_names_its_query(app: App) -> None:
+    request = pb.RerankBatchRequest(queries=[pb.BatchQuery(query="q", documents=["short"]),
+                                             pb.BatchQuery(query="q", documents=["word " * 200],
+                                                           truncation=pb.TRUNCATION_NONE)])
+    code, details = await raw_call(app, BATCH, request.SerializeToString())
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and details.startswith("queries[1]: document 0 needs"), details
+
+
+@pytest.mark.parametrize(("authorization", "says"), [
+    ("Basic dXNlcjpwYXNz", "'Basic' scheme"),
+    ("rk_live_barekey", "no scheme"),
+    ("Bearer", "carries no key"),
+])
+async def test_the_bearer_rule_is_the_http_one(app: App, authorization: str, says: str) -> None:
+    data = pb.RerankRequest(query="q", documents=["a"]).SerializeToString()
+    code, details = await raw_call(app, RERANK, data, (("authorization", authorization),))
+    assert code is grpc.StatusCode.UNAUTHENTICATED and says in details, details
+
+
+async def test_random_bytes_never_make_an_internal_error(app: App) -> None:
+    rng = random.Random(0)
+    for method in (RERANK, BATCH, "/rerank.v1.RerankService/GetModelInfo"):
+        for _ in range(100):
+            data = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 200)))
+            code, details = await raw_call(app, method, data)
+            assert code not in NEVER, (method, data, details)
+
+
+async def test_an_oversized_message_is_resource_exhausted(app: App) -> None:
+    data = pb.RerankRequest(query="q", documents=["x" * 2**16]).SerializeToString()
+    code, _ = await raw_call(app, RERANK, data)
+    assert code is grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+async def test_calls_during_the_drain_delay_are_taken(app: App) -> None:
+    """docs/OPERATIONS.md: NOT_SERVING during --drain-delay-s, calls still served."""
+    await app.drain()
+    data = pb.RerankRequest(query="q", documents=["a"]).SerializeToString()
+    assert (await raw_call(app, RERANK, data))[0] is grpc.StatusCode.OK
+
+
+async def test_a_call_cut_at_the_end_of_the_grace_period_is_retryable() -> None:
+    runner = FakeRunner()
+    async with running_app(runner) as app:
+        runner.gate.clear()
+        data = pb.RerankRequest(query="q", documents=["a"]).SerializeToString()
+        call = asyncio.create_task(raw_call(app, RERANK, data))
+        await asyncio.to_thread(runner.entered.wait, 5)
+        stopping = asyncio.create_task(app.stop(grace_s=0.5))
+        code, details = await call
+        runner.gate.set()
+        await stopping
+    assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
