@@ -5,8 +5,8 @@ and back, and map ``ServiceError`` with ``service.errors``; everything in betwee
 here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
-2. validate against ``Limits``, and resolve the call's scheduling priority
-   (``effective_priority``);
+2. validate against ``Limits`` (documented in docs/API.md), and resolve the call's
+   scheduling priority (``effective_priority``: the key's policy);
 3. single flight (``service.flight``), then replay: a call whose idempotency key is in
    flight in this process waits for that call and shares its reply (or error), free,
    instead of computing it again; one whose key was already billed (by any replica)
@@ -297,18 +297,18 @@ class RerankCore:
         tokens = estimate_prompt_tokens(call.queries, int(self.engine.info()["max_length"]))
         await self.limiter.admit(principal, documents, tokens)
         if self.ledger is None:
-            return await self._score(principal, call, tokens, started)
+            return await self._score_call(principal, call, tokens, started)
         reservation = await self.ledger.reserve(principal, documents)
         try:
-            reply = await self._score(principal, call, tokens, started)
+            reply = await self._score_call(principal, call, tokens, started)
             return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
         except BaseException:
             if reservation is not None:
                 await self._release(reservation)
             raise
 
-    async def _score(self, principal: Principal, call: RerankCall, estimated_tokens: int,
-                     started: float) -> RerankReply:
+    async def _score_call(self, principal: Principal, call: RerankCall, estimated_tokens: int,
+                          started: float) -> RerankReply:
         priority, warnings = effective_priority(principal, call.priority)
         results = await _score_all(self.engine, call.queries, principal.key_id, priority)
         self.limiter.refund(principal, max(0, estimated_tokens - sum(r.prompt_tokens for r in results)))
@@ -385,6 +385,21 @@ def _invalid(message: str) -> ServiceError:
     return ServiceError(Code.INVALID_ARGUMENT, message)
 
 
+async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str,
+                     priority: int) -> list[ScoreResult]:
+    """Every query's scores; when one query fails, the others are cancelled, not left running."""
+    several = len(queries) > 1
+    tasks = [asyncio.ensure_future(_score(engine, _to_request(q, tenant, priority),
+                                          f"queries[{n}]: " if several else ""))
+             for n, q in enumerate(queries)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+
+
 def effective_priority(principal: Principal, requested: int | None) -> tuple[int, list[str]]:
     """The priority a call runs at, from who calls and what it asked for (already in range),
     and the warnings to return when that differs from the request. The one place for a key's
@@ -413,22 +428,7 @@ def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> i
     return total
 
 
-async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str,
-                     priority: int) -> list[ScoreResult]:
-    """Every query's scores; when one query fails, the others are cancelled, not left running."""
-    several = len(queries) > 1
-    tasks = [asyncio.ensure_future(_score_one(engine, _to_request(q, tenant, priority),
-                                              f"queries[{n}]: " if several else ""))
-             for n, q in enumerate(queries)]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        raise
-
-
-async def _score_one(engine: Engine, request: ScoreRequest, where: str) -> ScoreResult:
+async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResult:
     """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
     try:
         return await engine.score(request)
