@@ -82,3 +82,13 @@ async def test_a_failing_query_logs_no_parameters(tmp_path: Path, caplog: pytest
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+async def test_every_engine_hides_parameters(tmp_path: Path) -> None:
+    """PostgreSQL's engine too (built, not connected): any future query logs no parameters."""
+    for url in (str(tmp_path / "ledger.sqlite3"), "postgresql://nobody@127.0.0.1:1/none"):
+        engine = open_engine(url)
+        try:
+            assert engine.sync_engine.hide_parameters, url
+        finally:
+            await engine.dispose()
