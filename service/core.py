@@ -279,7 +279,10 @@ class RerankCore:
         reply, shared = await self._flights.run(
             (principal.key_id, idempotency_key), fingerprint,
             lambda: self._replay_or_run(principal, call, idempotency_key, fingerprint, started))
-        return dataclasses.replace(reply, replayed=True) if shared else reply
+        if not shared:
+            return reply
+        await self.limiter.admit(principal, 0)  # a shared reply is a replay: free, but a request
+        return dataclasses.replace(reply, replayed=True)
 
     async def _replay_or_run(self, principal: Principal, call: RerankCall, idempotency_key: str,
                              fingerprint: str, started: float) -> RerankReply:

@@ -65,10 +65,10 @@ class TokenBucket:
         self.tokens = min(self.capacity_for(self.rate, self.period_s), self.tokens + amount)
 
 
-# what each bucket counts, per second of its rate, and the span it holds
+# what each bucket counts (as its refusal says), and the span of its rate it holds, in seconds
 _KINDS = (("requests per second", 1.0), ("documents per second", 1.0), ("prompt tokens per minute", 60.0))
 
-Limits = tuple[float | None, float | None, float | None]  # rps, dps, tpm
+KeyLimits = tuple[float | None, float | None, float | None]  # rps, dps, tpm
 
 
 class KeyRateLimiter:
@@ -82,7 +82,7 @@ class KeyRateLimiter:
         self.default_dps = default_dps
         self.share = share
         self.clock = clock
-        self._buckets: dict[str, tuple[Limits, list[TokenBucket | None]]] = {}
+        self._buckets: dict[str, tuple[KeyLimits, list[TokenBucket | None]]] = {}
 
     async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
         """Take one request, ``documents`` and ``tokens`` (an upper bound of the prompt tokens)."""
@@ -109,11 +109,11 @@ class KeyRateLimiter:
         if known is not None and known[0] == self._limits(principal) and known[1][2] is not None:
             known[1][2].give_back(tokens)
 
-    def _limits(self, principal: Principal) -> Limits:
+    def _limits(self, principal: Principal) -> KeyLimits:
         return (principal.rate_limit_rps or self.default_rps, principal.rate_limit_dps or self.default_dps,
                 principal.rate_limit_tpm)
 
-    def _buckets_for(self, key_id: str, limits: Limits, now: float) -> list[TokenBucket | None]:
+    def _buckets_for(self, key_id: str, limits: KeyLimits, now: float) -> list[TokenBucket | None]:
         known = self._buckets.get(key_id)
         if known is None or known[0] != limits:  # new key, or its limits changed
             buckets = [None if limit is None else TokenBucket.full(limit / period * self.share, now, period)

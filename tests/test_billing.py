@@ -174,6 +174,20 @@ async def test_identical_calls_in_flight_are_scored_once_and_billed_once(stack: 
     assert all(r.outcomes == replies[0].outcomes for r in replies)
 
 
+async def test_duplicates_in_flight_count_against_the_rate_limit_as_replays_do(stack: Stack) -> None:
+    """Sharing the first call's reply is free of charge, not of the request rate."""
+    core = RerankCore(BatcherEngine(stack.batcher), model_name=MODEL, ledger=stack.ledger,  # as open_core
+                      limiter=KeyRateLimiter(default_rps=2, clock=lambda: 0.0))  # a frozen clock: 2 in all
+    stack.runner.gate.clear()
+    tasks = [asyncio.create_task(core.rerank(call(None, 2, idem="burst"))) for _ in range(4)]
+    await held(stack.runner)  # the first is in the model; the others wait for it
+    stack.runner.gate.set()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r.code if isinstance(r, ServiceError) else r.replayed for r in results] == [
+        False, True, Code.RATE_LIMITED, Code.RATE_LIMITED]
+    assert scored_rows(stack.runner) == 2 and len(await stack.ledger.records()) == 1
+
+
 async def test_duplicates_share_the_first_calls_error_unbilled(stack: Stack) -> None:
     core, key = open_core(stack), None
     stack.runner.gate.clear()

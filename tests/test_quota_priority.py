@@ -5,8 +5,18 @@ from __future__ import annotations
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from test_core import SpyEngine
 
-from service.core import ANONYMOUS, DEFAULT_PRIORITY, MAX_PRIORITY, Principal, effective_priority
+from service.core import (
+    ANONYMOUS,
+    DEFAULT_PRIORITY,
+    MAX_PRIORITY,
+    Principal,
+    RerankCall,
+    RerankCore,
+    RerankQuery,
+    effective_priority,
+)
 from service.db import create_schema, open_engine
 from service.keys import KeyStore
 
@@ -67,3 +77,20 @@ async def test_key_priorities_are_checked_and_stored(db_url: str) -> None:  # no
         assert [k.name for k in await store.list()] == ["batch-job"]  # the refused ones wrote nothing
     finally:
         await engine.dispose()
+
+
+class PolicyKey:
+    """A key whose calls default to priority 8 and may ask for 5 at best."""
+
+    async def authenticate(self, api_key: str | None) -> Principal:
+        return Principal("key_p", "p", default_priority=8, best_priority=5)
+
+
+@pytest.mark.parametrize(("requested", "runs_at", "warned"), [(None, 8, False), (1, 5, True), (6, 6, False)])
+async def test_the_key_policy_reaches_the_worker_and_the_reply(requested: int | None, runs_at: int,
+                                                               warned: bool) -> None:
+    engine = SpyEngine()
+    core = RerankCore(engine, model_name="spy", auth=PolicyKey())
+    reply = await core.rerank(RerankCall([RerankQuery("q", ["a"]), RerankQuery("r", ["b"])], priority=requested))
+    assert [(r.tenant, r.priority) for r in engine.requests] == [("key_p", runs_at)] * 2
+    assert reply.warnings == (clamped(requested or 0, 5) if warned else [])
