@@ -3,7 +3,8 @@
 The flood tenant keeps ``--flood-clients`` calls of ``--flood-docs`` documents of about
 ``--flood-doc-tokens`` tokens in flight, back to back; the quiet tenant sends one short
 document at a time, ``--quiet-gap-ms`` apart. Phases of ``--seconds`` each: the quiet tenant
-alone, the flood alone under each scheduler (``--schedulers``), then both under each, all on
+alone, then ``--rounds`` times the flood alone under each scheduler (``--schedulers``) and
+both under each, interleaved and pooled by phase (a JSON line per phase as it ends), all on
 the real serving path below the RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what
 the core sets from the API key). Reported per phase: the quiet tenant's latency p50/p99/max,
 the throughput (tokens the model ran per second for everyone, from the batches, so calls cut
@@ -80,9 +81,10 @@ async def flood_tenant(batcher: Batcher, request: ScoreRequest) -> None:
         await batcher.score(request)
 
 
-async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood: ScoreRequest | None,
-                    args: argparse.Namespace, quiet: bool = True) -> Phase:
-    phase = Phase(name)
+async def run_phase(runner: ModelRunner, config: BatcherConfig, into: Phase, flood: ScoreRequest | None,
+                    args: argparse.Namespace, quiet: bool = True) -> None:
+    """One phase, added to ``into`` (phases of one name pool across rounds)."""
+    phase = Phase(into.name)
     batcher = Batcher(runner, config, on_batch=phase.batches.append)
     batcher.start()
     floods = [asyncio.ensure_future(flood_tenant(batcher, flood)) for _ in range(args.flood_clients if flood else 0)]
@@ -102,7 +104,9 @@ async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood
         await asyncio.gather(*floods, return_exceptions=True)
         await batcher.close()
     print(json.dumps(phase.row()), flush=True)
-    return phase
+    into.quiet_ms += phase.quiet_ms
+    into.batches += phase.batches
+    into.seconds += phase.seconds
 
 
 def cpu_name() -> str:
@@ -131,14 +135,16 @@ async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, o
                            max_batch_size=base.max_batch_size, max_wait_ms=base.max_wait_ms,
                            max_queued_docs=10 * args.flood_docs * args.flood_clients,
                            max_queued_tokens=10 * args.flood_docs * args.flood_clients * args.flood_doc_tokens)
-    rows = [(await run_phase(runner, config, "quiet alone", None, args)).row()]
-    for scheduler in args.schedulers.split(",") if args.flood_alone else ():
-        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
-                                     f"flood alone, {scheduler}", flood, args, quiet=False)).row())
-    for scheduler in args.schedulers.split(","):
-        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
-                                     f"flood, {scheduler}", flood, args)).row())
-    return rows
+    schedulers = args.schedulers.split(",")
+    kinds = ["flood alone", "flood"] if args.flood_alone else ["flood"]
+    phases = {name: Phase(name) for name in ["quiet alone", *(f"{k}, {s}" for k in kinds for s in schedulers)]}
+    await run_phase(runner, config, phases["quiet alone"], None, args)
+    for _ in range(args.rounds):  # interleaved: drift in a shared machine's load hits every policy alike
+        for kind in kinds:
+            for scheduler in schedulers:
+                await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
+                                phases[f"{kind}, {scheduler}"], flood, args, quiet=kind == "flood")
+    return [p.row() for p in phases.values()]
 
 
 def main() -> int:
@@ -151,7 +157,8 @@ def main() -> int:
     parser.add_argument("--flood-clients", type=int, default=2, help="flood calls in flight at once")
     parser.add_argument("--flood-lead-s", type=float, default=1.0, help="the flood runs this long first")
     parser.add_argument("--quiet-gap-ms", type=float, default=20.0)
-    parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="per phase")
+    parser.add_argument("--rounds", type=int, default=2, help="flood phases per scheduler, interleaved, pooled")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the device's")
     parser.add_argument("--schedulers", default="fifo,fair")
     parser.add_argument("--flood-alone", action=argparse.BooleanOptionalAction, default=True,
