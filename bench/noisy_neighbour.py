@@ -1,18 +1,20 @@
 """Noisy-neighbour benchmark: a flood tenant and a latency-sensitive tenant on one worker.
 
-The flood tenant keeps ``--flood-clients`` calls of ``--flood-docs`` documents of about
-``--flood-doc-tokens`` tokens in flight, back to back; the quiet tenant sends one short
-document at a time, ``--quiet-gap-ms`` apart. Phases of ``--seconds`` each: the quiet tenant
-alone, the flood alone under each scheduler (``--schedulers``), then both under each, all on
-the real serving path below the RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what
-the core sets from the API key). Reported per phase: the quiet tenant's latency p50/p99/max,
-the throughput (tokens the model ran per second for everyone, from the batches, so calls cut
-off by the phase's end still count what they ran), and the slowest batch: the issue's target
-is quiet p99 during the flood <= quiet p99 alone + one maximal batch.
+The flood tenant has ``--flood-clients`` calls of ``--flood-docs`` documents of about
+``--flood-doc-tokens`` tokens in flight (``--flood-calls`` each, back to back): a fixed amount
+of work. The quiet tenant sends one short document at a time, ``--quiet-gap-ms`` apart, while
+the flood lasts. Phases: the quiet tenant alone (``--seconds``), then ``--rounds`` times the
+flood alone under each scheduler (``--schedulers``) and both under each, interleaved and
+pooled by phase (a JSON line per phase as it ends), all on the real serving path below the
+RPC layer (``Batcher`` + ``ModelRunner``; the tenant is what the core sets from the API key).
+Reported per phase: the quiet tenant's latency p50/p99/max, the throughput (tokens the model
+ran for everyone, from the batches, over the flood's start to finish: the same work under every
+policy, plus the quiet tenant's), and the slowest batch: the issue's target is quiet p99 during
+the flood <= quiet p99 alone + one maximal batch.
 
     python bench/noisy_neighbour.py --size tiny --model-dir /work/models/qwen3-reranker-tiny-random
     python bench/noisy_neighbour.py --size 0.6b --model-dir /work/models/qwen3-reranker-0.6b-random \\
-        --flood-docs 16 --flood-doc-tokens 256 --max-batch-tokens 1024 --seconds 60
+        --flood-docs 8 --flood-doc-tokens 256 --max-batch-tokens 512 --rounds 1
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import random
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,43 +69,51 @@ def text_of_about(tokenizer, rng: random.Random, n: int) -> str:  # type: ignore
     return str(tokenizer.decode(ids[:n]))
 
 
-async def quiet_tenant(batcher: Batcher, phase: Phase, until: float, gap_s: float) -> None:
+async def quiet_tenant(batcher: Batcher, phase: Phase, until: Callable[[], bool], gap_s: float) -> None:
     request = ScoreRequest(QUIET_QUERY, [QUIET_DOC], tenant="quiet")
-    while time.perf_counter() < until:
+    while True:  # at least one call
         started = time.perf_counter()
         await batcher.score(request)
         phase.quiet_ms.append(1000 * (time.perf_counter() - started))
+        if until():
+            return
         await asyncio.sleep(gap_s)
 
 
-async def flood_tenant(batcher: Batcher, request: ScoreRequest) -> None:
-    while True:
+async def flood_tenant(batcher: Batcher, request: ScoreRequest, calls: int) -> None:
+    for _ in range(calls):
         await batcher.score(request)
 
 
-async def run_phase(runner: ModelRunner, config: BatcherConfig, name: str, flood: ScoreRequest | None,
-                    args: argparse.Namespace, quiet: bool = True) -> Phase:
-    phase = Phase(name)
+async def run_phase(runner: ModelRunner, config: BatcherConfig, into: Phase, flood: ScoreRequest | None,
+                    args: argparse.Namespace, quiet: bool = True) -> None:
+    """One phase, added to ``into`` (phases of one name pool across rounds). With a flood, the
+    phase is the flood's fixed work, start to finish (the same under every policy), and the
+    quiet tenant runs from ``--flood-lead-s`` after its first batch until it is done."""
+    phase = Phase(into.name)
     batcher = Batcher(runner, config, on_batch=phase.batches.append)
     batcher.start()
-    floods = [asyncio.ensure_future(flood_tenant(batcher, flood)) for _ in range(args.flood_clients if flood else 0)]
+    started = time.perf_counter()
     try:
-        if floods:
-            await asyncio.sleep(args.flood_lead_s)  # the quiet tenant arrives into a running flood
-        phase.batches.clear()
-        started = time.perf_counter()
-        if quiet:
-            await quiet_tenant(batcher, phase, started + args.seconds, args.quiet_gap_ms / 1000)
+        if flood is None:
+            await quiet_tenant(batcher, phase, lambda: time.perf_counter() > started + args.seconds,
+                               args.quiet_gap_ms / 1000)
         else:
-            await asyncio.sleep(args.seconds)
+            work = asyncio.gather(*(flood_tenant(batcher, flood, args.flood_calls)
+                                    for _ in range(args.flood_clients)))
+            while not phase.batches:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(args.flood_lead_s)
+            if quiet:
+                await quiet_tenant(batcher, phase, work.done, args.quiet_gap_ms / 1000)
+            await work
         phase.seconds = time.perf_counter() - started
     finally:
-        for task in floods:
-            task.cancel()
-        await asyncio.gather(*floods, return_exceptions=True)
         await batcher.close()
     print(json.dumps(phase.row()), flush=True)
-    return phase
+    into.quiet_ms += phase.quiet_ms
+    into.batches += phase.batches
+    into.seconds += phase.seconds
 
 
 def cpu_name() -> str:
@@ -131,14 +142,16 @@ async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, o
                            max_batch_size=base.max_batch_size, max_wait_ms=base.max_wait_ms,
                            max_queued_docs=10 * args.flood_docs * args.flood_clients,
                            max_queued_tokens=10 * args.flood_docs * args.flood_clients * args.flood_doc_tokens)
-    rows = [(await run_phase(runner, config, "quiet alone", None, args)).row()]
-    for scheduler in args.schedulers.split(",") if args.flood_alone else ():
-        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
-                                     f"flood alone, {scheduler}", flood, args, quiet=False)).row())
-    for scheduler in args.schedulers.split(","):
-        rows.append((await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
-                                     f"flood, {scheduler}", flood, args)).row())
-    return rows
+    schedulers = args.schedulers.split(",")
+    kinds = ["flood alone", "flood"] if args.flood_alone else ["flood"]
+    phases = {name: Phase(name) for name in ["quiet alone", *(f"{k}, {s}" for k in kinds for s in schedulers)]}
+    await run_phase(runner, config, phases["quiet alone"], None, args)
+    for _ in range(args.rounds):  # interleaved: drift in a shared machine's load hits every policy alike
+        for kind in kinds:
+            for scheduler in schedulers:
+                await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
+                                phases[f"{kind}, {scheduler}"], flood, args, quiet=kind == "flood")
+    return [p.row() for p in phases.values()]
 
 
 def main() -> int:
@@ -146,12 +159,15 @@ def main() -> int:
     parser.add_argument("--model-dir", default="/work/models/qwen3-reranker-tiny-random")
     parser.add_argument("--size", default="tiny", choices=["0.6b", "tiny"], help="built if --model-dir is empty")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--flood-docs", type=int, default=80)
+    parser.add_argument("--flood-docs", type=int, default=40)
     parser.add_argument("--flood-doc-tokens", type=int, default=3000)
     parser.add_argument("--flood-clients", type=int, default=2, help="flood calls in flight at once")
-    parser.add_argument("--flood-lead-s", type=float, default=1.0, help="the flood runs this long first")
+    parser.add_argument("--flood-calls", type=int, default=1, help="calls each flood client makes, one after another")
+    parser.add_argument("--flood-lead-s", type=float, default=1.0,
+                        help="the flood runs this long (from its first batch) before a phase starts")
     parser.add_argument("--quiet-gap-ms", type=float, default=20.0)
-    parser.add_argument("--seconds", type=float, default=20.0, help="per phase")
+    parser.add_argument("--seconds", type=float, default=10.0, help="of the quiet tenant alone")
+    parser.add_argument("--rounds", type=int, default=2, help="flood phases per scheduler, interleaved, pooled")
     parser.add_argument("--max-batch-tokens", type=int, default=None, help="default: the device's")
     parser.add_argument("--schedulers", default="fifo,fair")
     parser.add_argument("--flood-alone", action=argparse.BooleanOptionalAction, default=True,
