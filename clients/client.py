@@ -78,6 +78,7 @@ class Query:
     top_n: int | None = None
     return_documents: bool = False
     truncate: bool = True
+    max_tokens_per_doc: int | None = None  # cut each document to this many tokens; None: no cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +166,18 @@ def _truncation(truncate: bool) -> pb.Truncation.ValueType:
 
 def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | None, top_n: int | None,
                     return_documents: bool, truncate: bool, model: str | None,
-                    request_id: str | None) -> pb.RerankRequest:
+                    request_id: str | None, max_tokens_per_doc: int | None = None) -> pb.RerankRequest:
     return pb.RerankRequest(model=model or "", query=query, documents=list(documents), instruction=instruction,
                             top_n=top_n or 0, return_documents=return_documents,
-                            truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex)
+                            truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex,
+                            max_tokens_per_doc=max_tokens_per_doc)
 
 
 def _batch_request(queries: Sequence[Query], model: str | None, request_id: str | None) -> pb.RerankBatchRequest:
     return pb.RerankBatchRequest(model=model or "", request_id=request_id or uuid.uuid4().hex, queries=[
         pb.BatchQuery(query=q.query, documents=list(q.documents), instruction=q.instruction, top_n=q.top_n or 0,
-                      return_documents=q.return_documents, truncation=_truncation(q.truncate))
+                      return_documents=q.return_documents, truncation=_truncation(q.truncate),
+                      max_tokens_per_doc=q.max_tokens_per_doc)
         for q in queries])
 
 
@@ -232,12 +235,12 @@ class RerankClient:
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
-               model: str | None = None, request_id: str | None = None,
+               model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
                timeout_s: float | None = None) -> RerankResult:
         """Score ``documents`` against ``query``; best first, cut to ``top_n``."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
         return _result(self._invoke(self._stub.Rerank, request, timeout_s))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
@@ -284,10 +287,10 @@ class AsyncRerankClient:
     async def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                      top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                      model: str | None = None, request_id: str | None = None,
-                     timeout_s: float | None = None) -> RerankResult:
+                     max_tokens_per_doc: int | None = None, timeout_s: float | None = None) -> RerankResult:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
         return _result(await self._invoke(self._stub.Rerank, request, timeout_s))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,

@@ -59,6 +59,7 @@ class RerankQuery:
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
     truncation: Truncation = Truncation.END
+    max_document_tokens: int | None = None  # cut each document to this many tokens (Cohere's max_tokens_per_doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,11 +69,15 @@ class RerankCall:
     model: str | None = None  # None or "": the served model
     request_id: str | None = None
     idempotency_key: str | None = None
+    priority: int | None = None  # the caller's scheduling priority (Cohere's); None: the default
 
     def fingerprint(self) -> str:
-        """Hash of what the caller asked for, to tell a retry from a different call."""
+        """Hash of what the caller asked for, to tell a retry from a different call (the
+        priority is how to schedule it, not what it is, so a retry may change it)."""
         body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
-                                    q.return_documents, q.truncation.value) for q in self.queries]]
+                                    q.return_documents, q.truncation.value)
+                                   + (() if q.max_document_tokens is None else (q.max_document_tokens,))
+                                   for q in self.queries]]
         return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
 
 
@@ -100,6 +105,7 @@ class RerankReply:
     outcomes: list[QueryOutcome]
     timings_ms: dict[str, float] = field(default_factory=dict)
     replayed: bool = False  # served from the idempotency record, not billed again
+    warnings: list[str] = field(default_factory=list)  # what the call asked for and did not get
 
     @property
     def billed_documents(self) -> int:
@@ -276,6 +282,9 @@ def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
         raise _invalid(f"{where}documents is empty: send at least one document")
     if q.top_n is not None and q.top_n < 0:
         raise _invalid(f"{where}top_n must be positive (or 0/absent for all), got {q.top_n}")
+    if q.max_document_tokens is not None and q.max_document_tokens < 1:
+        raise _invalid(f"{where}max_tokens_per_doc must be at least 1 (or absent for no cut), "
+                       f"got {q.max_document_tokens}")
     for i, doc in enumerate(q.documents):
         if len(doc) > lim.max_document_chars:
             raise _invalid(f"{where}documents[{i}] has {len(doc)} characters; the limit is "
@@ -308,7 +317,8 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery]) -> list[Sco
 
 
 def _to_request(q: RerankQuery) -> ScoreRequest:
-    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation)
+    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation,
+                        max_document_tokens=q.max_document_tokens)
 
 
 def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:

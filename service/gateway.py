@@ -119,7 +119,7 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]
         response.headers["X-Request-Id"] = reply.request_id
         if reply.replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        return RerankResponse.from_reply(reply, api_version)
+        return body.response(reply, api_version)
 
     @app.post("/v1/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
     async def rerank_v1(body: RerankRequest, response: Response, request: Request, credentials: Credentials,

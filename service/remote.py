@@ -65,7 +65,8 @@ class RemoteEngine:
             client = self.clients[(start + attempt) % len(self.clients)]
             try:
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
-                                            truncate=request.truncation is Truncation.END)
+                                            truncate=request.truncation is Truncation.END,
+                                            max_tokens_per_doc=request.max_document_tokens)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue

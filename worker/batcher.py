@@ -160,7 +160,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
             self._tokenizers, self.runner.builder.build, request.query, request.documents,
-            request.instruction, request.truncation)
+            request.instruction, request.truncation, request.max_document_tokens)
         self._admit(len(request.documents))  # the queue may have filled while we tokenized
         group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))

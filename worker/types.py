@@ -55,6 +55,7 @@ class ScoreRequest:
     documents: Sequence[str]
     instruction: str | None = None  # None: the model's default instruction
     truncation: Truncation = Truncation.END
+    max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\xd2\x01\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12)\n\ntruncation\x18\x07 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\tB\x0e\n\x0c_instruction\"t\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\x08\x64ocument\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"J\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x04\"-\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tengine_ms\x18\x02 \x01(\x01\"\xb5\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xac\x01\n\nBatchQuery\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x18\n\x0binstruction\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12)\n\ntruncation\x18\x06 \x01(\x0e\x32\x15.rerank.v1.TruncationB\x0e\n\x0c_instruction\"_\n\x12RerankBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x03(\x0b\x32\x15.rerank.v1.BatchQuery\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"[\n\x0cQueryResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\"\xb8\x01\n\x13RerankBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x07queries\x18\x03 \x03(\x0b\x32\x17.rerank.v1.QueryResults\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xa3\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x13\n\x0bmax_queries\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1d\n\x15max_instruction_chars\x18\x04 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\"p\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Limits*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x32\xe2\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12L\n\x0bRerankBatch\x12\x1d.rerank.v1.RerankBatchRequest\x1a\x1e.rerank.v1.RerankBatchResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x14.rerank.v1.ModelInfoB8\n\trerank.v1P\x01Z)example.com/rerank/gen/rerank/v1;rerankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\x8a\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12)\n\ntruncation\x18\x07 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x1f\n\x12max_tokens_per_doc\x18\n \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_instructionB\x15\n\x13_max_tokens_per_doc\"t\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\x08\x64ocument\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"J\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x04\"-\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tengine_ms\x18\x02 \x01(\x01\"\xb5\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\xe4\x01\n\nBatchQuery\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x18\n\x0binstruction\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12)\n\ntruncation\x18\x06 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x1f\n\x12max_tokens_per_doc\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_instructionB\x15\n\x13_max_tokens_per_doc\"_\n\x12RerankBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x03(\x0b\x32\x15.rerank.v1.BatchQuery\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"[\n\x0cQueryResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\"\xb8\x01\n\x13RerankBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x07queries\x18\x03 \x03(\x0b\x32\x17.rerank.v1.QueryResults\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\xa3\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x13\n\x0bmax_queries\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1d\n\x15max_instruction_chars\x18\x04 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\"p\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Limits*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x32\xe2\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12L\n\x0bRerankBatch\x12\x1d.rerank.v1.RerankBatchRequest\x1a\x1e.rerank.v1.RerankBatchResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x14.rerank.v1.ModelInfoB8\n\trerank.v1P\x01Z)example.com/rerank/gen/rerank/v1;rerankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\trerank.v1P\001Z)example.com/rerank/gen/rerank/v1;rerankv1'
-  _globals['_TRUNCATION']._serialized_start=1530
-  _globals['_TRUNCATION']._serialized_end=1611
+  _globals['_TRUNCATION']._serialized_start=1642
+  _globals['_TRUNCATION']._serialized_end=1723
   _globals['_RERANKREQUEST']._serialized_start=38
-  _globals['_RERANKREQUEST']._serialized_end=248
-  _globals['_RANKEDDOCUMENT']._serialized_start=250
-  _globals['_RANKEDDOCUMENT']._serialized_end=366
-  _globals['_USAGE']._serialized_start=368
-  _globals['_USAGE']._serialized_end=442
-  _globals['_TIMING']._serialized_start=444
-  _globals['_TIMING']._serialized_end=489
-  _globals['_RERANKRESPONSE']._serialized_start=492
-  _globals['_RERANKRESPONSE']._serialized_end=673
-  _globals['_BATCHQUERY']._serialized_start=676
-  _globals['_BATCHQUERY']._serialized_end=848
-  _globals['_RERANKBATCHREQUEST']._serialized_start=850
-  _globals['_RERANKBATCHREQUEST']._serialized_end=945
-  _globals['_QUERYRESULTS']._serialized_start=947
-  _globals['_QUERYRESULTS']._serialized_end=1038
-  _globals['_RERANKBATCHRESPONSE']._serialized_start=1041
-  _globals['_RERANKBATCHRESPONSE']._serialized_end=1225
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1227
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1248
-  _globals['_LIMITS']._serialized_start=1251
-  _globals['_LIMITS']._serialized_end=1414
-  _globals['_MODELINFO']._serialized_start=1416
-  _globals['_MODELINFO']._serialized_end=1528
-  _globals['_RERANKSERVICE']._serialized_start=1614
-  _globals['_RERANKSERVICE']._serialized_end=1840
+  _globals['_RERANKREQUEST']._serialized_end=304
+  _globals['_RANKEDDOCUMENT']._serialized_start=306
+  _globals['_RANKEDDOCUMENT']._serialized_end=422
+  _globals['_USAGE']._serialized_start=424
+  _globals['_USAGE']._serialized_end=498
+  _globals['_TIMING']._serialized_start=500
+  _globals['_TIMING']._serialized_end=545
+  _globals['_RERANKRESPONSE']._serialized_start=548
+  _globals['_RERANKRESPONSE']._serialized_end=729
+  _globals['_BATCHQUERY']._serialized_start=732
+  _globals['_BATCHQUERY']._serialized_end=960
+  _globals['_RERANKBATCHREQUEST']._serialized_start=962
+  _globals['_RERANKBATCHREQUEST']._serialized_end=1057
+  _globals['_QUERYRESULTS']._serialized_start=1059
+  _globals['_QUERYRESULTS']._serialized_end=1150
+  _globals['_RERANKBATCHRESPONSE']._serialized_start=1153
+  _globals['_RERANKBATCHRESPONSE']._serialized_end=1337
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1339
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1360
+  _globals['_LIMITS']._serialized_start=1363
+  _globals['_LIMITS']._serialized_end=1526
+  _globals['_MODELINFO']._serialized_start=1528
+  _globals['_MODELINFO']._serialized_end=1640
+  _globals['_RERANKSERVICE']._serialized_start=1726
+  _globals['_RERANKSERVICE']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)
