@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import RerankCore
 from service.errors import Code, ServiceError
+from service.gateway_compat import AnyRerankRequest, AnyRerankResponse, RerankBody
 from service.gateway_schema import (
     ErrorBody,
     IsoDate,
@@ -108,8 +109,8 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
 
 
 def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]) -> None:
-    async def rerank(body: RerankRequest, response: Response, request: Request,
-                     credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> RerankResponse:
+    async def rerank(body: RerankBody, response: Response, request: Request,
+                     credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> Any:
         if not ready():
             raise ServiceError(Code.UNAVAILABLE, "the server is not ready or is draining; retry",
                                retry_after_s=1.0)
@@ -122,16 +123,22 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]
         return body.response(reply, api_version)
 
     @app.post("/v1/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
-    async def rerank_v1(body: RerankRequest, response: Response, request: Request, credentials: Credentials,
-                        idempotency_key: IdempotencyKey = None) -> RerankResponse:
-        """Rerank documents for a query (Cohere v1 client compatible)."""
-        return await rerank(body, response, request, credentials, idempotency_key, "1")
+    async def rerank_v1(body: AnyRerankRequest, response: Response, request: Request, credentials: Credentials,
+                        idempotency_key: IdempotencyKey = None) -> AnyRerankResponse:
+        """Rerank documents for a query: Cohere v1, Jina, vLLM, TEI or Voyage, by the body's fields."""
+        return await rerank(body, response, request, credentials, idempotency_key, "1")  # type: ignore[no-any-return]
+
+    @app.post("/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
+    async def rerank_bare(body: AnyRerankRequest, response: Response, request: Request, credentials: Credentials,
+                          idempotency_key: IdempotencyKey = None) -> AnyRerankResponse:
+        """The same call on the path Jina/vLLM and TEI clients use (service/gateway_compat.py)."""
+        return await rerank(body, response, request, credentials, idempotency_key, "1")  # type: ignore[no-any-return]
 
     @app.post("/v2/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
     async def rerank_v2(body: RerankRequest, response: Response, request: Request, credentials: Credentials,
                         idempotency_key: IdempotencyKey = None) -> RerankResponse:
         """The same call on Cohere's v2 route (ClientV2 compatible)."""
-        return await rerank(body, response, request, credentials, idempotency_key, "2")
+        return await rerank(body, response, request, credentials, idempotency_key, "2")  # type: ignore[no-any-return]
 
 
 def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) -> None:

@@ -273,23 +273,32 @@ class Status(BaseModel):
 # -- the published schema ---------------------------------------------------------------------
 def document_limits(openapi: dict[str, Any], limits: Limits, models: list[str]) -> dict[str, Any]:
     """Write the core's limits into the OpenAPI document (the core enforces them: 400/404)."""
-    props = openapi["components"]["schemas"]["RerankRequest"]["properties"]
-    _set(props["query"], maxLength=limits.max_query_chars, pattern=NOT_BLANK)
-    _set(props["documents"], minItems=1, maxItems=limits.max_documents)
-    _set(props["documents"]["items"]["anyOf"][0], maxLength=limits.max_document_chars)
-    obj = openapi["components"]["schemas"]["DocumentObject"]
-    for text in (obj["properties"]["text"], obj["additionalProperties"]):
-        _set(text, maxLength=limits.max_document_chars)
-    _set(props["instruction"], maxLength=limits.max_instruction_chars)
-    _set(props["top_n"], minimum=0)
-    _set(props["max_tokens_per_doc"], minimum=1)
-    _set(props["model"], enum=["", *models])
+    schemas = openapi["components"]["schemas"]
+    for name, documents in (("RerankRequest", "documents"), ("TeiRequest", "texts"), ("VoyageRequest", "documents")):
+        if name in schemas:
+            _limit_request(schemas[name]["properties"], documents, limits, models)
+    if "DocumentObject" in schemas:
+        obj = schemas["DocumentObject"]
+        for text in (obj["properties"]["text"], obj["additionalProperties"]):
+            _set(text, maxLength=limits.max_document_chars)
     for path in openapi["paths"].values():
         for operation in path.values():
             for param in operation.get("parameters", []):
                 if param["name"] == "Idempotency-Key":
                     _set(param["schema"], maxLength=MAX_ID_CHARS, pattern=f"^{ID_PATTERN.pattern}$")
     return openapi
+
+
+def _limit_request(props: dict[str, Any], documents: str, limits: Limits, models: list[str]) -> None:
+    _set(props["query"], maxLength=limits.max_query_chars, pattern=NOT_BLANK)
+    _set(props[documents], minItems=1, maxItems=limits.max_documents)
+    items = props[documents]["items"]
+    _set(items.get("anyOf", [items])[0], maxLength=limits.max_document_chars)  # the string branch
+    for key, constraints in (("top_n", {"minimum": 0}), ("top_k", {"minimum": 0}),
+                             ("max_tokens_per_doc", {"minimum": 1}), ("model", {"enum": ["", *models]}),
+                             ("instruction", {"maxLength": limits.max_instruction_chars})):
+        if key in props:
+            _set(props[key], **constraints)
 
 
 def _set(schema: dict[str, Any], **constraints: Any) -> None:
