@@ -9,9 +9,12 @@ The generated stubs stay behind these classes. What they add over a bare stub:
   the idempotency key, so a call that gRPC retries is billed once;
 * the API key as ``authorization: Bearer <key>``: call credentials on a TLS channel,
   plain metadata on a plaintext one (gRPC sends call credentials over TLS only);
-* ``RerankError`` for every failure, carrying the status code and the server's retry hint.
+* ``RerankError`` for every failure, carrying the status code and the server's retry hint;
+* optional pacing (``pacing=Pacing(...)``, ``clients/pacing.py``): a requests/documents per
+  second budget, and RESOURCE_EXHAUSTED retried after the server's hint with the same request id.
 
-Only grpc, protobuf and the generated stubs are imported: the client-only install has them.
+Only grpc, protobuf, asyncio-throttle and the generated stubs are imported: the client-only
+install has them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import grpc
 import grpc.aio
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
+
+from clients.pacing import Pacer, Pacing, paced, paced_sync
 
 SERVICE = "rerank.v1.RerankService"
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -190,6 +195,17 @@ def _build(make: Any, *args: Any, **kwargs: Any) -> Any:
         raise RerankError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot encode the request: {exc}") from None
 
 
+def _documents(queries: Sequence[Query]) -> int:
+    return sum(len(q.documents) for q in queries)
+
+
+def retry_hint(exc: Exception) -> float | None:
+    """The server's wait before a retry can succeed: RESOURCE_EXHAUSTED with retry-after-ms only."""
+    if isinstance(exc, RerankError) and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return exc.retry_after_s
+    return None
+
+
 def _ranked(results: Sequence[pb.RankedDocument]) -> list[RankedResult]:
     return [RankedResult(r.index, r.score, r.logit, r.truncated, r.document if r.HasField("document") else None)
             for r in results]
@@ -223,12 +239,13 @@ class RerankClient:
     def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, tls: bool = False,
                  root_certificates: bytes | None = None, compression: Compression | None = None,
                  retries: int = 3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), pacing: Pacing | None = None) -> None:
         spec = _channel_spec(target, api_key=api_key, tls=tls, root_certificates=root_certificates,
                              compression=compression, retries=retries, max_message_bytes=max_message_bytes,
                              options=options)
         self.timeout_s = timeout_s
         self._metadata = spec.metadata
+        self._pacer = Pacer(pacing) if pacing is not None else None
         self._channel = (grpc.secure_channel(target, spec.credentials, spec.options, spec.compression)
                          if spec.credentials else grpc.insecure_channel(target, spec.options, spec.compression))
         self._stub = pb_grpc.RerankServiceStub(self._channel)
@@ -241,22 +258,27 @@ class RerankClient:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
-        return _result(self._invoke(self._stub.Rerank, request, timeout_s))
+        return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
                      timeout_s: float | None = None) -> list[RerankResult]:
         """Many queries in one round trip; one result per query, in order."""
         return _batch_results(self._invoke(self._stub.RerankBatch, _build(_batch_request, queries, model, request_id),
-                                           timeout_s))
+                                           timeout_s, _documents(queries)))
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    def _invoke(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RerankError.from_rpc_error(exc) from None
+    def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+        timeout = timeout_s or self.timeout_s
+
+        def send() -> Any:  # the same request, request_id included, on every attempt
+            try:
+                return method(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise RerankError.from_rpc_error(exc) from None
+
+        return send() if documents is None else paced_sync(self._pacer, documents, send, retry_hint, timeout)
 
     def close(self) -> None:
         self._channel.close()
@@ -274,12 +296,13 @@ class AsyncRerankClient:
     def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, tls: bool = False,
                  root_certificates: bytes | None = None, compression: Compression | None = None,
                  retries: int = 3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), pacing: Pacing | None = None) -> None:
         spec = _channel_spec(target, api_key=api_key, tls=tls, root_certificates=root_certificates,
                              compression=compression, retries=retries, max_message_bytes=max_message_bytes,
                              options=options)
         self.timeout_s = timeout_s
         self._metadata = spec.metadata
+        self._pacer = Pacer(pacing) if pacing is not None else None
         self._channel = (grpc.aio.secure_channel(target, spec.credentials, spec.options, spec.compression)
                          if spec.credentials else grpc.aio.insecure_channel(target, spec.options, spec.compression))
         self._stub = pb_grpc.RerankServiceStub(self._channel)
@@ -291,21 +314,27 @@ class AsyncRerankClient:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
-        return _result(await self._invoke(self._stub.Rerank, request, timeout_s))
+        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,
                            request_id: str | None = None, timeout_s: float | None = None) -> list[RerankResult]:
         return _batch_results(await self._invoke(self._stub.RerankBatch,
-                                                 _build(_batch_request, queries, model, request_id), timeout_s))
+                                                 _build(_batch_request, queries, model, request_id), timeout_s,
+                                                 _documents(queries)))
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(await self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    async def _invoke(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        try:
-            return await method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RerankError.from_rpc_error(exc) from None
+    async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+        timeout = timeout_s or self.timeout_s
+
+        async def send() -> Any:  # the same request, request_id included, on every attempt
+            try:
+                return await method(request, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise RerankError.from_rpc_error(exc) from None
+
+        return await (send() if documents is None else paced(self._pacer, documents, send, retry_hint, timeout))
 
     async def close(self) -> None:
         await self._channel.close()
