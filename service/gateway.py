@@ -31,6 +31,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -93,8 +94,9 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     if usage is None and hasattr(core.ledger, "usage"):
         usage = core.ledger  # type: ignore[assignment]
     metrics = metrics or Metrics()
-    app = FastAPI(title="Qwen3-Reranker API", version="1",
-                  description="Billed rerank API; see docs/HTTP_API.md.")
+    # /docs and /redoc from the installed package's own assets, not a CDN: they work offline
+    app = FastAPIOffline(title="Qwen3-Reranker API", version="1",
+                         description="Billed rerank API; see docs/HTTP_API.md.")
     _add_rerank_routes(app, core, ready)
     _add_info_routes(app, core, usage)
     _add_ops_routes(app, metrics, ready)

@@ -26,7 +26,7 @@ HELP = "create, list and revoke API keys (stored in the usage ledger database)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = sub.add_parser("create", help="create a key and print it (once)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=parser.formatter_class)
     create.add_argument("--name", required=True, help="who or what the key is for (shown in lists)")
     create.add_argument("--rps", type=float, help="rate limit: requests per second (default: none)")
     create.add_argument("--dps", type=float, help="rate limit: documents per second (default: none)")
@@ -35,9 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="restrict the key to this served model name; repeat for several (default: any). "
                              "For several deployments sharing one ledger database")
     listing = sub.add_parser("list", help="list keys (never the keys themselves) with billed usage",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=parser.formatter_class)
     revoke = sub.add_parser("revoke", help="revoke a key at once, on every server sharing the database",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=parser.formatter_class)
     revoke.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
     for p in (create, listing, revoke):
         add_database_arguments(p)
