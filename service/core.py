@@ -48,6 +48,7 @@ class Limits:
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
+MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
@@ -282,8 +283,8 @@ def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
         raise _invalid(f"{where}documents is empty: send at least one document")
     if q.top_n is not None and q.top_n < 0:
         raise _invalid(f"{where}top_n must be positive (or 0/absent for all), got {q.top_n}")
-    if q.max_document_tokens is not None and q.max_document_tokens < 1:
-        raise _invalid(f"{where}max_tokens_per_doc must be at least 1 (or absent for no cut), "
+    if q.max_document_tokens is not None and not 1 <= q.max_document_tokens <= MAX_DOCUMENT_TOKENS:
+        raise _invalid(f"{where}max_tokens_per_doc must be 1-{MAX_DOCUMENT_TOKENS} (or absent for no cut), "
                        f"got {q.max_document_tokens}")
     for i, doc in enumerate(q.documents):
         if len(doc) > lim.max_document_chars:

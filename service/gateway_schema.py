@@ -21,7 +21,16 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from service.core import ID_PATTERN, MAX_ID_CHARS, Limits, QueryOutcome, RerankCall, RerankQuery, RerankReply
+from service.core import (
+    ID_PATTERN,
+    MAX_DOCUMENT_TOKENS,
+    MAX_ID_CHARS,
+    Limits,
+    QueryOutcome,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+)
 from worker.types import Truncation
 
 
@@ -295,7 +304,8 @@ def _limit_request(props: dict[str, Any], documents: str, limits: Limits, models
     items = props[documents]["items"]
     _set(items.get("anyOf", [items])[0], maxLength=limits.max_document_chars)  # the string branch
     for key, constraints in (("top_n", {"minimum": 0}), ("top_k", {"minimum": 0}),
-                             ("max_tokens_per_doc", {"minimum": 1}), ("model", {"enum": ["", *models]}),
+                             ("max_tokens_per_doc", {"minimum": 1, "maximum": MAX_DOCUMENT_TOKENS}),
+                             ("model", {"enum": ["", *models]}),
                              ("instruction", {"maxLength": limits.max_instruction_chars})):
         if key in props:
             _set(props[key], **constraints)

@@ -124,6 +124,7 @@ NASTY: list[tuple[str, bytes, int]] = [
     ("an object document without text", b'{"query": "q", "documents": [{"title": "d"}]}', 422),
     ("an object document of a number", b'{"query": "q", "documents": [{"text": 1}]}', 422),
     ("max_tokens_per_doc is 0", b'{"query": "q", "documents": ["d"], "max_tokens_per_doc": 0}', 400),
+    ("max_tokens_per_doc over int32", b'{"query": "q", "documents": ["d"], "max_tokens_per_doc": 2147483648}', 400),
     ("top_n is a string", b'{"query": "q", "documents": ["d"], "top_n": "1"}', 422),
     ("top_n is a bool", b'{"query": "q", "documents": ["d"], "top_n": true}', 422),
     ("top_n is a float", b'{"query": "q", "documents": ["d"], "top_n": 1.5}', 422),

@@ -18,30 +18,42 @@ import pytest
 import requests
 from test_serve_cli import Server
 
-MODEL = "tiny-rerank"
+from clients import Query, RerankClient
+from service.gateway_schema import RerankRequest
+
+MODEL = "Qwen/Qwen3-Reranker-0.6B"  # the name the docs send; the tiny model stands in for it
 QUERY = "which city is the capital of France?"
 DOCS = ["Paris is the capital of France.", "Bananas are yellow.", "France is a country in Europe.",
         "Berlin is in Germany.", "river " * 60]
 CUT_TOKENS = 12  # over the longest short document's own tokens: only DOCS[4] is cut
 CUT = " ".join(["river"] * CUT_TOKENS)  # DOCS[4] cut (tests/test_prompt.py: the same ids as sending this)
-TOL = 1e-9  # one server, one scoring path: the numbers are the same floats through JSON
+# One scoring path; a call batched with other shapes (rerank_batch) sums in another order, so
+# fp32 rounding differs in the 7th digit: far inside the scoring contract's 1e-5.
+TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def url(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """``rerank serve`` on the tiny model: (HTTP base URL, gRPC target)."""
     server = Server(["--model", str(tiny_model_dir), "--model-name", MODEL, "--host", "127.0.0.1",
                      "--grpc-port", "0", "--http-port", "0", "--no-auth",
                      "--data-dir", str(tmp_path_factory.mktemp("sdk")), "--max-length", "256", "--grace-s", "1"])
     try:
+        grpc_port = server.wait_for(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
         base = server.wait_for(r"HTTP gateway listening on (http://\S+)").group(1)
         server.wait_for(r"ready: ")
-        yield base
+        yield base, f"127.0.0.1:{grpc_port}"
     finally:
         server.proc.kill()
         server.proc.wait()
         server.reader.join(5)
         assert server.proc.stderr is not None
         server.proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def url(served: tuple[str, str]) -> str:
+    return served[0]
 
 
 def reference(url: str, documents: Sequence[str], query: str = QUERY) -> list[dict[str, float]]:
@@ -96,6 +108,29 @@ async def test_cohere_async_v2(url: str) -> None:
     async with cohere.AsyncClientV2(api_key="unused", base_url=url) as co:
         r = await co.rerank(model=MODEL, query=QUERY, documents=DOCS, max_tokens_per_doc=None, priority=None)
     assert_same([(x.index, x.relevance_score) for x in r.results], reference(url, DOCS))
+
+
+def test_cohere_fields_reach_the_call() -> None:
+    """priority goes to the scheduler (RerankCall.priority) and is not what a retry must
+    repeat; max_tokens_per_doc is part of what was asked (the idempotency fingerprint)."""
+    body = {"query": QUERY, "documents": DOCS, "priority": 3, "max_tokens_per_doc": None}
+    call = RerankRequest.model_validate(body).to_call(None, "k")
+    assert call.priority == 3 and call.queries[0].max_document_tokens is None
+    assert RerankRequest.model_validate({**body, "priority": 9}).to_call(None, "k").fingerprint() == call.fingerprint()
+    cut = RerankRequest.model_validate({**body, "max_tokens_per_doc": 12}).to_call(None, "k")
+    assert cut.queries[0].max_document_tokens == 12 and cut.fingerprint() != call.fingerprint()
+
+
+def test_grpc_max_tokens_per_doc_scores_as_http(served: tuple[str, str]) -> None:
+    url, target = served
+    with RerankClient(target) as client:
+        one = client.rerank(QUERY, DOCS, max_tokens_per_doc=CUT_TOKENS)
+        batch = client.rerank_batch([Query(QUERY, DOCS, max_tokens_per_doc=CUT_TOKENS), Query(QUERY, DOCS)])
+    cut, whole = reference(url, [*DOCS[:4], CUT]), reference(url, DOCS)
+    assert_same([(r.index, r.score) for r in one.results], cut)
+    assert_same([(r.index, r.score) for r in batch[0].results], cut)
+    assert_same([(r.index, r.score) for r in batch[1].results], whole)
+    assert [r.truncated for r in sorted(one.results, key=lambda r: r.index)] == [False] * 4 + [True]
 
 
 # -- frameworks ------------------------------------------------------------------------------
