@@ -28,12 +28,22 @@ from service.gateway_schema import JsonInt, RerankRequest, RerankResponse, only_
 from worker.types import Truncation
 
 
-class TeiRequest(BaseModel):
-    """Text Embeddings Inference's ``POST /rerank``."""
+class _Body(BaseModel):
+    """What every convention's body has: strict types, no unknown fields, a query."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
     query: str = Field(description="The search query; not blank.")
+
+
+def _truncation(cut: bool | None) -> Truncation:
+    """TEI's ``truncate`` and Voyage's ``truncation``: cut the document's tail, or refuse."""
+    return Truncation.END if cut else Truncation.NONE
+
+
+class TeiRequest(_Body):
+    """Text Embeddings Inference's ``POST /rerank``."""
+
     texts: list[str] = Field(description="Candidate documents, at least one. Every one is billed.")
     raw_scores: bool | None = Field(None, description="score is the raw log-odds (our logit), not P(yes).")
     return_text: bool | None = Field(None, description="Echo each text as result.text.")
@@ -46,8 +56,7 @@ class TeiRequest(BaseModel):
         if self.truncate and self.truncation_direction == "Left":
             raise ServiceError(Code.INVALID_ARGUMENT, "truncation_direction 'Left' is not supported: a long "
                                "document loses its end ('Right'), never the query")
-        query = RerankQuery(self.query, self.texts, None, None, False,
-                            Truncation.END if self.truncate else Truncation.NONE)
+        query = RerankQuery(self.query, self.texts, None, None, False, _truncation(self.truncate))
         return RerankCall([query], api_key=api_key, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: str) -> list[TeiResult]:
@@ -62,12 +71,9 @@ class TeiResult(BaseModel):
     text: str | None = Field(None, description="Only with return_text.")
 
 
-class VoyageRequest(BaseModel):
+class VoyageRequest(_Body):
     """Voyage AI's ``POST /v1/rerank``: ``top_k`` and a boolean ``truncation``."""
 
-    model_config = ConfigDict(strict=True, extra="forbid")
-
-    query: str = Field(description="The search query; not blank.")
     documents: list[str] = Field(description="Candidate documents, at least one. Every one is billed.")
     model: str | None = Field(None, description="As in the Cohere shape.")
     top_k: JsonInt | None = Field(None, description="Return only the best top_k; absent: all.")
@@ -77,7 +83,7 @@ class VoyageRequest(BaseModel):
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
         query = RerankQuery(self.query, self.documents, None, self.top_k, bool(self.return_documents),
-                            Truncation.END if self.truncation else Truncation.NONE)
+                            _truncation(self.truncation))
         return RerankCall([query], api_key=api_key, model=self.model or None, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: str) -> VoyageResponse:
