@@ -206,6 +206,10 @@ def retry_hint(exc: Exception) -> float | None:
     return None
 
 
+def _expired(message: str) -> RerankError:
+    return RerankError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
+
+
 def _ranked(results: Sequence[pb.RankedDocument]) -> list[RankedResult]:
     return [RankedResult(r.index, r.score, r.logit, r.truncated, r.document if r.HasField("document") else None)
             for r in results]
@@ -272,13 +276,15 @@ class RerankClient:
     def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
         timeout = timeout_s or self.timeout_s
 
-        def send() -> Any:  # the same request, request_id included, on every attempt
+        def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
             try:
-                return method(request, timeout=timeout, metadata=self._metadata)
+                return method(request, timeout=seconds_left, metadata=self._metadata)
             except grpc.RpcError as exc:
                 raise RerankError.from_rpc_error(exc) from None
 
-        return send() if documents is None else paced_sync(self._pacer, documents, send, retry_hint, timeout)
+        if documents is None:  # model_info: nothing to pace
+            return send(timeout)
+        return paced_sync(self._pacer, documents, send, retry_hint, timeout, _expired)
 
     def close(self) -> None:
         self._channel.close()
@@ -328,13 +334,15 @@ class AsyncRerankClient:
     async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
         timeout = timeout_s or self.timeout_s
 
-        async def send() -> Any:  # the same request, request_id included, on every attempt
+        async def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
             try:
-                return await method(request, timeout=timeout, metadata=self._metadata)
+                return await method(request, timeout=seconds_left, metadata=self._metadata)
             except grpc.RpcError as exc:
                 raise RerankError.from_rpc_error(exc) from None
 
-        return await (send() if documents is None else paced(self._pacer, documents, send, retry_hint, timeout))
+        if documents is None:  # model_info: nothing to pace
+            return await send(timeout)
+        return await paced(self._pacer, documents, send, retry_hint, timeout, _expired)
 
     async def close(self) -> None:
         await self._channel.close()

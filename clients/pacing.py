@@ -30,6 +30,7 @@ from asyncio_throttle.throttler import Throttler  # untyped: acquire() is typed 
 
 T = TypeVar("T")
 Hint = Callable[[Exception], "float | None"]  # the server's retry-after of a refusal worth retrying
+Expired = Callable[[str], Exception]  # the caller's error for a deadline passed while waiting
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,16 +86,22 @@ class Pacer:
         return wait
 
 
-async def paced(pacer: Pacer | None, documents: int, send: Callable[[], Awaitable[T]], hint: Hint,
-                timeout_s: float) -> T:
-    """``send()`` within the budget, sent again (the same request) after each hinted refusal."""
+async def paced(pacer: Pacer | None, documents: int, send: Callable[[float], Awaitable[T]], hint: Hint,
+                timeout_s: float, expired: Expired) -> T:
+    """``send(seconds_left)`` within the budget, sent again (the same request) after each hinted
+    refusal; waits and attempts share the one deadline of ``timeout_s``: a budget that cannot
+    admit the call in time raises ``expired(message)`` instead of sending it late."""
     if pacer is None:
-        return await send()
+        return await send(timeout_s)
     deadline = time.monotonic() + timeout_s
     for attempt in range(pacer.pacing.max_retries + 1):
-        await pacer.admit(documents)
         try:
-            return await send()
+            await asyncio.wait_for(pacer.admit(documents), deadline - time.monotonic())
+        except TimeoutError:
+            raise expired(f"the client's pacing budget did not admit this call of {documents} documents "
+                          f"within its {timeout_s:g}s deadline") from None
+        try:
+            return await send(max(0.001, deadline - time.monotonic()))
         except Exception as exc:
             wait = pacer.retry_after(exc, hint, attempt, deadline)
             if wait is None:
@@ -103,13 +110,14 @@ async def paced(pacer: Pacer | None, documents: int, send: Callable[[], Awaitabl
     raise AssertionError("the pacing loop fell through: this is a bug")
 
 
-def paced_sync(pacer: Pacer | None, documents: int, send: Callable[[], T], hint: Hint, timeout_s: float) -> T:
+def paced_sync(pacer: Pacer | None, documents: int, send: Callable[[float], T], hint: Hint,
+               timeout_s: float, expired: Expired) -> T:
     """``paced`` for the blocking client: the same loop on a short-lived event loop of this
     thread (so not from inside a running loop: there, use the async client)."""
     if pacer is None:
-        return send()
+        return send(timeout_s)
 
-    async def send_async() -> T:
-        return send()  # blocking, on purpose: this loop serves this one call only
+    async def send_async(seconds_left: float) -> T:
+        return send(seconds_left)  # blocking, on purpose: this loop serves this one call only
 
-    return asyncio.run(paced(pacer, documents, send_async, hint, timeout_s))
+    return asyncio.run(paced(pacer, documents, send_async, hint, timeout_s, expired))

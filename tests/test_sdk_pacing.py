@@ -20,6 +20,7 @@ from service.db import create_schema, open_engine
 from service.errors import Code, ServiceError
 from service.ledger import SqlLedger
 from service.remote import RemoteEngine
+from worker.fake import FakeRunner
 from worker.types import ScoreRequest
 
 DOCS = ["pandas eat bamboo", "paris is in france", "a bear of china"]
@@ -113,6 +114,18 @@ async def test_budget_makes_calls_wait(pacing: Pacing, calls: int, docs: int) ->
         started = time.monotonic()
         await asyncio.gather(*(client.rerank("q", [f"d{i}" for i in range(docs)]) for _ in range(calls)))
         assert time.monotonic() - started >= 1.0
+
+
+async def test_a_budget_that_cannot_admit_in_time_is_deadline_exceeded_unsent() -> None:
+    runner = FakeRunner()
+    async with running_app(runner) as app, AsyncRerankClient(target(app), pacing=Pacing(requests_per_s=0.1)) as client:
+        await client.rerank("q", ["d"])  # takes the window's one call: the next is admitted in 10 s
+        started = time.monotonic()
+        with pytest.raises(RerankError) as late:
+            await client.rerank("q", ["d"], timeout_s=0.3)
+        assert time.monotonic() - started < 5  # gave up at its deadline, not after the window
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "pacing budget" in late.value.details
+    assert len(runner.batches) == 1  # the late call was never sent
 
 
 async def test_gateway_backend_calls_are_paced_and_retried(tmp_path: Path) -> None:
