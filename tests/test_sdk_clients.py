@@ -19,6 +19,7 @@ import requests
 from test_serve_cli import Server
 
 from clients import Query, RerankClient
+from service.gateway_compat import convention
 from service.gateway_schema import RerankRequest
 
 MODEL = "Qwen/Qwen3-Reranker-0.6B"  # the name the docs send; the tiny model stands in for it
@@ -219,6 +220,19 @@ def test_voyage_shape(url: str) -> None:
     assert got["object"] == "list" and got["model"] == MODEL and got["usage"]["total_tokens"] > 0
     assert_same([(x["index"], x["relevance_score"]) for x in got["data"]], reference(url, DOCS), top_n=2)
     assert [x["document"] for x in got["data"]] == [DOCS[x["index"]] for x in got["data"]]
+
+
+@pytest.mark.parametrize("body,shape", [
+    ({"query": "q", "texts": ["a"]}, "tei"),
+    ({"query": "q", "texts": ["a"], "truncation": True}, "tei"),  # texts decides first
+    ({"query": "q", "documents": ["a"], "truncation": False}, "voyage"),
+    ({"query": "q", "documents": ["a"], "truncation": "end"}, "cohere"),
+    ({"query": "q", "documents": [{"text": "a"}], "top_n": 1}, "cohere"),  # Jina and vLLM
+    ({"query": "q", "documents": ["a"], "top_k": 1}, "cohere"),  # and refused there: top_k needs truncation
+    ([], "cohere"),
+])
+def test_the_convention_is_decided_by_the_body(body: Any, shape: str) -> None:
+    assert convention(body) == shape
 
 
 def test_a_body_of_two_conventions_is_refused(url: str) -> None:
