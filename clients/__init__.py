@@ -17,6 +17,7 @@ from clients.client import (
     RerankResult,
     Usage,
 )
+from clients.pacing import Pacing
 
-__all__ = ["AsyncRerankClient", "ModelInfo", "Query", "RankedResult", "RerankClient", "RerankError",
+__all__ = ["AsyncRerankClient", "ModelInfo", "Pacing", "Query", "RankedResult", "RerankClient", "RerankError",
            "RerankResult", "Usage"]

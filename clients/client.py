@@ -9,9 +9,12 @@ The generated stubs stay behind these classes. What they add over a bare stub:
   the idempotency key, so a call that gRPC retries is billed once;
 * the API key as ``authorization: Bearer <key>``: call credentials on a TLS channel,
   plain metadata on a plaintext one (gRPC sends call credentials over TLS only);
-* ``RerankError`` for every failure, carrying the status code and the server's retry hint.
+* ``RerankError`` for every failure, carrying the status code and the server's retry hint;
+* optional pacing (``pacing=Pacing(...)``, ``clients/pacing.py``): a requests/documents per
+  second budget, and RESOURCE_EXHAUSTED retried after the server's hint with the same request id.
 
-Only grpc, protobuf and the generated stubs are imported: the client-only install has them.
+Only grpc, protobuf, asyncio-throttle and the generated stubs are imported: the client-only
+install has them.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ import grpc
 import grpc.aio
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
+
+from clients.pacing import Pacer, Pacing, paced, paced_sync
 
 SERVICE = "rerank.v1.RerankService"
 RETRY_AFTER_KEY = "retry-after-ms"
@@ -78,6 +83,7 @@ class Query:
     top_n: int | None = None
     return_documents: bool = False
     truncate: bool = True
+    max_tokens_per_doc: int | None = None  # cut each document to this many tokens; None: no cut
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,16 +171,18 @@ def _truncation(truncate: bool) -> pb.Truncation.ValueType:
 
 def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | None, top_n: int | None,
                     return_documents: bool, truncate: bool, model: str | None,
-                    request_id: str | None) -> pb.RerankRequest:
+                    request_id: str | None, max_tokens_per_doc: int | None = None) -> pb.RerankRequest:
     return pb.RerankRequest(model=model or "", query=query, documents=list(documents), instruction=instruction,
                             top_n=top_n or 0, return_documents=return_documents,
-                            truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex)
+                            truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex,
+                            max_tokens_per_doc=max_tokens_per_doc)
 
 
 def _batch_request(queries: Sequence[Query], model: str | None, request_id: str | None) -> pb.RerankBatchRequest:
     return pb.RerankBatchRequest(model=model or "", request_id=request_id or uuid.uuid4().hex, queries=[
         pb.BatchQuery(query=q.query, documents=list(q.documents), instruction=q.instruction, top_n=q.top_n or 0,
-                      return_documents=q.return_documents, truncation=_truncation(q.truncate))
+                      return_documents=q.return_documents, truncation=_truncation(q.truncate),
+                      max_tokens_per_doc=q.max_tokens_per_doc)
         for q in queries])
 
 
@@ -185,6 +193,21 @@ def _build(make: Any, *args: Any, **kwargs: Any) -> Any:
         return make(*args, **kwargs)
     except (UnicodeError, TypeError, ValueError) as exc:
         raise RerankError(grpc.StatusCode.INVALID_ARGUMENT, f"cannot encode the request: {exc}") from None
+
+
+def _documents(queries: Sequence[Query]) -> int:
+    return sum(len(q.documents) for q in queries)
+
+
+def retry_hint(exc: Exception) -> float | None:
+    """The server's wait before a retry can succeed: RESOURCE_EXHAUSTED with retry-after-ms only."""
+    if isinstance(exc, RerankError) and exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return exc.retry_after_s
+    return None
+
+
+def _expired(message: str) -> RerankError:
+    return RerankError(grpc.StatusCode.DEADLINE_EXCEEDED, message)
 
 
 def _ranked(results: Sequence[pb.RankedDocument]) -> list[RankedResult]:
@@ -220,40 +243,48 @@ class RerankClient:
     def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, tls: bool = False,
                  root_certificates: bytes | None = None, compression: Compression | None = None,
                  retries: int = 3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), pacing: Pacing | None = None) -> None:
         spec = _channel_spec(target, api_key=api_key, tls=tls, root_certificates=root_certificates,
                              compression=compression, retries=retries, max_message_bytes=max_message_bytes,
                              options=options)
         self.timeout_s = timeout_s
         self._metadata = spec.metadata
+        self._pacer = Pacer(pacing) if pacing is not None else None
         self._channel = (grpc.secure_channel(target, spec.credentials, spec.options, spec.compression)
                          if spec.credentials else grpc.insecure_channel(target, spec.options, spec.compression))
         self._stub = pb_grpc.RerankServiceStub(self._channel)
 
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
-               model: str | None = None, request_id: str | None = None,
+               model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
                timeout_s: float | None = None) -> RerankResult:
         """Score ``documents`` against ``query``; best first, cut to ``top_n``."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id)
-        return _result(self._invoke(self._stub.Rerank, request, timeout_s))
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
+        return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
                      timeout_s: float | None = None) -> list[RerankResult]:
         """Many queries in one round trip; one result per query, in order."""
         return _batch_results(self._invoke(self._stub.RerankBatch, _build(_batch_request, queries, model, request_id),
-                                           timeout_s))
+                                           timeout_s, _documents(queries)))
 
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    def _invoke(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        try:
-            return method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RerankError.from_rpc_error(exc) from None
+    def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+        timeout = timeout_s or self.timeout_s
+
+        def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
+            try:
+                return method(request, timeout=seconds_left, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise RerankError.from_rpc_error(exc) from None
+
+        if documents is None:  # model_info: nothing to pace
+            return send(timeout)
+        return paced_sync(self._pacer, documents, send, retry_hint, timeout, _expired)
 
     def close(self) -> None:
         self._channel.close()
@@ -271,12 +302,13 @@ class AsyncRerankClient:
     def __init__(self, target: str, *, api_key: str | None = None, timeout_s: float = 30.0, tls: bool = False,
                  root_certificates: bytes | None = None, compression: Compression | None = None,
                  retries: int = 3, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 options: Sequence[tuple[str, Any]] = ()) -> None:
+                 options: Sequence[tuple[str, Any]] = (), pacing: Pacing | None = None) -> None:
         spec = _channel_spec(target, api_key=api_key, tls=tls, root_certificates=root_certificates,
                              compression=compression, retries=retries, max_message_bytes=max_message_bytes,
                              options=options)
         self.timeout_s = timeout_s
         self._metadata = spec.metadata
+        self._pacer = Pacer(pacing) if pacing is not None else None
         self._channel = (grpc.aio.secure_channel(target, spec.credentials, spec.options, spec.compression)
                          if spec.credentials else grpc.aio.insecure_channel(target, spec.options, spec.compression))
         self._stub = pb_grpc.RerankServiceStub(self._channel)
@@ -284,25 +316,33 @@ class AsyncRerankClient:
     async def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                      top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                      model: str | None = None, request_id: str | None = None,
-                     timeout_s: float | None = None) -> RerankResult:
+                     max_tokens_per_doc: int | None = None, timeout_s: float | None = None) -> RerankResult:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id)
-        return _result(await self._invoke(self._stub.Rerank, request, timeout_s))
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
+        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,
                            request_id: str | None = None, timeout_s: float | None = None) -> list[RerankResult]:
         return _batch_results(await self._invoke(self._stub.RerankBatch,
-                                                 _build(_batch_request, queries, model, request_id), timeout_s))
+                                                 _build(_batch_request, queries, model, request_id), timeout_s,
+                                                 _documents(queries)))
 
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(await self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    async def _invoke(self, method: Any, request: Any, timeout_s: float | None) -> Any:
-        try:
-            return await method(request, timeout=timeout_s or self.timeout_s, metadata=self._metadata)
-        except grpc.RpcError as exc:
-            raise RerankError.from_rpc_error(exc) from None
+    async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+        timeout = timeout_s or self.timeout_s
+
+        async def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
+            try:
+                return await method(request, timeout=seconds_left, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise RerankError.from_rpc_error(exc) from None
+
+        if documents is None:  # model_info: nothing to pace
+            return await send(timeout)
+        return await paced(self._pacer, documents, send, retry_hint, timeout, _expired)
 
     async def close(self) -> None:
         await self._channel.close()

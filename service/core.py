@@ -68,6 +68,7 @@ PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORI
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
+MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
@@ -79,6 +80,7 @@ class RerankQuery:
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
     truncation: Truncation = Truncation.END
+    max_document_tokens: int | None = None  # cut each document to this many tokens (Cohere's max_tokens_per_doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +93,12 @@ class RerankCall:
     priority: int | None = None  # MIN_PRIORITY..MAX_PRIORITY; None: the key's default
 
     def fingerprint(self) -> str:
-        """Hash of what the caller asked for, to tell a retry from a different call."""
+        """Hash of what the caller asked for, to tell a retry from a different call (the
+        priority is how to schedule it, not what it is, so a retry may change it)."""
         body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
-                                    q.return_documents, q.truncation.value) for q in self.queries]]
+                                    q.return_documents, q.truncation.value)
+                                   + (() if q.max_document_tokens is None else (q.max_document_tokens,))
+                                   for q in self.queries]]
         return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
 
 
@@ -368,6 +373,9 @@ def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
         raise _invalid(f"{where}documents is empty: send at least one document")
     if q.top_n is not None and q.top_n < 0:
         raise _invalid(f"{where}top_n must be positive (or 0/absent for all), got {q.top_n}")
+    if q.max_document_tokens is not None and not 1 <= q.max_document_tokens <= MAX_DOCUMENT_TOKENS:
+        raise _invalid(f"{where}max_tokens_per_doc must be 1-{MAX_DOCUMENT_TOKENS} (or absent for no cut), "
+                       f"got {q.max_document_tokens}")
     for i, doc in enumerate(q.documents):
         if len(doc) > lim.max_document_chars:
             raise _invalid(f"{where}documents[{i}] has {len(doc)} characters; the limit is "
@@ -427,7 +435,9 @@ def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> i
     total = 0
     for q in queries:
         fixed = len((PREFIX + format_body(q.query, "", q.instruction) + SUFFIX).encode())
-        total += sum(min(max_length, fixed + len(doc.encode())) for doc in q.documents)
+        cut = q.max_document_tokens  # a document cut to N tokens has at most N, whatever its bytes
+        total += sum(min(max_length, fixed + min(len(doc.encode()), cut or len(doc.encode())))
+                     for doc in q.documents)
     return total
 
 
@@ -442,7 +452,8 @@ async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResu
 
 
 def _to_request(q: RerankQuery, tenant: str, priority: int) -> ScoreRequest:
-    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation, tenant=tenant, priority=priority)
+    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation,
+                        max_document_tokens=q.max_document_tokens, tenant=tenant, priority=priority)
 
 
 def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:

@@ -36,6 +36,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -45,6 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.core import Authenticator, Principal, RerankCore
 from service.edge import EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
+from service.gateway_compat import AnyRerankRequest, AnyRerankResponse, RerankBody
 from service.gateway_schema import (
     ErrorBody,
     IsoDate,
@@ -102,8 +104,9 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     if usage is None and hasattr(core.ledger, "usage"):
         usage = core.ledger  # type: ignore[assignment]
     metrics = metrics or Metrics()
-    app = FastAPI(title="Qwen3-Reranker API", version="1",
-                  description="Billed rerank API; see docs/HTTP_API.md.")
+    # /docs and /redoc from the installed package's own assets, not a CDN: they work offline
+    app = FastAPIOffline(title="Qwen3-Reranker API", version="1",
+                         description="Billed rerank API; see docs/HTTP_API.md.")
     _add_rerank_routes(app, core, accepting or ready)
     _add_info_routes(app, core, usage)
     _add_ops_routes(app, metrics, ready)
@@ -123,8 +126,8 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
 
 
 def _add_rerank_routes(app: FastAPI, core: RerankCore, accepting: Callable[[], bool]) -> None:
-    async def rerank(body: RerankRequest, response: Response, request: Request,
-                     credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> RerankResponse:
+    async def rerank(body: RerankBody, response: Response, request: Request,
+                     credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> Any:
         if not accepting():
             raise ServiceError(Code.UNAVAILABLE, "the server is not ready or is draining; retry",
                                retry_after_s=1.0)
@@ -134,19 +137,25 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, accepting: Callable[[], b
         response.headers["X-Request-Id"] = reply.request_id
         if reply.replayed:
             response.headers["Idempotent-Replayed"] = "true"
-        return RerankResponse.from_reply(reply, api_version)
+        return body.response(reply, api_version)
 
     @app.post("/v1/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
-    async def rerank_v1(body: RerankRequest, response: Response, request: Request, credentials: Credentials,
-                        idempotency_key: IdempotencyKey = None) -> RerankResponse:
-        """Rerank documents for a query (Cohere v1 client compatible)."""
-        return await rerank(body, response, request, credentials, idempotency_key, "1")
+    async def rerank_v1(body: AnyRerankRequest, response: Response, request: Request, credentials: Credentials,
+                        idempotency_key: IdempotencyKey = None) -> AnyRerankResponse:
+        """Rerank documents for a query: Cohere v1, Jina, vLLM, TEI or Voyage, by the body's fields."""
+        return await rerank(body, response, request, credentials, idempotency_key, "1")  # type: ignore[no-any-return]
+
+    @app.post("/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
+    async def rerank_bare(body: AnyRerankRequest, response: Response, request: Request, credentials: Credentials,
+                          idempotency_key: IdempotencyKey = None) -> AnyRerankResponse:
+        """The same call on the path Jina/vLLM and TEI clients use (service/gateway_compat.py)."""
+        return await rerank(body, response, request, credentials, idempotency_key, "1")  # type: ignore[no-any-return]
 
     @app.post("/v2/rerank", response_model_exclude_none=True, responses=_ERRORS, tags=["rerank"])
     async def rerank_v2(body: RerankRequest, response: Response, request: Request, credentials: Credentials,
                         idempotency_key: IdempotencyKey = None) -> RerankResponse:
         """The same call on Cohere's v2 route (ClientV2 compatible)."""
-        return await rerank(body, response, request, credentials, idempotency_key, "2")
+        return await rerank(body, response, request, credentials, idempotency_key, "2")  # type: ignore[no-any-return]
 
 
 def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) -> None:

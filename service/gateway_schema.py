@@ -23,11 +23,13 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSche
 
 from service.core import (
     ID_PATTERN,
+    MAX_DOCUMENT_TOKENS,
     MAX_ID_CHARS,
     MAX_PRIORITY,
     MIN_PRIORITY,
     PRIORITY_RULE,
     Limits,
+    QueryOutcome,
     RerankCall,
     RerankQuery,
     RerankReply,
@@ -60,24 +62,51 @@ SEARCH_UNIT_DOCUMENTS = 100  # Cohere's unit: one query with up to 100 documents
 NOT_BLANK = r"[^\t\n\x0b\x0c\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
+class DocumentObject(BaseModel):
+    """A document as Cohere v1, Jina and vLLM send it: ``text`` and, for rank_fields, more keys."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    __pydantic_extra__: dict[str, str] = Field(init=False)
+    text: str
+
+    def fields(self) -> dict[str, str]:
+        return {"text": self.text, **(self.__pydantic_extra__ or {})}
+
+
+Document = str | DocumentObject
+
+
 class RerankRequest(BaseModel):
+    """Every field of Cohere's v1 and v2 rerank requests, plus ours; ``null`` is "not set"
+    for every field. What each does is in docs/HTTP_API.md, "Request fields"."""
+
     model_config = ConfigDict(strict=True, extra="forbid")
 
     model: str | None = Field(None, description="The model to use; absent or empty: the served model. "
                               "Another name is 404.")
     query: str = Field(description="The search query; not blank.")
-    documents: list[str] = Field(description="Candidate documents, at least one; results refer to "
-                                 "them by index. Every document is billed.")
+    documents: list[Document] = Field(description="Candidate documents, at least one: strings, or objects "
+                                      "whose `text` (or rank_fields) is ranked. Every document is billed.")
     top_n: JsonInt | None = Field(None, description="Return only the best top_n results; absent or 0: all. "
                               "Every document is still scored and billed.")
-    return_documents: bool = Field(False, description="Echo each result's text in result.document.text.")
+    return_documents: bool | None = Field(None, description="Echo each result's document in result.document "
+                                          "(the object as sent, for object documents).")
     instruction: str | None = Field(None, description="The task instruction, in English; absent: "
                                     "'Given a web search query, retrieve relevant passages that answer "
                                     "the query'.")
-    truncation: Literal["end", "none"] = Field(
-        "end", description="A (query, document) pair longer than the model's max_length: 'end' cuts "
-        "the document's tail (the query is never cut; result.truncated says so), 'none' refuses the "
+    truncation: Literal["end", "none"] | None = Field(
+        None, description="A (query, document) pair longer than the model's max_length: 'end' (the default) "
+        "cuts the document's tail (the query is never cut; result.truncated says so), 'none' refuses the "
         "request with 400.")
+    max_tokens_per_doc: JsonInt | None = Field(
+        None, description="Cohere v2: cut each document to this many of its own tokens (Qwen3 tokens) before "
+        "scoring, whatever truncation says; at least 1.")
+    rank_fields: list[str] | None = Field(
+        None, description="Cohere v1: the keys of object documents to rank on, in order, as 'key: value' "
+        "lines; absent: the `text` key.")
+    max_chunks_per_doc: JsonInt | None = Field(
+        None, description="Cohere v1: not honoured (documents are not chunked: a long one is cut, see "
+        "truncation); accepted with a meta.warnings entry.")
     priority: PriorityValue | None = Field(
         None, description=f"Scheduling priority, {MIN_PRIORITY} (first) to {MAX_PRIORITY}, as Cohere v2: better "
         "work runs first, worse work still gets a bounded share. Absent: the API key's default (0 without "
@@ -85,11 +114,38 @@ class RerankRequest(BaseModel):
         "(meta.warnings says so). Outside the range or not an integer: 400.")
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
-        query = RerankQuery(self.query, self.documents, self.instruction, self.top_n,
-                            self.return_documents, Truncation(self.truncation))
+        query = RerankQuery(self.query, self.texts(), self.instruction, self.top_n,
+                            bool(self.return_documents), Truncation(self.truncation or "end"),
+                            self.max_tokens_per_doc)
         return RerankCall([query], api_key=api_key, model=self.model or None,
                           idempotency_key=idempotency_key,  # "" is refused by the core
                           priority=_priority(self.priority))  # its range too
+
+    def texts(self) -> list[str]:
+        """What the model ranks: strings as sent, objects by ``rank_fields`` (absent: ``text``)."""
+        return [d if isinstance(d, str) else _object_text(d.fields(), self.rank_fields) for d in self.documents]
+
+    def warnings(self) -> list[str]:
+        notes = []
+        if self.max_chunks_per_doc is not None:
+            notes.append("max_chunks_per_doc is not honoured: documents are not chunked; one longer than the "
+                         "model's max_length is cut at its end (see truncation and result.truncated)")
+        missing = [i for i, d in enumerate(self.documents)
+                   if self.rank_fields and not isinstance(d, str) and not set(self.rank_fields) & set(d.fields())]
+        if missing:
+            notes.append(f"documents {missing[:10]} have none of the rank_fields: ranked on their text")
+        return notes
+
+    def response(self, reply: RerankReply, api_version: str) -> RerankResponse:
+        echo = self.documents if self.return_documents else None
+        return RerankResponse.from_reply(reply, api_version, echo, self.warnings())
+
+
+def _object_text(fields: dict[str, str], rank_fields: list[str] | None) -> str:
+    """Cohere's rule: the named keys in order, one ``key: value`` line each; none named or
+    none present: the ``text`` key."""
+    present = [f"{key}: {fields[key]}" for key in rank_fields or () if key in fields]
+    return "\n".join(present) if present else fields["text"]
 
 
 def _priority(value: Any) -> int | None:
@@ -100,7 +156,10 @@ def _priority(value: Any) -> int | None:
 
 
 class ResultDocument(BaseModel):
-    text: str
+    """The document as sent: ``text`` for a string, every key of an object."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
 
 
 class RerankResult(BaseModel):
@@ -110,6 +169,10 @@ class RerankResult(BaseModel):
                          "relevance_score loses near 0 and 1.")
     truncated: bool = Field(description="The document was cut to fit the model's max_length.")
     document: ResultDocument | None = Field(None, description="Only with return_documents.")
+
+
+def result_document(sent: Document) -> ResultDocument:
+    return ResultDocument(text=sent) if isinstance(sent, str) else ResultDocument(**sent.fields())
 
 
 class ApiVersion(BaseModel):
@@ -134,6 +197,8 @@ class Meta(BaseModel):
     tokens: TokenCounts
     replayed: bool = Field(description="Served from the stored result of an earlier call with the same "
                            "Idempotency-Key, and not billed again.")
+    warnings: list[str] | None = Field(None, description="What the call asked for and did not get (absent: "
+                                       "nothing).")
 
 
 class Usage(BaseModel):
@@ -141,6 +206,7 @@ class Usage(BaseModel):
 
     documents: int
     prompt_tokens: int = Field(description="Tokens of all prompts, as a pair-at-a-time loop computes them.")
+    total_tokens: int = Field(description="The same as prompt_tokens, under Jina's and vLLM's name.")
     computed_tokens: int = Field(description="Tokens the model ran (the shared query prefix once).")
 
 
@@ -153,24 +219,31 @@ class RerankResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="Server-side timing of the original call.")
 
     @classmethod
-    def from_reply(cls, reply: RerankReply, api_version: str) -> RerankResponse:
-        if len(reply.outcomes) != 1:
-            raise AssertionError(f"an HTTP call came back with {len(reply.outcomes)} outcomes: this is a bug")
+    def from_reply(cls, reply: RerankReply, api_version: str, sent: list[Document] | None = None,
+                   warnings: list[str] | None = None) -> RerankResponse:
+        """``sent``: the documents as sent, to echo (objects whole); None echoes none."""
         docs = reply.billed_documents
         billed = 0 if reply.replayed else docs
         results = [RerankResult(index=r.index, relevance_score=r.score, logit=r.logit, truncated=r.truncated,
-                                document=None if r.document is None else ResultDocument(text=r.document))
-                   for r in reply.outcomes[0].results]
+                                document=None if sent is None else result_document(sent[r.index]))
+                   for r in only_outcome(reply).results]
+        notes = [*reply.warnings, *(warnings or [])]
         return cls(
             id=reply.request_id, model=reply.model, results=results,
             meta=Meta(api_version=ApiVersion(version=api_version),
                       billed_units=BilledUnits(documents=billed,
                                                search_units=math.ceil(billed / SEARCH_UNIT_DOCUMENTS)),
                       tokens=TokenCounts(input_tokens=reply.prompt_tokens, output_tokens=0),
-                      replayed=reply.replayed),
-            usage=Usage(documents=docs, prompt_tokens=reply.prompt_tokens,
+                      replayed=reply.replayed, warnings=notes or None),
+            usage=Usage(documents=docs, prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens,
                         computed_tokens=reply.computed_tokens),
             timings_ms=reply.timings_ms)
+
+
+def only_outcome(reply: RerankReply) -> QueryOutcome:
+    if len(reply.outcomes) != 1:
+        raise AssertionError(f"an HTTP call came back with {len(reply.outcomes)} outcomes: this is a bug")
+    return reply.outcomes[0]
 
 
 class ErrorBody(BaseModel):
@@ -229,19 +302,33 @@ class Status(BaseModel):
 # -- the published schema ---------------------------------------------------------------------
 def document_limits(openapi: dict[str, Any], limits: Limits, models: list[str]) -> dict[str, Any]:
     """Write the core's limits into the OpenAPI document (the core enforces them: 400/404)."""
-    props = openapi["components"]["schemas"]["RerankRequest"]["properties"]
-    _set(props["query"], maxLength=limits.max_query_chars, pattern=NOT_BLANK)
-    _set(props["documents"], minItems=1, maxItems=limits.max_documents)
-    _set(props["documents"]["items"], maxLength=limits.max_document_chars)
-    _set(props["instruction"], maxLength=limits.max_instruction_chars)
-    _set(props["top_n"], minimum=0)
-    _set(props["model"], enum=["", *models])
+    schemas = openapi["components"]["schemas"]
+    for name, documents in (("RerankRequest", "documents"), ("TeiRequest", "texts"), ("VoyageRequest", "documents")):
+        if name in schemas:
+            _limit_request(schemas[name]["properties"], documents, limits, models)
+    if "DocumentObject" in schemas:
+        obj = schemas["DocumentObject"]
+        for text in (obj["properties"]["text"], obj["additionalProperties"]):
+            _set(text, maxLength=limits.max_document_chars)
     for path in openapi["paths"].values():
         for operation in path.values():
             for param in operation.get("parameters", []):
                 if param["name"] == "Idempotency-Key":
                     _set(param["schema"], maxLength=MAX_ID_CHARS, pattern=f"^{ID_PATTERN.pattern}$")
     return openapi
+
+
+def _limit_request(props: dict[str, Any], documents: str, limits: Limits, models: list[str]) -> None:
+    _set(props["query"], maxLength=limits.max_query_chars, pattern=NOT_BLANK)
+    _set(props[documents], minItems=1, maxItems=limits.max_documents)
+    items = props[documents]["items"]
+    _set(items.get("anyOf", [items])[0], maxLength=limits.max_document_chars)  # the string branch
+    for key, constraints in (("top_n", {"minimum": 0}), ("top_k", {"minimum": 0}),
+                             ("max_tokens_per_doc", {"minimum": 1, "maximum": MAX_DOCUMENT_TOKENS}),
+                             ("model", {"enum": ["", *models]}),
+                             ("instruction", {"maxLength": limits.max_instruction_chars})):
+        if key in props:
+            _set(props[key], **constraints)
 
 
 def _set(schema: dict[str, Any], **constraints: Any) -> None:

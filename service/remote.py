@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from clients import AsyncRerankClient, ModelInfo, RerankError, RerankResult
+from clients import AsyncRerankClient, ModelInfo, Pacing, RerankError, RerankResult
 from service.errors import Code, ServiceError
 from worker.types import DocScore, ScoreRequest, ScoreResult, Truncation
 
@@ -33,12 +33,14 @@ _CODES = {
 
 class RemoteEngine:
     def __init__(self, targets: Sequence[str], *, api_key: str | None = None, tls: bool = False,
-                 timeout_s: float = 60.0) -> None:
+                 timeout_s: float = 60.0, pacing: Pacing | None = None) -> None:
+        """``pacing``: each backend's budget, and its RESOURCE_EXHAUSTED retried after its hint
+        (the client's ``Pacing``); None: a refusal goes straight back to the caller."""
         if not targets:
             raise ValueError("no backends: give at least one --backend HOST:PORT")
         self.targets = list(targets)
         # retries=0: a refused call moves to the next backend here, not again to the same one
-        self.clients = [AsyncRerankClient(t, api_key=api_key, tls=tls, timeout_s=timeout_s, retries=0)
+        self.clients = [AsyncRerankClient(t, api_key=api_key, tls=tls, timeout_s=timeout_s, retries=0, pacing=pacing)
                         for t in self.targets]
         self.model: ModelInfo | None = None
         self._next = 0
@@ -65,7 +67,8 @@ class RemoteEngine:
             client = self.clients[(start + attempt) % len(self.clients)]
             try:
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
-                                            truncate=request.truncation is Truncation.END)
+                                            truncate=request.truncation is Truncation.END,
+                                            max_tokens_per_doc=request.max_document_tokens)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue

@@ -25,13 +25,15 @@ _TRUNCATION = {
 
 def call_from_request(req: pb.RerankRequest, api_key: str | None) -> RerankCall:
     query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
-                   req.top_n, req.return_documents, req.truncation)
+                   req.top_n, req.return_documents, req.truncation,
+                   req.max_tokens_per_doc if req.HasField("max_tokens_per_doc") else None)
     return _call([query], req.model, req.request_id, api_key, _priority(req))
 
 
 def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None) -> RerankCall:
     queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
-                      q.top_n, q.return_documents, q.truncation) for q in req.queries]
+                      q.top_n, q.return_documents, q.truncation,
+                      q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None) for q in req.queries]
     return _call(queries, req.model, req.request_id, api_key, _priority(req))
 
 
@@ -82,12 +84,13 @@ def _priority(req: pb.RerankRequest | pb.RerankBatchRequest) -> int | None:
 
 
 def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,
-           return_documents: bool, truncation: pb.Truncation.ValueType) -> RerankQuery:
+           return_documents: bool, truncation: pb.Truncation.ValueType,
+           max_document_tokens: int | None) -> RerankQuery:
     if truncation not in _TRUNCATION:
         raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
                                                   "TRUNCATION_END or TRUNCATION_NONE")
     return RerankQuery(query, list(documents), instruction, top_n or None, return_documents,
-                       _TRUNCATION[truncation])
+                       _TRUNCATION[truncation], max_document_tokens)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:

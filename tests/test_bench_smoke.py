@@ -57,7 +57,8 @@ def test_dtype_compare_refuses_a_mode_list_without_its_baseline(tiny_model_dir: 
 def test_noisy_neighbour_runs_every_phase(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "noisy.json"
     run_script("bench/noisy_neighbour.py", "--model-dir", str(tiny_model_dir), "--seconds", "0.5",
-               "--flood-docs", "3", "--flood-doc-tokens", "40", "--flood-lead-s", "0.1", "--rounds", "1", "--json", str(out))
+               "--flood-docs", "3", "--flood-doc-tokens", "40", "--flood-lead-s", "0.1", "--rounds", "1",
+               "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["phase"] for r in rows] == ["quiet alone", "flood alone, fifo", "flood alone, fair",
                                           "flood, fifo", "flood, fair"]

@@ -83,3 +83,20 @@ def test_query_that_cannot_fit_is_an_error(tokenizer) -> None:  # type: ignore[n
     builder = PromptBuilder(tokenizer, 128)
     with pytest.raises(InvalidInput, match="shorten the query"):
         builder.build("very long query " * 100, ["doc"], None, Truncation.END)
+
+
+@pytest.mark.parametrize("truncation", list(Truncation))
+def test_max_document_tokens_cuts_the_document_only(tokenizer, truncation) -> None:  # type: ignore[no-untyped-def]
+    """Cohere's max_tokens_per_doc: the document keeps its first n tokens, the query stays whole,
+    and the cut applies even with truncation 'none' (the caller asked for it)."""
+    builder = PromptBuilder(tokenizer, 8192)
+    query = "which document mentions rivers"
+    prompts = builder.build(query, ["river " * 50, "short"], None, truncation, 5)
+    long_, short = prompts.sequences
+    assert prompts.truncated == [True, False]
+    head = len(builder.prefix_ids) + len(encode(tokenizer, format_body(query, "")[:-1]))
+    assert tokenizer.decode(long_[head: -len(builder.suffix_ids)]) == " river" * 5
+    # the same ids as sending the cut document itself: scores will match too
+    assert long_ == builder.build(query, ["river river river river river"], None, truncation).sequences[0]
+    assert short == builder.build(query, ["short"], None, truncation).sequences[0]
+    assert long_[: prompts.shared_len] == short[: prompts.shared_len]

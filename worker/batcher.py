@@ -167,7 +167,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
             self._tokenizer_for(request), self.runner.builder.build, request.query, request.documents,
-            request.instruction, request.truncation)
+            request.instruction, request.truncation, request.max_document_tokens)
         group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
         # Prefix reuse: a request's documents share its whole prefix (system prompt,

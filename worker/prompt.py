@@ -12,7 +12,10 @@ leading ids every document's sequence shares with it: exact by construction, wha
 text, because a causal model's states for the first k tokens depend on those k ids alone.
 
 Over-long pairs lose tokens from the end of the body, which the head guard turns into "from
-the document only": the query and instruction are never cut.
+the document only": the query and instruction are never cut. ``max_document_tokens`` (Cohere's
+``max_tokens_per_doc``) cuts the same way, counting the document's own tokens: those of the
+body past the run it shares with the head (the document's first word fuses with the space
+before it, so that token counts as the document's).
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ class PromptBuilder:
         self.no_id = self._single_id(NO_TOKEN)
 
     def build(self, query: str, documents: Sequence[str], instruction: str | None,
-              truncation: Truncation) -> Prompts:
+              truncation: Truncation, max_document_tokens: int | None = None) -> Prompts:
+        """``truncation`` decides what a pair over ``max_length`` does; ``max_document_tokens``
+        is a cut the caller asked for, so it applies whatever ``truncation`` says."""
         head = self._encode([format_head(query, instruction)])[0]
         fixed = len(self.prefix_ids) + len(self.suffix_ids)
         if fixed + len(head) + 1 > self.max_length:
@@ -76,13 +81,18 @@ class PromptBuilder:
         sequences, truncated = [], []
         shared = len(head)
         for i, body in enumerate(bodies):
+            own = _common_prefix_len(head, body)
+            limit = len(body) if max_document_tokens is None else own + max_document_tokens
+            asked = len(body) > limit
+            body = body[:limit]
             cut = len(body) > budget
             if cut and truncation is Truncation.NONE:
                 raise InvalidInput(
                     f"document {i} needs {len(body) + fixed} tokens, over max_length "
                     f"{self.max_length}; shorten it or allow truncation")
             body = body[:budget]
-            shared = min(shared, _common_prefix_len(head, body))
+            shared = min(shared, own, len(body))
+            cut = cut or asked
             sequences.append(self.prefix_ids + body + self.suffix_ids)
             truncated.append(cut)
         return Prompts(sequences, len(self.prefix_ids) + shared, truncated)

@@ -57,6 +57,7 @@ class ScoreRequest:
     truncation: Truncation = Truncation.END
     tenant: str = ""  # who the work is for (the API key id): the scheduler shares by tenant
     priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
+    max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
 
 
 @dataclass(frozen=True, slots=True)

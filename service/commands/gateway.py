@@ -21,6 +21,7 @@ from service import config as serve_config
 from service.commands.keys import add_database_arguments
 
 if TYPE_CHECKING:
+    from clients import Pacing
     from service.billing import Billing
     from service.http_server import HttpServer
     from service.remote import RemoteEngine
@@ -47,6 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="key the backends require, if they run with auth [env RERANK_BACKEND_API_KEY]")
     parser.add_argument("--backend-tls", action="store_true", help="TLS to the backends")
     parser.add_argument("--timeout-s", type=float, default=60.0, metavar="X", help="deadline of one backend call")
+    parser.add_argument("--backend-rps", type=float, metavar="X",
+                        help="pace calls to each backend to X requests/s (the client's Pacing); default: unpaced")
+    parser.add_argument("--backend-dps", type=float, metavar="X", help="pace each backend to X documents/s")
+    parser.add_argument("--backend-retries", type=int, default=0, metavar="N",
+                        help="retry a backend's RESOURCE_EXHAUSTED up to N times after its retry-after-ms, with "
+                             "the same request id (replayed, never billed twice); 0: answer 429 at once")
     parser.add_argument("--connect-timeout-s", type=float, default=600.0, metavar="X",
                         help="wait this long at start for a backend to answer (they may be loading)")
     parser.add_argument("--grace-s", type=float, default=30.0, metavar="X",
@@ -68,6 +75,16 @@ class Gateway:
         await self.billing.ledger.close()
 
 
+def backend_pacing(args: argparse.Namespace) -> Pacing | None:
+    """The client's pacing for backend calls, when any of its flags asks for it."""
+    from clients import Pacing
+
+    if args.backend_rps is None and args.backend_dps is None and not args.backend_retries:
+        return None
+    return Pacing(requests_per_s=args.backend_rps, documents_per_s=args.backend_dps,
+                  max_retries=args.backend_retries)
+
+
 async def start(args: argparse.Namespace) -> Gateway:
     """Open the ledger, find the backends' model, serve HTTP; raises OSError/ValueError."""
     from service.billing import open_billing
@@ -80,7 +97,7 @@ async def start(args: argparse.Namespace) -> Gateway:
                            default_rps=args.rate_limit_rps, default_dps=args.rate_limit_dps,
                            idempotency_ttl_h=args.idempotency_ttl_h)
     engine = RemoteEngine(args.backend, api_key=args.backend_api_key, tls=args.backend_tls,
-                          timeout_s=args.timeout_s)
+                          timeout_s=args.timeout_s, pacing=backend_pacing(args))
     try:
         model = await engine.connect(args.connect_timeout_s)
     except BaseException:

@@ -60,20 +60,20 @@ def _or_none(kind: type) -> Callable[[str], object]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
     create = sub.add_parser("create", help="create a key and print it (once)",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=parser.formatter_class)
     create.add_argument("--name", required=True, help="who or what the key is for (shown in lists)")
     _add_setting_arguments(create, _as_is, lambda meaning: f"unset: {meaning}")
     create.add_argument("--model", action="append", dest="models", metavar="NAME",
                         help="restrict the key to this served model name; repeat for several (default: any). "
                              "For several deployments sharing one ledger database")
     listing = sub.add_parser("list", help="list keys (never the keys themselves) with billed usage",
-                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                             formatter_class=parser.formatter_class)
     update = sub.add_parser("update", help="change a key's limits and priorities, at once on every server "
                                            "sharing the database")
     update.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
     _add_setting_arguments(update, _or_none, lambda meaning: f"default: unchanged; 'none' unsets it: {meaning}")
     revoke = sub.add_parser("revoke", help="revoke a key at once, on every server sharing the database",
-                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                            formatter_class=parser.formatter_class)
     revoke.add_argument("key_id", help="the key's id (key_...), as `keys list` shows it")
     for p in (create, listing, update, revoke):
         add_database_arguments(p)

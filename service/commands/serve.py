@@ -11,8 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Awaitable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import config as serve_config
@@ -22,6 +24,11 @@ if TYPE_CHECKING:
 
 HELP = "serve the Rerank gRPC API (every knob also reads RERANK_<KNOB> from the environment)"
 log = logging.getLogger("rerank.serve")
+MODEL_HINT = ("--model takes a Hugging Face hub id (which needs network access or the model in the local Hugging "
+              "Face cache) or a local checkpoint directory; `rerank make-test-model DIR` writes a random-weight "
+              "one for offline trials")
+HUB_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # what the hub accepts as a repo id
+HUB_PROBE_TIMEOUT_S = 5.0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,7 +40,35 @@ def run(args: argparse.Namespace) -> int:
     if not config.model:
         log.error("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
         return 2
+    import service.app  # noqa: F401  the serve extra, first: a client-only install hears that before anything
+    problem = model_problem(config.model)
+    if problem is not None:
+        log.error("cannot load --model %s: %s. %s", config.model, problem, MODEL_HINT)
+        return 2
     return asyncio.run(serve(config))
+
+
+def model_problem(model: str) -> str | None:
+    """Why ``model`` cannot be loaded, found in seconds and before any port is bound; None:
+    worth loading. from_pretrained on an unreachable hub id retries for most of a minute and
+    logs pages; this asks once, quickly: a local directory, the local Hugging Face cache,
+    HF_HUB_OFFLINE, then one metadata request to the hub."""
+    if Path(model).expanduser().is_dir():
+        return None
+    if not HUB_ID.fullmatch(model):
+        return "no such directory"
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(model, "config.json"), str):
+        return None  # cached: loads without the network
+    if constants.HF_HUB_OFFLINE:
+        return "not a directory, not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    try:
+        get_hf_file_metadata(hf_hub_url(model, "config.json"), timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception as exc:  # unreachable, unknown, gated: loading would fail the same way, slower
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"not a directory, not in the local Hugging Face cache, and the hub did not serve it ({reason})"
+    return None
 
 
 async def serve(config: serve_config.ServeConfig) -> int:
@@ -75,9 +110,7 @@ async def _ready_unless_stopped(app: App, stops: _Stops) -> bool:
     failure = ready.exception()
     if failure is not None:
         # OSError: from_pretrained found no checkpoint; anything else says what to change itself
-        hint = ("\n--model takes a Hugging Face hub id (which needs network access or the model in the "
-                "local Hugging Face cache) or a local checkpoint directory; `rerank make-test-model DIR` "
-                "writes a random-weight one for offline trials") if isinstance(failure, OSError) else ""
+        hint = f"\n{MODEL_HINT}" if isinstance(failure, OSError) else ""
         log.error("model failed to load: %s%s", failure, hint)
         return False
     return True

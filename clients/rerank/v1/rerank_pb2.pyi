@@ -77,6 +77,7 @@ class RerankRequest(_message.Message):
     TRUNCATION_FIELD_NUMBER: _builtins.int
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the model this server serves. Any other name that the
     server does not serve is NOT_FOUND.
@@ -107,6 +108,11 @@ class RerankRequest(_message.Message):
     without keys). A key may be limited to a best priority; a better one asked for is clamped
     to it and the response's `warnings` says so. Outside 0..999 is INVALID_ARGUMENT.
     """
+    max_tokens_per_doc: _builtins.int
+    """Cut each document to at most this many of its own tokens before scoring (Cohere's
+    `max_tokens_per_doc`); absent means no cut beyond max_length. Applies whatever
+    `truncation` says; the cut documents are flagged `truncated`. Must be at least 1.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, at least one. Results refer to them by index."""
@@ -123,17 +129,22 @@ class RerankRequest(_message.Message):
         truncation: Global___Truncation.ValueType = ...,
         request_id: _builtins.str = ...,
         priority: _builtins.int | None = ...,
+        max_tokens_per_doc: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_priority", b"_priority", "instruction", b"instruction", "priority", b"priority"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_priority", b"_priority", "documents", b"documents", "instruction", b"instruction", "model", b"model", "priority", b"priority", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "documents", b"documents", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "priority", b"priority", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__priority) -> _WhichOneofReturnType__priority | None: ...
 
@@ -307,6 +318,7 @@ class BatchQuery(_message.Message):
     TOP_N_FIELD_NUMBER: _builtins.int
     RETURN_DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
+    MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The search query. Must not be empty or blank."""
     instruction: _builtins.str
@@ -317,6 +329,8 @@ class BatchQuery(_message.Message):
     """Echo each result's document text."""
     truncation: Global___Truncation.ValueType
     """What to do with documents too long for the model."""
+    max_tokens_per_doc: _builtins.int
+    """As in `RerankRequest`: cut each document to this many of its own tokens."""
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, at least one."""
@@ -330,14 +344,20 @@ class BatchQuery(_message.Message):
         top_n: _builtins.int = ...,
         return_documents: _builtins.bool = ...,
         truncation: Global___Truncation.ValueType = ...,
+        max_tokens_per_doc: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "instruction", b"instruction"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "documents", b"documents", "instruction", b"instruction", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "documents", b"documents", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
 
 Global___BatchQuery: _TypeAlias = BatchQuery  # noqa: Y015
 

@@ -1,0 +1,140 @@
+"""Client-side pacing (clients/pacing.py): budgets, and RESOURCE_EXHAUSTED retried after the
+server's hint with the same request id, so the retry is billed once (or replayed)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import pytest
+from serving import running_app, target
+
+from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
+from service.app import App, CoreParts
+from service.core import Principal
+from service.db import create_schema, open_engine
+from service.errors import Code, ServiceError
+from service.ledger import SqlLedger
+from service.remote import RemoteEngine
+from worker.fake import FakeRunner
+from worker.types import ScoreRequest
+
+DOCS = ["pandas eat bamboo", "paris is in france", "a bear of china"]
+
+
+class RefuseFirst:
+    """A rate limiter that refuses its first ``refusals`` calls with a retry hint."""
+
+    def __init__(self, refusals: int, retry_after_s: float | None) -> None:
+        self.refusals = refusals
+        self.retry_after_s = retry_after_s
+        self.admits = 0
+
+    async def admit(self, principal: Principal, documents: int) -> None:
+        self.admits += 1
+        if self.refusals:
+            self.refusals -= 1
+            raise ServiceError(Code.RATE_LIMITED, "over the key's rate limit", retry_after_s=self.retry_after_s)
+
+
+@asynccontextmanager
+async def limited_app(tmp_path: Path, limiter: RefuseFirst) -> AsyncIterator[tuple[App, SqlLedger]]:
+    engine = open_engine(str(tmp_path / "ledger.sqlite3"))
+    await create_schema(engine)
+    ledger = SqlLedger(engine)
+    try:
+        async with running_app(parts=CoreParts(limiter=limiter, ledger=ledger)) as app:
+            yield app, ledger
+    finally:
+        await engine.dispose()
+
+
+def test_pacing_refuses_nonsense() -> None:
+    for bad in ({"requests_per_s": 0}, {"documents_per_s": -1.0}, {"max_retries": -1}):
+        with pytest.raises(ValueError):
+            Pacing(**bad)  # type: ignore[arg-type]
+
+
+async def test_refusal_with_a_hint_is_retried_with_the_same_request_id_and_billed_once(tmp_path: Path) -> None:
+    limiter = RefuseFirst(2, retry_after_s=0.05)
+    async with limited_app(tmp_path, limiter) as (app, ledger), \
+            AsyncRerankClient(target(app), pacing=Pacing(max_retries=2)) as client:
+        first = await client.rerank("bears", DOCS, request_id="job-1")
+        again = await client.rerank("bears", DOCS, request_id="job-1")  # a caller's own retry: replayed
+        records = await ledger.records()
+    assert limiter.admits == 3  # two refused attempts, then the one that was scored
+    assert first.request_id == "job-1" and not first.replayed
+    assert again.replayed and again.results == first.results
+    assert [(r.idempotency_key, r.documents) for r in records] == [("job-1", len(DOCS))]
+
+
+async def test_unpaced_client_and_exhausted_retries_give_the_refusal(tmp_path: Path) -> None:
+    async with limited_app(tmp_path, RefuseFirst(5, retry_after_s=0.01)) as (app, ledger):
+        for pacing in (None, Pacing(max_retries=1)):
+            async with AsyncRerankClient(target(app), pacing=pacing) as client:
+                with pytest.raises(RerankError) as refused:
+                    await client.rerank("bears", DOCS)
+            assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert await ledger.records() == []
+
+
+@pytest.mark.parametrize("retry_after_s", [None, 60.0])  # no hint; a hint past the deadline
+async def test_no_retry_without_a_usable_hint(tmp_path: Path, retry_after_s: float | None) -> None:
+    limiter = RefuseFirst(1, retry_after_s=retry_after_s)
+    async with limited_app(tmp_path, limiter) as (app, _), \
+            AsyncRerankClient(target(app), timeout_s=5, pacing=Pacing(max_retries=3)) as client:
+        started = time.monotonic()
+        with pytest.raises(RerankError, match="RESOURCE_EXHAUSTED"):
+            await client.rerank("bears", DOCS)
+    assert limiter.admits == 1 and time.monotonic() - started < 5  # gave up, did not sleep the hour
+
+
+async def test_sync_client_retries_the_same_way(tmp_path: Path) -> None:
+    limiter = RefuseFirst(1, retry_after_s=0.05)
+    async with limited_app(tmp_path, limiter) as (app, ledger):
+        def call() -> str:
+            with RerankClient(target(app), pacing=Pacing(max_retries=1)) as client:
+                return client.rerank("bears", DOCS, request_id="sync-1").request_id
+
+        assert await asyncio.to_thread(call) == "sync-1"
+        assert [r.idempotency_key for r in await ledger.records()] == ["sync-1"]
+    assert limiter.admits == 2
+
+
+@pytest.mark.parametrize("pacing,calls,docs", [(Pacing(requests_per_s=20), 21, 1),  # 20 per 1 s window
+                                               (Pacing(documents_per_s=30), 4, 10)])  # 30 docs per 1 s
+async def test_budget_makes_calls_wait(pacing: Pacing, calls: int, docs: int) -> None:
+    """Over a one-second window's budget, the last call waits for the window to slide: at
+    least a second in all (a lower bound only: how fast it goes otherwise is not asserted)."""
+    async with running_app() as app, AsyncRerankClient(target(app), pacing=pacing) as client:
+        started = time.monotonic()
+        await asyncio.gather(*(client.rerank("q", [f"d{i}" for i in range(docs)]) for _ in range(calls)))
+        assert time.monotonic() - started >= 1.0
+
+
+async def test_a_budget_that_cannot_admit_in_time_is_deadline_exceeded_unsent() -> None:
+    runner = FakeRunner()
+    async with running_app(runner) as app, AsyncRerankClient(target(app), pacing=Pacing(requests_per_s=0.1)) as client:
+        await client.rerank("q", ["d"])  # takes the window's one call: the next is admitted in 10 s
+        started = time.monotonic()
+        with pytest.raises(RerankError) as late:
+            await client.rerank("q", ["d"], timeout_s=0.3)
+        assert time.monotonic() - started < 5  # gave up at its deadline, not after the window
+    assert late.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "pacing budget" in late.value.details
+    assert len(runner.batches) == 1  # the late call was never sent
+
+
+async def test_gateway_backend_calls_are_paced_and_retried(tmp_path: Path) -> None:
+    limiter = RefuseFirst(1, retry_after_s=0.05)
+    async with limited_app(tmp_path, limiter) as (app, _):
+        engine = RemoteEngine([target(app)], pacing=Pacing(max_retries=1))
+        try:
+            await engine.connect(timeout_s=5)
+            result = await engine.score(ScoreRequest("bears", DOCS))
+        finally:
+            await engine.close()
+    assert [s.index for s in result.scores] == [0, 1, 2] and limiter.admits == 2
