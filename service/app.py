@@ -125,7 +125,8 @@ class App:
         self.core = RerankCore(self.engine, model_name=name, limits=config.limits(), auth=parts.auth,
                                limiter=parts.limiter, ledger=parts.ledger, model_aliases=aliases)
         self.grpc = GrpcServer(self.core, self.metrics, host=config.host, port=config.grpc_port,
-                               tls=config.tls(), max_connection_age_s=config.max_connection_age_s)
+                               tls=config.tls(), max_connection_age_s=config.max_connection_age_s,
+                               limits=config.grpc_limits())
         self.components: list[Component] = [self.grpc]
         if config.metrics_port is not None:
             self.components.append(MetricsServer(self.metrics, config.host, config.metrics_port))

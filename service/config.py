@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from service.core import Limits
-from service.edge import EdgeLimits
+from service.edge import EdgeLimits, GrpcLimits
 from worker.batcher import BatcherConfig
 
 ENV_PREFIX = "RERANK_"
@@ -36,6 +36,7 @@ class TlsFiles:
 _LIMITS = Limits()
 _BATCHING = BatcherConfig()
 _EDGE = EdgeLimits()
+_GRPC = GrpcLimits()
 
 
 def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None,
@@ -103,6 +104,17 @@ class ServeConfig:
     max_connection_age_s: float | None = knob(
         None, "close each gRPC connection after this long (in-flight calls finish), so long-lived "
         "clients re-resolve DNS and find new replicas", unset="never")
+    # -- the gRPC server's resource limits (service.edge.GrpcLimits; docs/SECURITY.md)
+    grpc_max_concurrent_rpcs: int = knob(_GRPC.max_concurrent_rpcs, "gRPC calls being handled at once, all "
+                                         "connections together (health checks too); past it a call gets "
+                                         "RESOURCE_EXHAUSTED before its message is read")
+    grpc_max_concurrent_streams: int = knob(_GRPC.max_concurrent_streams, "gRPC calls open at once on one "
+                                            "connection (HTTP/2 SETTINGS): a client queues the rest")
+    grpc_max_connection_idle_s: float = knob(_GRPC.max_connection_idle_s, "seconds a gRPC connection with no "
+                                             "call stays open; then GOAWAY (clients reconnect when they "
+                                             "next call)")
+    grpc_max_metadata_bytes: int = knob(_GRPC.max_metadata_bytes, "bytes of a gRPC call's metadata (its "
+                                        "headers); larger is RESOURCE_EXHAUSTED")
     # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
     # extension_components; the same knobs serve `rerank gateway`)
     http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
@@ -140,6 +152,9 @@ class ServeConfig:
 
     def edge_limits(self) -> EdgeLimits:
         return edge_limits(self)
+
+    def grpc_limits(self) -> GrpcLimits:
+        return GrpcLimits(**{f.name: getattr(self, "grpc_" + f.name) for f in dataclasses.fields(GrpcLimits)})
 
     def batcher_config(self, device: str) -> BatcherConfig:
         base = _device_batching(device)

@@ -143,6 +143,20 @@ class RerankReply:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def with_documents(self, queries: Sequence[RerankQuery] | None) -> RerankReply:
+        """This reply with each result's document text taken from ``queries`` (by index, where
+        the query set ``return_documents``), or with no text at all (``queries`` None): the
+        idempotency record stores none, and a replay, whose body has the same fingerprint,
+        gets it back from the replaying call."""
+        def text(q: RerankQuery | None, index: int) -> str | None:
+            return q.documents[index] if q is not None and q.return_documents else None
+
+        qs: Sequence[RerankQuery | None] = [None] * len(self.outcomes) if queries is None else queries
+        outcomes = [dataclasses.replace(o, results=[dataclasses.replace(r, document=text(q, r.index))
+                                                    for r in o.results])
+                    for q, o in zip(qs, self.outcomes, strict=True)]
+        return dataclasses.replace(self, outcomes=outcomes)
+
     @classmethod
     def from_json(cls, text: str) -> RerankReply:
         raw = json.loads(text)
@@ -208,7 +222,8 @@ class RateLimiter(Protocol):
 
 class UsageLedger(Protocol):
     async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
-        """The stored reply of an already billed call; IDEMPOTENCY_CONFLICT if the body differs."""
+        """The stored reply of an already billed call, without document text (the ledger keeps
+        none: ``RerankReply.with_documents``); IDEMPOTENCY_CONFLICT if the body differs."""
 
     async def reserve(self, principal: Principal, documents: int) -> Reservation | None:
         """Hold ``documents`` against the key's quota (None: the key has none); raises QUOTA_EXCEEDED."""
@@ -296,8 +311,10 @@ class RerankCore:
             if stored is not None:
                 # free of charge, not of the request rate: a replay costs a lookup and a reply
                 await self.limiter.admit(principal, 0)
-                return stored
-        return await self._admit_score_bill(principal, call, fingerprint, started)
+                return stored.with_documents(call.queries)
+        # (a lost race for the key returns the winner's stored reply, which holds no text)
+        reply = await self._admit_score_bill(principal, call, fingerprint, started)
+        return reply.with_documents(call.queries)
 
     async def _admit_score_bill(self, principal: Principal, call: RerankCall, fingerprint: str,
                                 started: float) -> RerankReply:

@@ -89,7 +89,7 @@ idempotency_records = Table(
     Column("key_id", String(64), primary_key=True),
     Column("idempotency_key", String(255), primary_key=True),
     Column("fingerprint", String(64), nullable=False),
-    Column("reply", Text, nullable=False),  # RerankReply.to_json()
+    Column("reply", Text, nullable=False),  # RerankReply.to_json(), no document text
     Column("created_at", DateTime(timezone=True), nullable=False),  # expires --idempotency-ttl-h after
     Index("ix_idempotency_created_at", "created_at"),  # the purge of expired records
 )

@@ -1,13 +1,14 @@
 """What the public edge enforces before a call reaches the core: the bearer rule both fronts
-share, and the HTTP server's resource limits. Light imports only (``service.config`` reads
-the limits' defaults); the HTTP machinery that applies them is in ``service.gateway``
-(``EdgeGuard``) and ``service.http_server`` (``EdgeProtocol``). docs/SECURITY.md lists each
+share, and the HTTP and gRPC servers' resource limits. Light imports only (``service.config``
+reads the limits' defaults); the HTTP machinery that applies them is in ``service.gateway``
+(``EdgeGuard``) and ``service.http_server`` (``EdgeProtocol``), gRPC's are grpcio's own
+(``service.grpc_server``). docs/SECURITY.md lists each
 limit, its flag and the test that proves it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from service.errors import Code, ServiceError
 
@@ -26,11 +27,31 @@ class EdgeLimits:
     max_body_bytes_in_flight: int = 256 * 2**20  # request bodies being received or held, all connections together
 
     def __post_init__(self) -> None:
-        for name in ("max_connections", "header_timeout_s", "body_timeout_s", "idle_timeout_s",
-                     "max_header_bytes", "max_body_bytes_in_flight"):
-            value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"--http-{name.replace('_', '-')} must be positive, got {value}")
+        _require_positive(self, "http")
+
+
+@dataclass(frozen=True, slots=True)
+class GrpcLimits:
+    """The gRPC server's limits on what callers may hold open; each a ``rerank serve`` flag
+    (``--grpc-*``), applied as grpcio server arguments (``service.grpc_server.limit_options``).
+
+    A request message is received whole before its handler runs, so ``max_concurrent_rpcs``
+    times ``--max-request-bytes`` bounds the memory held by request messages."""
+
+    max_concurrent_rpcs: int = 256  # RPCs being handled, all connections together; more: RESOURCE_EXHAUSTED
+    max_concurrent_streams: int = 100  # RPCs open at once on one connection (HTTP/2 SETTINGS)
+    max_connection_idle_s: float = 300.0  # a connection with no RPC this long is sent GOAWAY and closed
+    max_metadata_bytes: int = 16_384  # a request's metadata (headers); more: RESOURCE_EXHAUSTED
+
+    def __post_init__(self) -> None:
+        _require_positive(self, "grpc")
+
+
+def _require_positive(limits: EdgeLimits | GrpcLimits, prefix: str) -> None:
+    for f in fields(limits):
+        value = getattr(limits, f.name)
+        if not value > 0:
+            raise ValueError(f"--{prefix}-{f.name.replace('_', '-')} must be positive, got {value}")
 
 
 def bearer_token(authorization: str | None) -> str | None:

@@ -3,8 +3,8 @@
 Each RPC is message in, ``RerankCore`` call, message out; ``service.wire`` converts and
 ``service.errors.Code.grpc_status`` picks the status, so nothing here decides what a call may
 contain or what it costs. What is gRPC's own lives here: reading the bearer key from
-metadata, the retry hint as trailing metadata, message size limits, health, reflection, and
-turning an undecodable request (invalid UTF-8 in a string field) into INVALID_ARGUMENT.
+metadata, the retry hint as trailing metadata, message size and connection limits, health,
+reflection, and turning an undecodable request (invalid UTF-8 in a string field) into INVALID_ARGUMENT.
 
 Cancellation needs no code: when a caller cancels or its deadline passes, grpc.aio cancels
 the handler's task, the ``CancelledError`` reaches ``Batcher.score`` while it awaits, and
@@ -32,6 +32,7 @@ from rerank.v1 import rerank_pb2_grpc as pb_grpc
 from service import wire
 from service.config import TlsFiles
 from service.core import Limits, RerankCall, RerankCore, RerankReply
+from service.edge import GrpcLimits
 from service.errors import ServiceError
 from service.metrics import Metrics
 
@@ -269,18 +270,32 @@ def connection_options(max_age_s: float | None) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", 60_000)]
 
 
+def limit_options(limits: GrpcLimits) -> list[tuple[str, int]]:
+    """What one connection may hold (``maximum_concurrent_rpcs``, the server-wide cap, is an
+    argument of ``grpc.aio.server``). Metadata: grpcio's soft limit refuses some requests
+    between it and the hard one at random; both at the flag's value, the refusal is certain."""
+    return [("grpc.max_concurrent_streams", limits.max_concurrent_streams),
+            ("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * 1000)),
+            ("grpc.max_metadata_size", limits.max_metadata_bytes),
+            ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes)]
+
+
 class GrpcServer:
     """A component of the app: ``start`` binds and serves, ``stop`` drains."""
 
     def __init__(self, core: RerankCore, metrics: Metrics, *, host: str, port: int,
-                 tls: TlsFiles | None = None, max_connection_age_s: float | None = None) -> None:
+                 tls: TlsFiles | None = None, max_connection_age_s: float | None = None,
+                 limits: GrpcLimits | None = None) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.stopping = False  # set once new calls are refused
         self.health = health.aio.HealthServicer()
-        options = message_options(core.limits) + connection_options(max_connection_age_s)
-        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=options)
+        limits = limits or GrpcLimits()
+        options = message_options(core.limits) + connection_options(max_connection_age_s) + limit_options(limits)
+        # past maximum_concurrent_rpcs grpcio answers RESOURCE_EXHAUSTED itself, before the handler
+        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=options,
+                                      maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
         pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(core, metrics), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

@@ -10,6 +10,8 @@ text (``service.edge.EdgeLimits``): a deadline for the request head (uvicorn has
 connection that sends nothing, or a byte a minute, is held forever), a connection cap whose
 refusal is the API's JSON 503 (``gateway.EdgeGuard`` answers it), and JSON for the errors
 the server answers itself (a malformed request, a head over ``--http-max-header-bytes``).
+uvicorn's per-request warnings (one per malformed request) are rate-limited while the
+server runs (``service.lograte.FloodFilter`` on the ``uvicorn.error`` logger).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.edge import EdgeLimits
 from service.gateway import OVER_CAPACITY, error_response
+from service.lograte import FloodFilter
 
 log = logging.getLogger(__name__)
+uvicorn_log = logging.getLogger("uvicorn.error")  # where uvicorn's protocols log
 _CUT_FLUSH_S = 1.0  # after the grace period: time for cut calls to send their 503
 
 
@@ -110,6 +114,7 @@ class HttpServer:
         self.port = port
         self.grace_s = grace_s
         self.limits = limits or EdgeLimits()
+        self.log_flood = FloodFilter()  # on uvicorn's logger from start to stop
         self._server: _Server | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -128,9 +133,11 @@ class HttpServer:
                                 timeout_keep_alive=self.limits.idle_timeout_s,  # type: ignore[arg-type]
                                 h11_max_incomplete_event_size=self.limits.max_header_bytes)
         self._server = _Server(config)
+        uvicorn_log.addFilter(self.log_flood)
         self._task = asyncio.get_running_loop().create_task(self._server.serve([sock]), name="http")
         while not self._server.started:  # uvicorn offers no startup event; this runs once
             if self._task.done():
+                uvicorn_log.removeFilter(self.log_flood)
                 await self._task  # raise what stopped it
                 raise RuntimeError("the HTTP server stopped while starting")
             await asyncio.sleep(0.01)
@@ -149,4 +156,6 @@ class HttpServer:
         deadline = asyncio.get_running_loop().time() + _CUT_FLUSH_S
         while tasks and asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(0.01)
+        uvicorn_log.removeFilter(self.log_flood)
+        self.log_flood.flush(uvicorn_log)
         self._server = self._task = None

@@ -1,8 +1,9 @@
 """The usage ledger: exactly one usage record per successful call, never two for a retry.
 
 ``record`` writes the usage record and, for a call with an idempotency key, the stored
-reply, in one transaction. The idempotency table's primary key (caller, idempotency key)
-settles concurrent duplicates: the first commit wins, the loser's insert fails, its
+reply (without document text: a replay's body, same fingerprint, carries it), in one
+transaction. The idempotency table's primary key (caller, idempotency key) settles
+concurrent duplicates: the first commit wins, the loser's insert fails, its
 transaction (usage record included) rolls back, and it returns the winner's reply, unbilled.
 
 Once scoring has finished the write is shielded from cancellation: a caller that goes away
@@ -174,6 +175,8 @@ class SqlLedger:
     async def _record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
                       fingerprint: str, reservation: Reservation | None) -> RerankReply:
         now = datetime.now(UTC)
+        # no document text at rest: the caller's replay sends it again (same fingerprint)
+        stored_reply = reply.with_documents(None).to_json()
         with unavailable("billing the call"):
             # A second try only when the key is taken: by an expired record (rare, and deleted
             # in the retry's transaction, so the common path costs no extra statement) or by
@@ -189,7 +192,7 @@ class SqlLedger:
                                     idempotency_records.c.created_at < now - self.idempotency_ttl))
                             await conn.execute(insert(idempotency_records).values(
                                 key_id=principal.key_id, idempotency_key=idempotency_key,
-                                fingerprint=fingerprint, reply=reply.to_json(), created_at=now))
+                                fingerprint=fingerprint, reply=stored_reply, created_at=now))
                         await conn.execute(insert(usage_records).values(
                             key_id=principal.key_id, request_id=reply.request_id, model=reply.model,
                             queries=len(reply.outcomes), documents=reply.billed_documents,

@@ -8,16 +8,20 @@ UNKNOWN (docs/SECURITY.md).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import dataclasses
 import random
 from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 from rerank.v1 import rerank_pb2 as pb
-from serving import running_app, target
+from serving import eventually, running_app, target
 
 from service.app import App
+from service.config import add_arguments, from_args
+from service.edge import GrpcLimits
 from worker.fake import FakeRunner
 
 RERANK = "/rerank.v1.RerankService/Rerank"
@@ -130,3 +134,47 @@ async def test_a_call_cut_at_the_end_of_the_grace_period_is_retryable() -> None:
         runner.gate.set()
         await stopping
     assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
+
+
+# -- the server's limits (--grpc-*: docs/SECURITY.md) ----------------------------------------
+async def test_calls_past_the_concurrent_rpc_cap_are_resource_exhausted() -> None:
+    runner = FakeRunner()
+    data = pb.RerankRequest(query="q", documents=["a"]).SerializeToString()
+    async with running_app(runner, grpc_max_concurrent_rpcs=1) as app:
+        runner.gate.clear()
+        held = asyncio.create_task(raw_call(app, RERANK, data))
+        await asyncio.to_thread(runner.entered.wait, 5)
+        code, details = await raw_call(app, RERANK, data)
+        assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+        runner.gate.set()
+        assert (await held)[0] is grpc.StatusCode.OK
+        assert (await raw_call(app, RERANK, data))[0] is grpc.StatusCode.OK  # the cap frees
+
+
+async def test_oversized_metadata_is_resource_exhausted() -> None:
+    data = pb.RerankRequest(query="q", documents=["a"]).SerializeToString()
+    async with running_app(grpc_max_metadata_bytes=2048) as app:
+        assert (await raw_call(app, RERANK, data, (("x-pad", "a" * 512),)))[0] is grpc.StatusCode.OK
+        for _ in range(20):  # every time, not by chance (grpcio's soft limit refuses at random)
+            code, details = await raw_call(app, RERANK, data, (("x-pad", "a" * 4096),))
+            assert code is grpc.StatusCode.RESOURCE_EXHAUSTED, (code, details)
+
+
+async def test_an_idle_connection_is_closed() -> None:
+    async with running_app(grpc_max_connection_idle_s=0.2) as app, \
+            grpc.aio.insecure_channel(target(app)) as channel:
+        call = channel.unary_unary(RERANK, request_serializer=None, response_deserializer=None)
+        await call(pb.RerankRequest(query="q", documents=["a"]).SerializeToString(), timeout=10)
+        assert channel.get_state() is grpc.ChannelConnectivity.READY
+        await eventually(lambda: channel.get_state() is grpc.ChannelConnectivity.IDLE)  # the server's GOAWAY
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(GrpcLimits)])
+def test_each_grpc_limit_is_a_flag_that_must_be_positive(name: str) -> None:
+    flag = "--grpc-" + name.replace("_", "-")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, env={})
+    config = from_args(parser.parse_args([flag, "7"]))
+    assert getattr(config.grpc_limits(), name) == 7
+    with pytest.raises(ValueError, match=flag):
+        from_args(parser.parse_args([flag, "0"])).grpc_limits()

@@ -25,6 +25,7 @@ from gateway_support import LiveGateway, Options
 
 from service.core import Limits
 from service.edge import EdgeLimits
+from service.lograte import FloodFilter
 
 LIMITS = Limits(max_documents=100, max_request_bytes=2**20)
 EDGE = EdgeLimits(max_connections=40, header_timeout_s=0.5, body_timeout_s=0.5, idle_timeout_s=0.5,
@@ -261,6 +262,58 @@ def test_errors_of_the_server_layer_are_json(gw: LiveGateway, raw: bytes, status
     reply = exchange(gw, raw)
     assert reply.status == status
     reply.assert_clean()
+
+
+def test_malformed_requests_do_not_flood_the_log(gw: LiveGateway, caplog: pytest.LogCaptureFixture) -> None:
+    """uvicorn logs a WARNING per malformed request: at most a burst of them per interval
+    reaches the log (service.lograte), whatever a caller sends."""
+    flood = gw.server.log_flood
+    dropped_before = flood.dropped_total
+    with caplog.at_level(logging.WARNING, logger="uvicorn.error"):
+        for _ in range(40):
+            assert exchange(gw, b"NOT HTTP AT ALL\r\n\r\n").status == 400
+    logged = [r for r in caplog.records if r.name == "uvicorn.error" and "Invalid HTTP request" in r.getMessage()]
+    assert len(logged) <= flood.burst < 40
+    assert flood.dropped_total - dropped_before == 40 - len(logged)
+
+
+def test_the_flood_filter_passes_a_burst_then_counts_then_reports() -> None:
+    now = [0.0]
+    flood = FloodFilter(burst=3, interval_s=60, clock=lambda: now[0])
+    logger = logging.getLogger("test.lograte")
+    logger.propagate = False
+    seen = ListHandler()
+    logger.addHandler(seen)
+    logger.addFilter(flood)
+    try:
+        for i in range(10):
+            logger.warning("bad request from %s", f"peer{i}")
+        logger.error("an error is never dropped")
+        logger.warning("another message has its own burst")
+        assert [r.getMessage()[:22] for r in seen.records] == ["bad request from peer0", "bad request from peer1",
+                                                               "bad request from peer2", "an error is never drop",
+                                                               "another message has it"]
+        assert "more are counted, not logged" in seen.records[2].getMessage()
+        now[0] = 61.0
+        logger.warning("bad request from %s", "late")
+        assert seen.records[-1].getMessage().startswith("bad request from late [7 more like this were not logged")
+        for _ in range(5):
+            logger.warning("bad request from %s", "again")
+        flood.flush(logger)  # at shutdown: what was dropped since the last report
+        assert "3 more 'bad request from %s' were not logged" in seen.records[-1].getMessage()
+        assert flood.dropped_total == 7 + 3
+    finally:
+        logger.removeFilter(flood)
+        logger.removeHandler(seen)
+
+
+class ListHandler(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 # -- bodies and encodings ---------------------------------------------------------------------------

@@ -441,6 +441,50 @@ async def test_stored_replies_keep_any_text_exactly(stack: Stack) -> None:
     assert again.outcomes == first.outcomes
 
 
+async def test_idempotency_records_hold_no_document_text(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    docs = ["secret alpha text", "secret beta text", "secret gamma text"]
+    q = RerankQuery("query", docs, top_n=2, return_documents=True)
+    first = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="private"))
+    assert {r.document for r in first.outcomes[0].results} <= set(docs)
+    async with stack.ledger.engine.connect() as conn:
+        (stored,) = (await conn.execute(select(idempotency_records.c.reply))).scalars().all()
+    assert not any(d in stored for d in docs) and "secret" not in stored
+    again = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="private"))
+    assert again.replayed and again.outcomes == first.outcomes  # the text re-attached by index
+    assert [r.document for r in again.outcomes[0].results] == [docs[r.index] for r in first.outcomes[0].results]
+
+
+async def test_records_stored_with_text_by_older_versions_still_replay(stack: Stack) -> None:
+    key = (await stack.keys.create("alice")).key
+    q = RerankQuery("query", ["one", "two"], return_documents=True)
+    first = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="legacy"))
+    async with stack.ledger.engine.begin() as conn:  # rewrite the record as a version that kept the text did
+        await conn.execute(update(idempotency_records).values(reply=first.to_json()))
+        (stored,) = (await conn.execute(select(idempotency_records.c.reply))).scalars().all()
+    assert '"one"' in stored
+    again = await stack.core.rerank(RerankCall([q], api_key=key, idempotency_key="legacy"))
+    assert again.replayed and again.outcomes == first.outcomes
+    assert len(await stack.ledger.records()) == 1
+
+
+async def test_a_replica_that_loses_the_race_returns_the_winners_reply_with_documents(stack: Stack) -> None:
+    """Two replicas (two cores, one ledger) score the same keyed call at once: the loser's
+    reply is the winner's stored one, which holds no text, with the caller's documents."""
+    replicas = [open_core(stack), open_core(stack)]
+    q = RerankQuery("query", ["first doc", "second doc", "third doc"], return_documents=True)
+    stack.runner.gate.clear()
+    tasks = [asyncio.create_task(core.rerank(RerankCall([q], idempotency_key="race"))) for core in replicas]
+    await held(stack.runner)
+    stack.runner.gate.set()
+    replies = await asyncio.gather(*tasks)
+    assert scored_rows(stack.runner) == 6 and len(await stack.ledger.records()) == 1  # both scored, one billed
+    assert len({r.request_id for r in replies}) == 1  # the loser returned the winner's reply
+    for reply in replies:
+        assert [r.document for r in reply.outcomes[0].results] == [q.documents[r.index]
+                                                                   for r in reply.outcomes[0].results]
+
+
 async def test_key_scoped_to_other_models_is_permission_denied(stack: Stack) -> None:
     other = await stack.keys.create("big-tier", models=["Qwen/Qwen3-Reranker-8B"])
     mine = await stack.keys.create("this-tier", models=[MODEL, "Qwen/Qwen3-Reranker-8B"])
