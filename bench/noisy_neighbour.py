@@ -146,9 +146,9 @@ async def run(runner: ModelRunner, args: argparse.Namespace) -> list[dict[str, o
     kinds = ["flood alone", "flood"] if args.flood_alone else ["flood"]
     phases = {name: Phase(name) for name in ["quiet alone", *(f"{k}, {s}" for k in kinds for s in schedulers)]}
     await run_phase(runner, config, phases["quiet alone"], None, args)
-    for _ in range(args.rounds):  # interleaved: drift in a shared machine's load hits every policy alike
-        for kind in kinds:
-            for scheduler in schedulers:
+    for round_ in range(args.rounds):  # interleaved, the order turned each round: drift in a shared
+        for kind in kinds:                # machine's load hits every policy alike
+            for scheduler in schedulers[::-1] if round_ % 2 else schedulers:
                 await run_phase(runner, dataclasses.replace(config, scheduler=scheduler),
                                 phases[f"{kind}, {scheduler}"], flood, args, quiet=kind == "flood")
     return [p.row() for p in phases.values()]
