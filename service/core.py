@@ -285,9 +285,12 @@ class RerankCore:
         info = self.engine.info()
         return ModelInfo(self.model_name, int(info["max_length"]), info["dtype"], info["device"], self.limits)
 
-    async def rerank(self, call: RerankCall) -> RerankReply:
+    async def rerank(self, call: RerankCall, *, auth: Authenticator | None = None) -> RerankReply:
+        """``auth``: the front's own authenticator in place of the core's, for this call (the
+        HTTP gateway's answers from the key check its edge made before reading the body); the
+        core itself is shared by both fronts and never changed."""
         started = time.perf_counter()
-        principal = await self.auth.authenticate(call.api_key)
+        principal = await (auth or self.auth).authenticate(call.api_key)
         self.validate(call)
         if principal.models is not None and self.model_name not in principal.models:
             # one key table may serve several deployments (a shared PostgreSQL ledger)

@@ -107,31 +107,32 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     # /docs and /redoc from the installed package's own assets, not a CDN: they work offline
     app = FastAPIOffline(title="Qwen3-Reranker API", version="1",
                          description="Billed rerank API; see docs/HTTP_API.md.")
-    _add_rerank_routes(app, core, accepting or ready)
-    _add_info_routes(app, core, usage)
+    # the guard checks the key before the body; the core's check of the same request then
+    # reuses that answer instead of asking the key table again. The HTTP front's own
+    # authenticator: the core (shared with gRPC, whose calls use its auth) is not changed.
+    auth = CheckedOnce(core.auth)
+    _add_rerank_routes(app, core, auth, accepting or ready)
+    _add_info_routes(app, core, auth, usage)
     _add_ops_routes(app, metrics, ready)
     _install_error_handlers(app)
     openapi = app.openapi  # FastAPI caches what it returns; document_limits edits it once, in place
     app.openapi = lambda: app.openapi_schema or document_limits(  # type: ignore[method-assign]
         openapi(), core.limits, sorted(core.accepted_models))
     app.add_middleware(JsonByDefault)
-    if not isinstance(core.auth, CheckedOnce):
-        # the guard checks the key before the body; the core's check of the same request then
-        # reuses that answer instead of asking the key table again (gRPC calls pass through)
-        core.auth = CheckedOnce(core.auth)
     app.add_middleware(EdgeGuard, max_bytes=core.limits.max_request_bytes, limits=edge or EdgeLimits(),
-                       auth=core.auth)
+                       auth=auth)
     app.add_middleware(Observe, metrics=metrics, routes=lambda: app.router.routes)
     return app
 
 
-def _add_rerank_routes(app: FastAPI, core: RerankCore, accepting: Callable[[], bool]) -> None:
+def _add_rerank_routes(app: FastAPI, core: RerankCore, auth: Authenticator, accepting: Callable[[], bool]) -> None:
     async def rerank(body: RerankBody, response: Response, request: Request,
                      credentials: Credentials, idempotency_key: IdempotencyKey, api_version: str) -> Any:
         if not accepting():
             raise ServiceError(Code.UNAVAILABLE, "the server is not ready or is draining; retry",
                                retry_after_s=1.0)
-        reply = await _unless_disconnected(request, core.rerank(body.to_call(_token(request), idempotency_key)))
+        call = body.to_call(_token(request), idempotency_key)
+        reply = await _unless_disconnected(request, core.rerank(call, auth=auth))
         request.state.access = (f"request_id={reply.request_id} documents={reply.billed_documents} "
                                 f"prompt_tokens={reply.prompt_tokens} replayed={reply.replayed}")
         response.headers["X-Request-Id"] = reply.request_id
@@ -158,7 +159,7 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, accepting: Callable[[], b
         return await rerank(body, response, request, credentials, idempotency_key, "2")  # type: ignore[no-any-return]
 
 
-def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) -> None:
+def _add_info_routes(app: FastAPI, core: RerankCore, auth: Authenticator, usage: UsageSource | None) -> None:
     @app.get("/v1/models", tags=["info"])
     async def models() -> ModelList:
         """The served model, its aliases, and the limits a call must respect."""
@@ -177,7 +178,7 @@ def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) 
                            until: Annotated[IsoDate | None, Query(description="Last UTC day, inclusive.")] = None,
                            ) -> UsageResponse:
         """The caller's own billed usage, by UTC day and in total."""
-        principal = await core.auth.authenticate(_token(request))
+        principal = await auth.authenticate(_token(request))
         if usage is None:
             raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
         report = await usage.usage(principal.key_id, since, until)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 import pytest
 from gateway_support import LiveGateway, Options
 
-from service.core import Limits
+from service.core import Limits, RerankCall, RerankQuery
 from service.edge import EdgeLimits
+from service.gateway import create_app
 from service.lograte import FloodFilter
 
 LIMITS = Limits(max_documents=100, max_request_bytes=2**20)
@@ -404,6 +405,27 @@ def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest
         assert exchange(gw, request(key=secret, body=BODY)).status == 200
     assert lookups == [secret] * 3
     assert len(gw.records(key_id)) == 3
+
+
+def test_the_http_front_leaves_the_shared_core_unchanged(gw: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gRPC front shares the core: its authenticator stays the one it was built with, and
+    a gRPC-style call through it asks the key table itself (no HTTP request's check to reuse)."""
+    assert gw.core.auth is gw.keys
+    create_app(gw.core)  # a second front on the same core changes nothing either
+    assert gw.core.auth is gw.keys
+    key_id, secret = gw.create_key()
+    lookups: list[str | None] = []
+    authenticate = gw.keys.authenticate
+
+    async def counted(api_key: str | None) -> object:
+        lookups.append(api_key)
+        return await authenticate(api_key)
+
+    monkeypatch.setattr(gw.keys, "authenticate", counted)
+    gw.call(gw.core.rerank(RerankCall([RerankQuery("q", ["a"])], api_key=secret)))
+    assert exchange(gw, request(key=secret, body=BODY)).status == 200
+    assert lookups == [secret, secret]  # once per call, on either front
+    assert len(gw.records(key_id)) == 2
 
 
 def test_an_unread_body_still_arriving_after_the_reply_ends_the_connection(gw: LiveGateway) -> None:
