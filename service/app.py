@@ -18,16 +18,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from service.config import ServeConfig
-from service.core import Authenticator, BatcherEngine, RateLimiter, RerankCore, UsageLedger
-from service.errors import Code, ServiceError
+from service.core import Authenticator, RateLimiter, RerankCore, UsageLedger
 from service.grpc_server import GrpcServer
+from service.local import WarmingEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
-from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
+from worker.types import LoadedModel
 
 log = logging.getLogger(__name__)
 
-def load_model_runner(config: ServeConfig) -> Runner:
+def load_model_runner(config: ServeConfig) -> LoadedModel:
     """The real model; imports torch, so only the serve path calls it."""
     from worker.runner import ModelRunner
 
@@ -77,36 +77,10 @@ def extension_components(config: ServeConfig, app: App) -> list[Component]:
     return [HttpServer(gateway, host=config.host, port=config.http_port, grace_s=config.grace_s)]
 
 
-# -- the engine while the model loads --------------------------------------------------------
-class WarmingEngine:
-    """The core's engine: UNAVAILABLE until the model is loaded and warm, then the batcher."""
-
-    def __init__(self) -> None:
-        self.batcher: Batcher | None = None
-        self._engine: BatcherEngine | None = None
-
-    def attach(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-        self._engine = BatcherEngine(batcher)
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        return await self._ready().score(request)
-
-    def info(self) -> dict[str, str]:
-        return self._ready().info()
-
-    def _ready(self) -> BatcherEngine:
-        if self._engine is None:
-            raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry shortly", retry_after_s=1.0)
-        return self._engine
-
-
 # -- the app ---------------------------------------------------------------------------------
 class App:
-    def __init__(self, config: ServeConfig, load_runner: Callable[[], Runner] | None = None,
+    def __init__(self, config: ServeConfig, load_runner: Callable[[], LoadedModel] | None = None,
                  core_parts: CoreParts | None = None) -> None:
-        if config.attention not in ATTENTION_KINDS:
-            raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
         self.config = config
         self.draining = False
         self._load_runner = load_runner or (lambda: load_model_runner(config))
@@ -143,7 +117,8 @@ class App:
 
     async def _warm(self) -> None:
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
-        batcher = Batcher(runner, self.config.batcher_config(runner.describe()["device"]),
+        info = runner.info()
+        batcher = Batcher(runner, runner.builder, self.config.batcher_config(info.device),
                           on_batch=self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
@@ -151,7 +126,7 @@ class App:
         self.engine.attach(batcher)
         self.metrics.ready.set(1)
         await self.grpc.set_serving(True)
-        log.info("ready: %s", runner.describe())
+        log.info("ready: %s", info)
 
     async def drain(self) -> None:
         self.draining = True  # the HTTP gateway's /ready and new calls answer 503 from now on

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import types
 import typing
@@ -20,6 +21,7 @@ from typing import Any
 
 from service.core import Limits
 from worker.batcher import BatcherConfig
+from worker.types import Attention, Device, DType
 
 ENV_PREFIX = "RERANK_"
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -58,17 +60,17 @@ class ServeConfig:
     # -- the model
     device: str | None = knob(None, "torch device, e.g. cpu, cuda, cuda:1", unset="cuda if available, else cpu",
                               metavar="DEVICE")
-    dtype: str | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
+    dtype: DType | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
                              metavar="DTYPE")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
                                 "the MLP gate); adds ~20-30 s to warm-up, 1.3-1.5x on a GPU "
                                 "(docs/PERFORMANCE.md)", unset="on for cuda, off for cpu")
-    attention: str = knob("padded", "attention kernel: padded (masked SDPA over padded rows; every device) "
-                          "or varlen (FlashAttention's variable-length kernel: no padding, no mask; CUDA "
-                          "with bf16/fp16 only; experimental: checked against the reference at warm-up, "
-                          "not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
+    attention: Attention = knob(Attention.PADDED, "attention kernel: padded (masked SDPA over padded rows; "
+                                "every device) or varlen (FlashAttention's variable-length kernel: no padding, "
+                                "no mask; CUDA with bf16/fp16 only; experimental: checked against the reference "
+                                "at warm-up, not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
     # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
     max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
     max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")
@@ -119,8 +121,8 @@ class ServeConfig:
                       max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
                       max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
 
-    def batcher_config(self, device: str) -> BatcherConfig:
-        base = _device_batching(device)
+    def batcher_config(self, device: Device) -> BatcherConfig:
+        base = BatcherConfig.for_device(device)
         chosen: dict[str, Any] = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
                                   "max_wait_ms": self.max_wait_ms}
         return dataclasses.replace(
@@ -131,10 +133,6 @@ class ServeConfig:
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("TLS needs both --tls-cert and --tls-key")
         return TlsFiles(Path(self.tls_cert), Path(self.tls_key)) if self.tls_cert and self.tls_key else None
-
-
-def _device_batching(device: str) -> BatcherConfig:
-    return BatcherConfig.for_device(device.split(":")[0])  # "cuda:1" -> "cuda"
 
 
 # -- flags and environment -------------------------------------------------------------------
@@ -155,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             parser.add_argument(flag, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
         else:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
+            choices = list(kind) if issubclass(kind, enum.Enum) else None
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind, choices=choices,
                                 metavar=f.metadata["metavar"] or _METAVARS[kind])
 
 

@@ -5,7 +5,7 @@ and back, and map ``ServiceError`` with ``service.errors``; everything in betwee
 here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
-2. validate against ``Limits`` (documented in docs/API.md);
+2. validate against ``Limits`` (documented in docs/HTTP_API.md and docs/GRPC.md);
 3. replay: a call whose idempotency key was already billed returns the stored reply,
    free; the same key with a different body is ``IDEMPOTENCY_CONFLICT``;
 4. rate-limit (``RateLimiter``): over the limit is an immediate ``RATE_LIMITED``;
@@ -25,12 +25,11 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Protocol
 
-from service.errors import Code, ServiceError, from_worker
-from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
-from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
+from service.errors import Code, ServiceError
+from worker.types import Device, DType, ScoreRequest, ScoreResult, Truncation
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,10 +140,9 @@ ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
 @dataclass(frozen=True, slots=True)
 class ModelInfo:
     model: str
-    max_length: int
-    dtype: str
-    device: str
-    limits: Limits
+    max_length: int  # tokens in one (query, document) prompt
+    dtype: DType
+    device: Device
 
 
 # -- seams ------------------------------------------------------------------------------
@@ -152,7 +150,7 @@ class Engine(Protocol):
     """Scores one query's documents; raises ServiceError."""
 
     async def score(self, request: ScoreRequest) -> ScoreResult: ...
-    def info(self) -> dict[str, str]: ...  # model, max_length, dtype, device
+    def info(self) -> ModelInfo: ...
 
 
 class Authenticator(Protocol):
@@ -184,22 +182,6 @@ class NoRateLimit:
         return None
 
 
-class BatcherEngine:
-    """The in-process engine: the worker's batcher, with its errors mapped."""
-
-    def __init__(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        try:
-            return await self.batcher.score(request)
-        except WorkerError as exc:
-            raise from_worker(exc) from exc
-
-    def info(self) -> dict[str, str]:
-        return self.batcher.runner.describe()
-
-
 class RerankCore:
     def __init__(self, engine: Engine, *, model_name: str, limits: Limits | None = None,
                  auth: Authenticator | None = None, limiter: RateLimiter | None = None,
@@ -213,8 +195,8 @@ class RerankCore:
         self.ledger = ledger
 
     def model_info(self) -> ModelInfo:
-        info = self.engine.info()
-        return ModelInfo(self.model_name, int(info["max_length"]), info["dtype"], info["device"], self.limits)
+        """The engine's model, under the name callers send."""
+        return replace(self.engine.info(), model=self.model_name)
 
     async def rerank(self, call: RerankCall) -> RerankReply:
         started = time.perf_counter()

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.core import Limits, ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
 from worker.types import Truncation
 
@@ -50,13 +50,12 @@ def batch_response_from_reply(reply: RerankReply) -> pb.RerankBatchResponse:
                                   replayed=reply.replayed)
 
 
-def model_info_message(info: ModelInfo) -> pb.ModelInfo:
-    lim = info.limits
+def model_info_message(info: ModelInfo, lim: Limits) -> pb.ModelInfo:
     limits = pb.Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
                        max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
                        max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
-    return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype,
-                        device=info.device, limits=limits)
+    return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype.value,
+                        device=info.device.value, limits=limits)
 
 
 def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

@@ -14,12 +14,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from service.core import BatcherEngine, Limits, RerankCore
+from service.core import Limits, RerankCore
 from service.db import create_schema, open_engine
 from service.gateway import create_app
 from service.http_server import HttpServer
 from service.keys import KeyStore
 from service.ledger import SqlLedger, UsageRecord
+from service.local import BatcherEngine
 from service.ratelimit import KeyRateLimiter
 from worker.batcher import Batcher
 from worker.fake import FakeRunner
@@ -76,7 +77,8 @@ class LiveGateway:
         await create_schema(self.engine)
         self.keys = KeyStore(self.engine)
         self.ledger = SqlLedger(self.engine)
-        self.batcher = Batcher(self.runner, BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))
+        self.batcher = Batcher(self.runner, self.runner.builder,
+                               BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))
         self.batcher.start()
         limiter = KeyRateLimiter(quota=self.ledger, default_rps=opts.default_rps, default_dps=opts.default_dps)
         self.core = RerankCore(BatcherEngine(self.batcher), model_name=MODEL, limits=opts.limits,

@@ -23,7 +23,7 @@ async def blocked() -> AsyncIterator[tuple[Batcher, FakeRunner, list[BatchStats]
     runner = FakeRunner()
     runner.gate.clear()
     stats: list[BatchStats] = []
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
                                             max_queued_docs=20), on_batch=stats.append)
     batcher.start()
     yield batcher, runner, stats
@@ -60,7 +60,7 @@ async def test_waiting_requests_are_coalesced_into_one_batch(blocked) -> None:  
 
 async def test_budget_splits_batches() -> None:
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=200, max_batch_size=3, max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=200, max_batch_size=3, max_wait_ms=0))
     batcher.start()
     try:
         await batcher.score(ScoreRequest("q", ["x " * n for n in range(1, 12)]))
@@ -145,7 +145,7 @@ async def test_invalid_input_is_raised_before_queueing(blocked) -> None:  # type
 async def test_close_finishes_in_flight_then_refuses() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     in_flight = asyncio.ensure_future(batcher.score(request(2)))
     await entered(runner)
@@ -161,7 +161,7 @@ async def test_close_finishes_in_flight_then_refuses() -> None:
 async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     first = asyncio.ensure_future(batcher.score(request(1)))
     await entered(runner)
@@ -180,7 +180,7 @@ async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
 async def test_close_without_grace_fails_in_flight_at_once() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     in_flight = asyncio.ensure_future(batcher.score(request(1)))
     await entered(runner)
@@ -195,7 +195,7 @@ async def test_close_without_grace_fails_in_flight_at_once() -> None:
 async def test_stats_separate_prefill_from_rows_own_tokens() -> None:
     stats: list[BatchStats] = []
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0), on_batch=stats.append)
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0), on_batch=stats.append)
     batcher.start()
     try:
         await batcher.score(request(3))
@@ -210,7 +210,7 @@ async def test_what_each_request_shares(reuse: bool) -> None:
     """Several documents share their request's prefix; a lone document shares the template's
     system prompt (with every request); with reuse off, nothing is shared."""
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, prefix_reuse=reuse))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, prefix_reuse=reuse))
     batcher.start()
     try:
         await batcher.score(request(3))

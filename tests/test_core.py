@@ -6,8 +6,9 @@ import asyncio
 
 import pytest
 
-from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
+from service.core import RerankCall, RerankCore, RerankQuery
 from service.errors import Code, ServiceError
+from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.types import Truncation
@@ -18,7 +19,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
     not be left for the model to compute for nobody."""
     runner = FakeRunner(max_length=64)
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     try:
@@ -40,7 +41,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
 
 async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     docs = [f"document {i}" for i in range(7)]

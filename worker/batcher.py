@@ -29,14 +29,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from worker.prompt import Prompts
+from worker.prompt import PromptBuilder, Prompts
 from worker.queue import Entry, TokenBudgetQueue
 from worker.types import (
+    Batch,
     BatchScores,
+    Device,
     DocScore,
     InvalidInput,
     ModelFailure,
     Overloaded,
+    Prefix,
+    Row,
     Runner,
     ScoreRequest,
     ScoreResult,
@@ -57,11 +61,11 @@ class BatcherConfig:
     tokenizer_threads: int = 2
 
     @classmethod
-    def for_device(cls, device_type: str) -> BatcherConfig:
+    def for_device(cls, device: Device) -> BatcherConfig:
         """Defaults that suit the device. A CPU gains nothing from rows beyond a few thousand
         tokens (the matrix work is already large) but its latency grows with the batch; a
         GPU needs big batches to fill its cores (measured: docs/PERFORMANCE.md)."""
-        if device_type == "cuda":
+        if device is Device.CUDA:
             return cls(max_batch_tokens=65_536, max_batch_size=512, max_wait_ms=2.0)
         return cls(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=2.0)
 
@@ -84,6 +88,7 @@ class Group:
     """One request in flight: its prompts, its partial results and its future."""
 
     prompts: Prompts
+    prefix: Prefix | None  # what its documents share with the model's cache; None: nothing
     future: asyncio.Future[ScoreResult]
     logits: list[float | None]
     remaining: int
@@ -106,9 +111,10 @@ class Group:
 
 
 class Batcher:
-    def __init__(self, runner: Runner, config: BatcherConfig | None = None,
+    def __init__(self, runner: Runner, builder: PromptBuilder, config: BatcherConfig | None = None,
                  on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.runner = runner
+        self.builder = builder
         self.config = config or BatcherConfig()
         self.queue = TokenBudgetQueue(self.config.max_batch_tokens, self.config.max_batch_size,
                                       self.config.window)
@@ -159,17 +165,13 @@ class Batcher:
         self._admit(len(request.documents))
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
-            self._tokenizers, self.runner.builder.build, request.query, request.documents,
+            self._tokenizers, self.builder.build, request.query, request.documents,
             request.instruction, request.truncation)
         self._admit(len(request.documents))  # the queue may have filled while we tokenized
-        group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
+        prefix = self._prefix(prompts)
+        group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
-        # Prefix reuse: a request's documents share its whole prefix (system prompt,
-        # instruction, query); a lone document shares only the system prompt, with every
-        # other request (cached once; the rest of its prefix is its own).
-        prefix_len = 0
-        if self.config.prefix_reuse:
-            prefix_len = prompts.shared_len if len(prompts.sequences) > 1 else len(self.runner.builder.prefix_ids)
+        prefix_len = 0 if prefix is None else len(prefix.ids)
         self.queue.append(Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences))
         self._in_flight.add(group)
         self._wake.set()
@@ -179,6 +181,17 @@ class Batcher:
             if not group.future.done() or group.future.cancelled():
                 group.cancelled = True  # queued entries are dropped, not computed
             self._in_flight.discard(group)
+
+    def _prefix(self, prompts: Prompts) -> Prefix | None:
+        """Prefix reuse: a request's documents share its whole prefix (system prompt,
+        instruction, query), computed on top of the system prompt; a lone document shares
+        only the system prompt, with every other request (the rest of its prefix is its own)."""
+        system = self.builder.system
+        if not self.config.prefix_reuse:
+            return None
+        if len(prompts.sequences) == 1 or prompts.shared_len <= len(system.ids):
+            return system
+        return Prefix(prompts.sequences[0][: prompts.shared_len], base=system)
 
     def _admit(self, docs: int) -> None:
         if self._closed:
@@ -204,7 +217,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._model_thread, self.runner.score, batch)
+                out = await loop.run_in_executor(self._model_thread, self.runner.score, _to_batch(batch))
             except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
                 log.exception("model failed on a batch of %d documents", len(batch))
                 self._settle_failed(batch, exc, time.perf_counter() - started)
@@ -263,6 +276,18 @@ class Batcher:
                 self.on_batch(stats)
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 log.exception("on_batch hook failed")
+
+
+def _to_batch(entries: list[Entry]) -> Batch:
+    """The runner's view of queued entries: rows, and each distinct prefix once."""
+    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request
+    rows = []
+    for entry in entries:
+        group = entry.owner
+        assert isinstance(group, Group)
+        prefix = group.prefix
+        rows.append(Row(entry.ids, -1 if prefix is None else slots.setdefault(prefix, len(slots))))
+    return Batch(rows, list(slots))
 
 
 def _sigmoid(x: float) -> float:

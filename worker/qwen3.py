@@ -19,7 +19,7 @@ this stays exact for every Qwen3 size (0.6B, 4B, 8B).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from worker.types import ATTENTION_KINDS
+from worker.types import Attention, Device
 
 KV = torch.Tensor  # one prefix's keys and values: [layers, 2, length, kv_heads, head_dim]
 
@@ -123,13 +123,17 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     )
 
 
-def check_attention(attention: str, device: torch.device, dtype: torch.dtype) -> None:
-    """ValueError unless ``attention`` can run here: FlashAttention needs CUDA and 16 bits."""
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"--attention must be padded or varlen, not {attention!r}")
-    if attention == "varlen" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and bfloat16 or "
-                         f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use --attention padded")
+def check_attention(attention: Attention | str, device: torch.device, dtype: torch.dtype) -> Attention:
+    """The attention kind, if it can run here; ValueError if not: FlashAttention needs CUDA
+    and 16 bits."""
+    try:
+        kind = Attention(attention)
+    except ValueError:
+        raise ValueError(f"attention must be {' or '.join(Attention)}, not {attention!r}") from None
+    if kind is Attention.VARLEN and (device.type != Device.CUDA or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("varlen attention runs FlashAttention: it needs a CUDA device and bfloat16 or "
+                         f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use padded attention")
+    return kind
 
 
 # (queries, keys, values, query offsets, key offsets, longest query run, longest key run)
@@ -189,7 +193,7 @@ def check_varlen_kernel(kernel: VarlenKernel, device: torch.device, dtype: torch
         worst = max(worst, float((got.float().cpu() - want).abs().max()))
     if not worst <= tolerance:
         raise RuntimeError(f"the variable-length attention kernel disagrees with the reference on {device} "
-                           f"(largest difference {worst:.3g}, over {tolerance}): serve with --attention padded")
+                           f"(largest difference {worst:.3g}, over {tolerance}): use padded attention")
     return worst
 
 
@@ -222,7 +226,7 @@ class Qwen3Scorer:
     """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
 
     def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False,
-                 attention: str = "padded", varlen_kernel: VarlenKernel | None = None) -> None:
+                 attention: Attention | str = Attention.PADDED, varlen_kernel: VarlenKernel | None = None) -> None:
         # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
         config = model.config
         if getattr(config, "use_sliding_window", False):
@@ -240,7 +244,7 @@ class Qwen3Scorer:
         # It has no grouped-query support, so the query heads of each K/V head are folded onto
         # the query axis there (``fold``). The CPU's flash kernel groups natively; folding
         # would only double its mask (a max-length document's mask is ~0.7 GB in fp32).
-        cuda = self.device.type == "cuda"
+        cuda = self.device.type == Device.CUDA
         self.backends = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if cuda
                          else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
         self.fold = self.heads // self.kv_heads if cuda else 1  # query heads per K/V head, or 1
@@ -251,7 +255,8 @@ class Qwen3Scorer:
         # ``varlen_reference`` on the CPU).
         if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
             check_attention(attention, self.device, head.dtype)
-        self.varlen_kernel: VarlenKernel | None = (varlen_kernel or flash_varlen) if attention == "varlen" else None
+        varlen = Attention(attention) is Attention.VARLEN
+        self.varlen_kernel: VarlenKernel | None = (varlen_kernel or flash_varlen) if varlen else None
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
         # runs as three functions of (layer, tensors). With ``compile`` they go through
         # torch.compile with dynamic token counts: one graph serves all layers and batch
@@ -270,11 +275,11 @@ class Qwen3Scorer:
     def prefill(self, sequences: list[list[int]], past: KV | None = None) -> list[KV]:
         """Per-layer K/V of each sequence, to serve as a shared prefix later; with ``past``,
         of ``past``'s tokens followed by each sequence (only the sequence is computed)."""
-        grouped = Pasts.none() if past is None else Pasts.group([past] * len(sequences), self.device)
+        grouped = Pasts.of([] if past is None else [past], [-1 if past is None else 0] * len(sequences),
+                           self.device)
         past_len = 0 if past is None else past.shape[2]
         layout = make_layout([len(s) for s in sequences], [past_len] * len(sequences), self.device, self.fold,
-                             varlen_groups=(grouped.row_group or [-1] * len(sequences)) if self.varlen_kernel
-                             else None)
+                             varlen_groups=grouped.row_group if self.varlen_kernel else None)
         per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
         self._run(sequences, grouped, layout, per_layer)
         stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
@@ -283,10 +288,11 @@ class Qwen3Scorer:
             return [kv.contiguous() for kv in new]
         return [torch.cat((past, kv), dim=2) for kv in new]
 
-    def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
-        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
-        past_lengths = [0 if p is None else p.shape[2] for p in pasts]
-        grouped = Pasts.group(pasts, self.device)
+    def score(self, tails: list[list[int]], prefixes: Sequence[KV], row_prefix: Sequence[int]) -> torch.Tensor:
+        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``. Row r
+        continues ``prefixes[row_prefix[r]]`` (-1: no prefix)."""
+        past_lengths = [0 if g < 0 else prefixes[g].shape[2] for g in row_prefix]
+        grouped = Pasts.of(prefixes, row_prefix, self.device)
         layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.fold,
                              varlen_groups=grouped.row_group if self.varlen_kernel else None)
         hidden = self._run(tails, grouped, layout, None)
@@ -428,17 +434,9 @@ class Pasts:
     row_group: list[int]  # each row's index into ``groups``, -1 for a row without a prefix
 
     @classmethod
-    def none(cls) -> Pasts:
-        return cls([], [])
-
-    @classmethod
-    def group(cls, pasts: list[KV | None], device: torch.device) -> Pasts:
-        rows: dict[int, list[int]] = {}
-        tensors: dict[int, KV] = {}
-        for row, kv in enumerate(pasts):
-            if kv is not None:
-                rows.setdefault(id(kv), []).append(row)
-                tensors[id(kv)] = kv
-        order = {key: g for g, key in enumerate(rows)}
-        row_group = [-1 if kv is None else order[id(kv)] for kv in pasts]
-        return cls([(tensors[key], to_device(torch.tensor(r), device)) for key, r in rows.items()], row_group)
+    def of(cls, prefixes: Sequence[KV], row_group: Sequence[int], device: torch.device) -> Pasts:
+        rows: list[list[int]] = [[] for _ in prefixes]
+        for row, group in enumerate(row_group):
+            if group >= 0:
+                rows[group].append(row)
+        return cls([(kv, to_device(torch.tensor(r), device)) for kv, r in zip(prefixes, rows)], list(row_group))
