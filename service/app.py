@@ -1,7 +1,7 @@
 """Composition: one config builds the engine, the core and the servers, in one order.
 
 ``App`` starts its components (the gRPC server, the metrics endpoint, and whatever
-``extension_components`` adds), then loads and warms the model in the background while health
+``http_components`` adds), then loads and warms the model in the background while health
 says NOT_SERVING, then says SERVING. Shutdown is the reverse: NOT_SERVING, an optional drain
 delay for load balancers to notice, every component stops accepting and finishes in-flight
 calls within the grace period, then the batcher closes.
@@ -55,7 +55,7 @@ class CoreParts:
     ledger: UsageLedger | None = None
 
 
-def extension_core_parts(config: ServeConfig) -> CoreParts:
+def billing_parts(config: ServeConfig) -> CoreParts:
     """The key store, rate limiter and usage ledger on ``--db`` (``service.billing``)."""
     from service.billing import open_billing  # sqlalchemy: only when serving
 
@@ -65,7 +65,7 @@ def extension_core_parts(config: ServeConfig) -> CoreParts:
     return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
 
 
-def extension_components(config: ServeConfig, app: App) -> list[Component]:
+def http_components(config: ServeConfig, app: App) -> list[Component]:
     """The HTTP gateway on ``--http-port``: the same core as gRPC, in process."""
     if config.http_port is None:
         return []
@@ -86,7 +86,7 @@ class App:
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
         self.engine = WarmingEngine()
-        parts = core_parts if core_parts is not None else extension_core_parts(config)
+        parts = core_parts if core_parts is not None else billing_parts(config)
         name = config.model_name or config.model or "unnamed"
         aliases = [config.model] if config.model and config.model != name else []
         self.core = RerankCore(self.engine, model_name=name, limits=config.limits(), auth=parts.auth,
@@ -96,7 +96,7 @@ class App:
         self.components: list[Component] = [self.grpc]
         if config.metrics_port is not None:
             self.components.append(MetricsServer(self.metrics, config.host, config.metrics_port))
-        self.components += extension_components(config, self)
+        self.components += http_components(config, self)
         self._warming: asyncio.Task[None] | None = None
 
     @property

@@ -97,8 +97,8 @@ class ServeConfig:
     max_connection_age_s: float | None = knob(
         None, "close each gRPC connection after this long (in-flight calls finish), so long-lived "
         "clients re-resolve DNS and find new replicas", unset="never")
-    # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
-    # extension_components; the same knobs serve `rerank gateway`)
+    # -- the HTTP gateway, keys and billing (wired in service.app.billing_parts and
+    # http_components; the same knobs serve `rerank gateway`)
     http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
     db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
                               "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",

@@ -206,7 +206,8 @@ class RerankCore:
             # one key table may serve several deployments (a shared PostgreSQL ledger)
             raise ServiceError(Code.PERMISSION_DENIED, f"API key {principal.key_id} may not call "
                                                        f"{self.model_name!r}")
-        fingerprint = call.fingerprint()
+        # the fingerprint hashes every document: only a keyed call is ever compared with one
+        fingerprint = call.fingerprint() if call.idempotency_key else ""
         if call.idempotency_key and self.ledger is not None:
             stored = await self.ledger.replay(principal, call.idempotency_key, fingerprint)
             if stored is not None:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
 
+import worker.batcher
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.fake import FakeRunner, fake_logit
 from worker.types import InvalidInput, ModelFailure, Overloaded, ScoreRequest, ShuttingDown, Truncation
@@ -222,3 +225,44 @@ async def test_what_each_request_shares(reuse: bool) -> None:
     assert shared > len(runner.builder.prefix_ids) > 0
     assert [prefix for _, prefix in many] == [shared if reuse else 0] * 3
     assert [prefix for _, prefix in lone] == [len(runner.builder.prefix_ids) if reuse else 0]
+
+
+async def test_linger_gathers_company_until_the_batch_is_full() -> None:
+    """With max_wait_ms > 0 a lone request waits for company, and a full batch goes at once
+    (a minute's linger would time the test out)."""
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_size=3, max_wait_ms=60_000))
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.score(request(1, "first")))
+        while batcher.queued_docs < 1:
+            await asyncio.sleep(0)  # tokenized and queued: the loop lingers for more
+        await asyncio.wait_for(asyncio.gather(first, batcher.score(request(2, "second"))), 10)
+    finally:
+        await batcher.close()
+    assert [len(b) for b in runner.batches] == [3]
+
+
+async def test_linger_counts_from_the_oldest_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that already waited max_wait_ms for a busy model runs as soon as the model
+    is free; it does not linger afresh after every batch."""
+    skipped = [0.0]  # seconds the batcher's clock is ahead of the real one
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0])
+    monkeypatch.setattr(worker.batcher, "time", clock)
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_size=2, max_wait_ms=60_000))
+    batcher.start()
+    try:
+        busy = asyncio.ensure_future(batcher.score(request(2, "a full batch")))  # no linger: full
+        await entered(runner)
+        waiting = asyncio.ensure_future(batcher.score(request(1, "waits")))
+        while batcher.queued_docs < 1:
+            await asyncio.sleep(0)
+        skipped[0] = 61.0  # it has now waited longer than max_wait_ms for the model
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(busy, waiting), 10)
+    finally:
+        runner.gate.set()
+        await batcher.close()
+    assert [len(b) for b in runner.batches] == [2, 1]

@@ -56,3 +56,26 @@ async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
     assert [r.index for r in top.outcomes[0].results] == [r.index for r in ranked[:3]]
     assert [r.document for r in top.outcomes[0].results] == [docs[r.index] for r in ranked[:3]]
     assert top.billed_documents == 7  # every document sent is billed, not only the top_n
+
+
+async def test_only_a_keyed_call_is_fingerprinted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint hashes every document; only a call with an idempotency key is ever
+    compared with one, so no other call pays for it."""
+    seen: list[str | None] = []
+    real = RerankCall.fingerprint
+
+    def spy(call: RerankCall) -> str:
+        seen.append(call.idempotency_key)
+        return real(call)
+
+    monkeypatch.setattr(RerankCall, "fingerprint", spy)
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    core = RerankCore(BatcherEngine(batcher), model_name="fake")
+    try:
+        await core.rerank(RerankCall([RerankQuery("q", ["d"])]))
+        await core.rerank(RerankCall([RerankQuery("q", ["d"])], idempotency_key="retry-1"))
+    finally:
+        await batcher.close()
+    assert seen == ["retry-1"]

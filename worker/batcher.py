@@ -6,8 +6,10 @@ Theory of operation
 the next batch's tokens are ready while the model runs), turns the request into a
 ``Group`` of per-document entries, appends them to the ``TokenBudgetQueue`` and awaits the
 group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` until work
-arrives, optionally lingers up to ``max_wait_ms`` for more, takes ``next_batch()``, runs
-``runner.score`` on a single model thread and settles what finished.
+arrives, optionally lingers for more until ``max_wait_ms`` after the oldest queued request
+arrived, takes ``next_batch()``, hands it to ``runner.score`` as a ``Batch`` (rows and the
+prefixes they share, which the batcher decides: see ``_prefix``) on a single model thread,
+and settles what finished.
 
 Invariants
 ----------
@@ -150,10 +152,6 @@ class Batcher:
         self._tokenizers.shutdown(wait=False)
 
     @property
-    def accepting(self) -> bool:
-        return not self._closed
-
-    @property
     def queued_docs(self) -> int:
         return len(self.queue)
 
@@ -225,8 +223,10 @@ class Batcher:
                 self._settle(batch, out, time.perf_counter() - started)
 
     async def _linger(self) -> None:
-        """While the queue could take more, wait up to max_wait_ms from the oldest arrival."""
-        deadline = time.perf_counter() + self.config.max_wait_ms / 1000
+        """While the queue could take more, wait until max_wait_ms after the oldest queued
+        request arrived: the linger gathers company for it, and under load (when it has
+        already waited for the model that long) costs nothing."""
+        deadline = self._oldest_arrival() + self.config.max_wait_ms / 1000
         while not self._full():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -236,6 +236,11 @@ class Batcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _oldest_arrival(self) -> float:
+        # no batch runs while the loop lingers, so a live group with documents left has them queued
+        live = (g.enqueued_at for g in self._in_flight if g.remaining and not g.cancelled)
+        return min(live, default=time.perf_counter())
 
     def _full(self) -> bool:
         return (self.queue.queued_tokens >= self.config.max_batch_tokens

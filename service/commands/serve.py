@@ -20,7 +20,8 @@ from service import config as serve_config
 if TYPE_CHECKING:
     from service.app import App
 
-HELP = "serve the Rerank gRPC API (every knob also reads RERANK_<KNOB> from the environment)"
+HELP = ("serve the reranker over gRPC and HTTP/JSON (every knob also reads RERANK_<KNOB> from the "
+        "environment)")
 log = logging.getLogger("rerank.serve")
 
 
