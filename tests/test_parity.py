@@ -307,6 +307,7 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
 async def test_compiled_path_matches_reference(
@@ -345,6 +346,7 @@ async def test_compiled_path_matches_reference(
     assert counters["stats"]["unique_graphs"] == warm_graphs
 
 
+@pytest.mark.slow  # a checkpoint of its own
 def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     """Qwen3-Reranker-8B does not tie its LM head to the embeddings: the yes/no rows must come
     from the head, not the embedding matrix. A tiny untied checkpoint, through from_pretrained."""
@@ -373,6 +375,7 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
 
 
+@pytest.mark.slow  # nine checkpoints of their own
 @pytest.mark.parametrize("layout", ["padded", "folded", "varlen"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
 def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout: str) -> None:

@@ -262,10 +262,13 @@ class Qwen3Scorer:
         # torch.compile with dynamic token counts: one graph serves all layers and batch
         # sizes, and the norms, rotary and SiLU-gate fuse into a few kernels instead of many
         # (what pays on a GPU, where eager elementwise passes rival the matrix work).
+        # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
+        # built for the first batch's exact size only (dynamo's default specializes first
+        # and recompiles on the second size).
         self.compiled = compile
-        self._kv_part: Any = torch.compile(_kv_part) if compile else _kv_part
-        self._q_part: Any = torch.compile(_q_part) if compile else _q_part
-        self._post_part: Any = torch.compile(_post_part) if compile else _post_part
+        self._kv_part: Any = torch.compile(_kv_part, dynamic=True) if compile else _kv_part
+        self._q_part: Any = torch.compile(_q_part, dynamic=True) if compile else _q_part
+        self._post_part: Any = torch.compile(_post_part, dynamic=True) if compile else _post_part
 
     @property
     def device(self) -> torch.device:

@@ -145,7 +145,8 @@ class ModelRunner:  # implements worker.types.Runner
             torch.cuda.synchronize()
         self.cache = PrefixCache(self.cache.max_bytes)  # warm-up's prefixes are nobody's
         system = self.builder.system  # everybody's: ready before the first call
-        self.cache.put(system, self.scorer.prefill([system.ids])[0])
+        with torch.inference_mode():  # as in score(): grad mode would be a graph of its own
+            self.cache.put(system, self.scorer.prefill([system.ids])[0])
         log.info("warm-up done in %.1fs%s", time.perf_counter() - started,
                  " (compiled)" if self.scorer.compiled else "")
 
