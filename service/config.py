@@ -117,9 +117,7 @@ class ServeConfig:
                                     "unbilled; after it, the key starts a new, billed call")
 
     def limits(self) -> Limits:
-        return Limits(max_documents=self.max_documents, max_queries=self.max_queries,
-                      max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
-                      max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def batcher_config(self, device: Device) -> BatcherConfig:
         base = BatcherConfig.for_device(device)

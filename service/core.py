@@ -26,6 +26,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from datetime import date
 from typing import Protocol
 
 from service.errors import Code, ServiceError
@@ -138,6 +139,26 @@ ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
 
 
 @dataclass(frozen=True, slots=True)
+class UsageTotals:
+    requests: int = 0
+    documents: int = 0  # the billed quantity
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
+                           self.prompt_tokens + other.prompt_tokens,
+                           self.computed_tokens + other.computed_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    key_id: str
+    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
+    total: UsageTotals
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     model: str
     max_length: int  # tokens in one (query, document) prompt
@@ -168,6 +189,9 @@ class UsageLedger(Protocol):
     async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
                      fingerprint: str) -> RerankReply:
         """Bill ``reply`` once. On a lost race for the same idempotency key, the winner's reply."""
+
+    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
+        """What ``key_id`` was billed, by UTC day, ``since`` and ``until`` inclusive."""
 
 
 class OpenAccess:
@@ -226,6 +250,14 @@ class RerankCore:
         if self.ledger is not None:
             reply = await self.ledger.record(principal, reply, call.idempotency_key, fingerprint)
         return reply
+
+    async def usage(self, api_key: str | None, since: date | None = None,
+                    until: date | None = None) -> tuple[Principal, UsageReport]:
+        """The caller's own billed usage; NOT_FOUND where no ledger is kept."""
+        principal = await self.auth.authenticate(api_key)
+        if self.ledger is None:
+            raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
+        return principal, await self.ledger.usage(principal.key_id, since, until)
 
     def validate(self, call: RerankCall) -> None:
         lim = self.limits

@@ -24,8 +24,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine
-from datetime import date
-from typing import Annotated, Any, Protocol, TypeVar
+from dataclasses import asdict
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -51,7 +51,6 @@ from service.gateway_schema import (
     UsageTotal,
     document_limits,
 )
-from service.ledger import UsageReport
 from service.metrics import Metrics
 
 T = TypeVar("T")
@@ -81,21 +80,15 @@ IdempotencyKey = Annotated[str | None, Header(
     "Same key with a different body: 422.")]
 
 
-class UsageSource(Protocol):
-    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport: ...
-
-
-def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: Metrics | None = None,
+def create_app(core: RerankCore, *, metrics: Metrics | None = None,
                ready: Callable[[], bool] = lambda: True) -> FastAPI:
-    """The gateway as an ASGI app. ``usage`` defaults to the core's ledger when it can report;
-    ``ready`` answers /ready, and while it is false rerank calls get 503."""
-    if usage is None and hasattr(core.ledger, "usage"):
-        usage = core.ledger  # type: ignore[assignment]
+    """The gateway as an ASGI app. ``ready`` answers /ready, and while it is false rerank
+    calls get 503."""
     metrics = metrics or Metrics()
     app = FastAPI(title="Qwen3-Reranker API", version="1",
                   description="Billed rerank API; see docs/HTTP_API.md.")
     _add_rerank_routes(app, core, ready)
-    _add_info_routes(app, core, usage)
+    _add_info_routes(app, core)
     _add_ops_routes(app, metrics, ready)
     _install_error_handlers(app)
     openapi = app.openapi  # FastAPI caches what it returns; document_limits edits it once, in place
@@ -134,17 +127,14 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, ready: Callable[[], bool]
         return await rerank(body, response, request, credentials, idempotency_key, "2")
 
 
-def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) -> None:
+def _add_info_routes(app: FastAPI, core: RerankCore) -> None:
     @app.get("/v1/models", tags=["info"])
     async def models() -> ModelList:
         """The served model, its aliases, and the limits a call must respect."""
         info, lim = core.model_info(), core.limits
         card = ModelCard(id=info.model, aliases=sorted(core.accepted_models - {info.model}),
                          max_length=info.max_length, dtype=info.dtype, device=info.device,
-                         limits=ModelLimits(max_documents=lim.max_documents, max_query_chars=lim.max_query_chars,
-                                            max_instruction_chars=lim.max_instruction_chars,
-                                            max_document_chars=lim.max_document_chars,
-                                            max_request_bytes=lim.max_request_bytes))
+                         limits=ModelLimits(**{f: getattr(lim, f) for f in ModelLimits.model_fields}))
         return ModelList(data=[card])
 
     @app.get("/v1/usage", responses={k: _ERRORS[k] for k in (401, 403, 404, 422, 503)}, tags=["billing"])
@@ -153,16 +143,10 @@ def _add_info_routes(app: FastAPI, core: RerankCore, usage: UsageSource | None) 
                            until: Annotated[IsoDate | None, Query(description="Last UTC day, inclusive.")] = None,
                            ) -> UsageResponse:
         """The caller's own billed usage, by UTC day and in total."""
-        principal = await core.auth.authenticate(_token(credentials))
-        if usage is None:
-            raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
-        report = await usage.usage(principal.key_id, since, until)
-        days = [UsageDay(date=day, requests=t.requests, documents=t.documents, prompt_tokens=t.prompt_tokens,
-                         computed_tokens=t.computed_tokens) for day, t in report.days]
-        t = report.total
+        principal, report = await core.usage(_token(credentials), since, until)
+        days = [UsageDay(date=day, **asdict(totals)) for day, totals in report.days]
         return UsageResponse(key_id=principal.key_id, name=principal.name, days=days,
-                             total=UsageTotal(requests=t.requests, documents=t.documents,
-                                              prompt_tokens=t.prompt_tokens, computed_tokens=t.computed_tokens))
+                             total=UsageTotal(**asdict(report.total)))
 
 
 def _add_ops_routes(app: FastAPI, metrics: Metrics, ready: Callable[[], bool]) -> None:

@@ -28,33 +28,13 @@ from sqlalchemy import delete, func, insert, select, tuple_
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Principal, RerankReply
+from service.core import Principal, RerankReply, UsageReport, UsageTotals
 from service.db import idempotency_records, unavailable, usage_records
 from service.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageTotals:
-    requests: int = 0
-    documents: int = 0  # the billed quantity
-    prompt_tokens: int = 0
-    computed_tokens: int = 0
-
-    def __add__(self, other: UsageTotals) -> UsageTotals:
-        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
-                           self.prompt_tokens + other.prompt_tokens,
-                           self.computed_tokens + other.computed_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageReport:
-    key_id: str
-    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
-    total: UsageTotals
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ and HTTP fronts cannot disagree on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
@@ -51,11 +52,8 @@ def batch_response_from_reply(reply: RerankReply) -> pb.RerankBatchResponse:
 
 
 def model_info_message(info: ModelInfo, lim: Limits) -> pb.ModelInfo:
-    limits = pb.Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
-                       max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
-                       max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
     return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype.value,
-                        device=info.device.value, limits=limits)
+                        device=info.device.value, limits=pb.Limits(**asdict(lim)))
 
 
 def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

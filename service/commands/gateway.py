@@ -14,7 +14,7 @@ import asyncio
 import logging
 import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from service.commands.keys import add_database_arguments
@@ -85,12 +85,8 @@ async def start(args: argparse.Namespace) -> Gateway:
         await engine.close()
         await billing.ledger.close()
         raise
-    lim = model.limits
-    limits = Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
-                    max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
-                    max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
-    core = RerankCore(engine, model_name=model.model, limits=limits, auth=billing.auth, limiter=billing.limiter,
-                      ledger=billing.ledger)
+    core = RerankCore(engine, model_name=model.model, limits=Limits(**asdict(model.limits)), auth=billing.auth,
+                      limiter=billing.limiter, ledger=billing.ledger)
     draining = asyncio.Event()
     server = HttpServer(create_app(core, ready=lambda: not draining.is_set()), host=args.host,
                         port=args.http_port, grace_s=args.grace_s)
