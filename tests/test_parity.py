@@ -296,14 +296,14 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
     query, instruction = QUERIES[3]
     prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
-    scorer = runner.scorer
-    kept = scorer.backends, scorer.fold
-    scorer.backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION]
-    scorer.fold = scorer.heads // scorer.kv_heads if folded else 1
+    attention = runner.scorer.attention
+    kept = attention.backends, attention.fold
+    attention.backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION]
+    attention.fold = attention.heads // attention.kv_heads if folded else 1
     try:
         out = runner.score_rows(items)
     finally:
-        scorer.backends, scorer.fold = kept
+        attention.backends, attention.fold = kept
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
@@ -393,11 +393,11 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
     runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
-    runner.scorer.fold = heads // kv_heads if layout == "folded" else 1
+    runner.scorer.attention.fold = heads // kv_heads if layout == "folded" else 1
     if layout == "varlen":
-        from worker.qwen3 import varlen_reference
+        from worker.qwen3 import VarlenAttention, varlen_reference
 
-        runner.scorer.varlen_kernel = varlen_reference
+        runner.scorer.attention = VarlenAttention(varlen_reference, heads, runner.scorer.head_dim)
     prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
     items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
     got = runner.score_rows(items).logits

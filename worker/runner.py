@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from worker.prompt import PromptBuilder
-from worker.qwen3 import KV, Qwen3Scorer, check_attention, check_varlen_kernel
+from worker.qwen3 import KV, Qwen3Scorer, VarlenAttention, check_attention, check_varlen_kernel
 from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class ModelRunner:  # implements worker.types.Runner
     def info(self) -> RunnerInfo:
         return RunnerInfo(model=self.model_id, max_length=self.builder.max_length,
                           dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(self.scorer.device.type),
-                          attention=Attention.VARLEN if self.scorer.varlen_kernel else Attention.PADDED)
+                          attention=self.scorer.attention.kind)
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
@@ -126,8 +126,8 @@ class ModelRunner:  # implements worker.types.Runner
         its own graph)."""
         started = time.perf_counter()
         scorer = self.scorer
-        if scorer.varlen_kernel is not None:  # before any score depends on it
-            worst = check_varlen_kernel(scorer.varlen_kernel, scorer.device, self.dtype, scorer.heads,
+        if isinstance(scorer.attention, VarlenAttention):  # before any score depends on it
+            worst = check_varlen_kernel(scorer.attention.kernel, scorer.device, self.dtype, scorer.heads,
                                         scorer.kv_heads, scorer.head_dim)
             log.info("variable-length attention kernel checked against the reference: largest "
                      "difference %.2g", worst)
