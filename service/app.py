@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.config import ServeConfig
-from service.core import Authenticator, RateLimiter, RerankCore, UsageLedger
+from service.config import FrontConfig, ServeConfig
+from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
 from service.grpc_server import GrpcServer
 from service.local import WarmingEngine
 from service.metrics import Metrics, MetricsServer
@@ -55,14 +55,19 @@ class CoreParts:
     ledger: UsageLedger | None = None
 
 
-def billing_parts(config: ServeConfig) -> CoreParts:
+def billing_parts(config: FrontConfig) -> CoreParts:
     """The key store, rate limiter and usage ledger on ``--db`` (``service.billing``)."""
-    from service.billing import open_billing  # sqlalchemy: only when serving
-
-    billing = open_billing(config.db_url, config.data_dir, require_keys=config.auth, replicas=config.replicas,
-                           default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps,
-                           idempotency_ttl_h=config.idempotency_ttl_h)
+    billing = config.open_billing()
     return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
+
+
+def build_core(config: FrontConfig, engine: Engine, *, model_name: str, limits: Limits,
+               aliases: Sequence[str] = (), parts: CoreParts | None = None) -> RerankCore:
+    """The one composition of a billed core, for ``rerank serve``, ``rerank gateway`` and the
+    test stacks alike: ``parts`` default to the production billing of ``config``."""
+    parts = parts if parts is not None else billing_parts(config)
+    return RerankCore(engine, model_name=model_name, limits=limits, auth=parts.auth, limiter=parts.limiter,
+                      ledger=parts.ledger, model_aliases=aliases)
 
 
 def http_components(config: ServeConfig, app: App) -> list[Component]:
@@ -86,11 +91,10 @@ class App:
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
         self.engine = WarmingEngine()
-        parts = core_parts if core_parts is not None else billing_parts(config)
         name = config.model_name or config.model or "unnamed"
         aliases = [config.model] if config.model and config.model != name else []
-        self.core = RerankCore(self.engine, model_name=name, limits=config.limits(), auth=parts.auth,
-                               limiter=parts.limiter, ledger=parts.ledger, model_aliases=aliases)
+        self.core = build_core(config, self.engine, model_name=name, limits=config.limits(), aliases=aliases,
+                               parts=core_parts)
         self.grpc = GrpcServer(self.core, self.metrics, host=config.host, port=config.grpc_port,
                                tls=config.tls(), max_connection_age_s=config.max_connection_age_s)
         self.components: list[Component] = [self.grpc]

@@ -35,6 +35,22 @@ def parse(argv: list[str], env: dict[str, str] | None = None) -> ServeConfig:
     return serve_config.from_args(parser.parse_args(argv))
 
 
+def parse_gateway(argv: list[str], env: dict[str, str]) -> serve_config.GatewayConfig:
+    parser = argparse.ArgumentParser()
+    serve_config.add_arguments(parser, env=env, config=serve_config.GatewayConfig)
+    return serve_config.config_from_args(parser.parse_args(argv), serve_config.GatewayConfig)
+
+
+def test_gateway_shares_the_front_knobs_and_reads_the_environment_too() -> None:
+    env = {"RERANK_BACKEND": "a:1, b:2", "RERANK_RATE_LIMIT_RPS": "5", "RERANK_AUTH": "off"}
+    config = parse_gateway([], env)
+    assert (config.backend, config.rate_limit_rps, config.auth) == (("a:1", "b:2"), 5.0, False)
+    flagged = parse_gateway(["--backend", "c:3", "--backend", "d:4", "--auth"], env)
+    assert (flagged.backend, flagged.auth) == (("c:3", "d:4"), True)  # a flag beats the environment
+    shared = {f.name for f in dataclasses.fields(serve_config.FrontConfig)}
+    assert shared <= {f.name for f in dataclasses.fields(ServeConfig)}
+
+
 def test_help_lists_every_knob_with_its_default() -> None:
     out = subprocess.run([*RERANK, "serve", "--help"], capture_output=True, text=True, check=True,
                          cwd=ROOT).stdout
