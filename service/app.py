@@ -20,7 +20,7 @@ from typing import Protocol
 from service.config import FrontConfig, ServeConfig
 from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
 from service.grpc_server import GrpcServer
-from service.local import WarmingEngine
+from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
 from worker.types import LoadedModel
@@ -90,7 +90,7 @@ class App:
         self.draining = False
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
-        self.engine = WarmingEngine()
+        self.engine = BatcherEngine()
         name = config.model_name or config.model or "unnamed"
         aliases = [config.model] if config.model and config.model != name else []
         self.core = build_core(config, self.engine, model_name=name, limits=config.limits(), aliases=aliases,

@@ -1,8 +1,4 @@
-"""The in-process engine: the worker's batcher behind the core's ``Engine`` seam.
-
-``BatcherEngine`` maps worker errors to service errors and the runner's facts to
-``ModelInfo``; ``WarmingEngine`` answers UNAVAILABLE until the model is loaded and warm.
-"""
+"""The in-process engine: the worker's batcher behind the core's ``Engine`` seam."""
 
 from __future__ import annotations
 
@@ -13,40 +9,27 @@ from worker.types import ScoreRequest, ScoreResult, WorkerError
 
 
 class BatcherEngine:
-    """The in-process engine: the worker's batcher, with its errors mapped."""
+    """The batcher with its errors mapped and its runner's facts as ``ModelInfo``; until a
+    batcher is attached (the model is loading), UNAVAILABLE."""
 
-    def __init__(self, batcher: Batcher) -> None:
+    def __init__(self, batcher: Batcher | None = None) -> None:
+        self.batcher = batcher
+
+    def attach(self, batcher: Batcher) -> None:
         self.batcher = batcher
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
+        batcher = self._ready()
         try:
-            return await self.batcher.score(request)
+            return await batcher.score(request)
         except WorkerError as exc:
             raise from_worker(exc) from exc
 
     def info(self) -> ModelInfo:
-        info = self.batcher.runner.info()
+        info = self._ready().runner.info()
         return ModelInfo(info.model, info.max_length, info.dtype, info.device)
 
-
-class WarmingEngine:
-    """The core's engine: UNAVAILABLE until the model is loaded and warm, then the batcher."""
-
-    def __init__(self) -> None:
-        self.batcher: Batcher | None = None
-        self._engine: BatcherEngine | None = None
-
-    def attach(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-        self._engine = BatcherEngine(batcher)
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        return await self._ready().score(request)
-
-    def info(self) -> ModelInfo:
-        return self._ready().info()
-
-    def _ready(self) -> BatcherEngine:
-        if self._engine is None:
+    def _ready(self) -> Batcher:
+        if self.batcher is None:
             raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry shortly", retry_after_s=1.0)
-        return self._engine
+        return self.batcher
