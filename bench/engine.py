@@ -155,16 +155,16 @@ def write_profile(runner: ModelRunner, config: BatcherConfig, request: ScoreRequ
     batch of the whole request, whatever the token budget would have made of it."""
     from torch.profiler import ProfilerActivity, profile
 
-    from worker.runner import _Item
+    from worker.runner import Item
 
     device = runner.scorer.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     runner.cache = PrefixCache(runner.cache.max_bytes)
     prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
-    items = [_Item(ids, prompts.shared_len if config.prefix_reuse else 0) for ids in prompts.sequences]
+    items = [Item(ids, prompts.shared_len if config.prefix_reuse else 0) for ids in prompts.sequences]
     # the runner on this thread, not through the batcher: the profiler sees this thread's ops
     with profile(activities=activities) as prof:
-        runner.score(items)
+        runner.score_rows(items)
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     path.write_text(prof.key_averages().table(sort_by=key, row_limit=25, max_name_column_width=60))
@@ -185,7 +185,7 @@ def linear_flops_per_token(config) -> float:  # type: ignore[no-untyped-def]
 
 async def run_engine(runner: ModelRunner, config: BatcherConfig,
                      workload: Workload) -> tuple[list[list[float]], list[float], int]:
-    batcher = Batcher(runner, config)
+    batcher = Batcher(runner, runner.builder, config)
     batcher.start()
     latencies: list[float] = []
 
@@ -251,7 +251,7 @@ def check_alone(runner: ModelRunner, wl: Workload, name: str, count: int) -> dic
     """Largest difference between the engine and each pair run alone, the contract's reference."""
     request = wl.requests[0]
     prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
-    engine, _, _ = asyncio.run(run_engine(runner, BatcherConfig.for_device(runner.scorer.device.type),
+    engine, _, _ = asyncio.run(run_engine(runner, BatcherConfig.for_device(runner.info().device),
                                           Workload(wl.name, [request])))
     worst_score = 0.0
     for ids, mine in list(zip(prompts.sequences, engine[0]))[:count]:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from worker.runner import ModelRunner, _Item  # noqa: E402
+from worker.runner import Item, ModelRunner  # noqa: E402
 from worker.types import Truncation  # noqa: E402
 
 WORDS = "river capital city paris france history code python sort list energy market data model".split()
@@ -99,8 +99,8 @@ def main() -> int:
         per_query = []
         for qn, (q, ds) in enumerate(zip(queries, docs)):
             prompts = runner.builder.build(q, ds, None, Truncation.END)
-            items = [_Item(s, prompts.shared_len if i % 3 else 0) for i, s in enumerate(prompts.sequences)]
-            got = runner.score(items).logits
+            items = [Item(s, prompts.shared_len if i % 3 else 0) for i, s in enumerate(prompts.sequences)]
+            got = runner.score_rows(items).logits
             if dtype == "float32" and not compiled:
                 with torch.inference_mode():
                     row = []

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from serving import running_app, target  # noqa: E402
 
 from clients import AsyncRerankClient  # noqa: E402
-from service.app import CoreParts, extension_core_parts  # noqa: E402
+from service.app import CoreParts, billing_parts  # noqa: E402
 from service.config import ServeConfig  # noqa: E402
 from service.core import RerankCall, RerankQuery  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
@@ -53,7 +53,7 @@ async def main(args: argparse.Namespace) -> None:
     runner = ModelRunner.load(args.model_dir)
     runner.warmup()
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = extension_core_parts(ServeConfig(model="x", db_url=f"sqlite:///{tmp}/ledger.sqlite3", auth=False))
+        ledger = billing_parts(ServeConfig(model="x", db_url=f"sqlite:///{tmp}/ledger.sqlite3", auth=False))
         for label, parts in (("no ledger", CoreParts()), ("SQLite ledger", ledger)):
             p50 = await measure(runner, parts, args.requests)
             print(f"{label}: p50 engine {p50['engine']:.2f} ms, core {p50['core']:.2f} ms, "

@@ -55,7 +55,7 @@ def pct(values: list[float], q: int) -> float:
 
 
 async def offline(runner: ModelRunner, requests: list[ScoreRequest]) -> dict[str, float]:
-    batcher = Batcher(runner, BatcherConfig.for_device(runner.scorer.device.type))
+    batcher = Batcher(runner, runner.builder, BatcherConfig.for_device(runner.info().device))
     batcher.start()
     try:
         started = time.perf_counter()

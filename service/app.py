@@ -1,7 +1,7 @@
 """Composition: one config builds the engine, the core and the servers, in one order.
 
 ``App`` starts its components (the gRPC server, the metrics endpoint, and whatever
-``extension_components`` adds), then loads and warms the model in the background while health
+``http_components`` adds), then loads and warms the model in the background while health
 says NOT_SERVING, then says SERVING. Shutdown is the reverse: NOT_SERVING, an optional drain
 delay for load balancers to notice, every component stops accepting and finishes in-flight
 calls within the grace period, then the batcher closes.
@@ -13,22 +13,22 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from service.config import ServeConfig
-from service.core import Authenticator, BatcherEngine, RateLimiter, RerankCore, UsageLedger
-from service.errors import Code, ServiceError
+from service.config import FrontConfig, ServeConfig
+from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
 from service.grpc_server import GrpcServer
+from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
 from worker.queue import POLICIES
-from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
+from worker.types import LoadedModel
 
 log = logging.getLogger(__name__)
 
-def load_model_runner(config: ServeConfig) -> Runner:
+def load_model_runner(config: ServeConfig) -> LoadedModel:
     """The real model; imports torch, so only the serve path calls it."""
     from worker.runner import ModelRunner
 
@@ -56,17 +56,22 @@ class CoreParts:
     ledger: UsageLedger | None = None
 
 
-def extension_core_parts(config: ServeConfig) -> CoreParts:
+def billing_parts(config: FrontConfig) -> CoreParts:
     """The key store, rate limiter and usage ledger on ``--db`` (``service.billing``)."""
-    from service.billing import open_billing  # sqlalchemy: only when serving
-
-    billing = open_billing(config.db_url, config.data_dir, require_keys=config.auth, replicas=config.replicas,
-                           default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps,
-                           idempotency_ttl_h=config.idempotency_ttl_h)
+    billing = config.open_billing()
     return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
 
 
-def extension_components(config: ServeConfig, app: App) -> list[Component]:
+def build_core(config: FrontConfig, engine: Engine, *, model_name: str, limits: Limits,
+               aliases: Sequence[str] = (), parts: CoreParts | None = None) -> RerankCore:
+    """The one composition of a billed core, for ``rerank serve``, ``rerank gateway`` and the
+    test stacks alike: ``parts`` default to the production billing of ``config``."""
+    parts = parts if parts is not None else billing_parts(config)
+    return RerankCore(engine, model_name=model_name, limits=limits, auth=parts.auth, limiter=parts.limiter,
+                      ledger=parts.ledger, model_aliases=aliases)
+
+
+def http_components(config: ServeConfig, app: App) -> list[Component]:
     """The HTTP gateway on ``--http-port``: the same core as gRPC, in process."""
     if config.http_port is None:
         return []
@@ -81,36 +86,10 @@ def extension_components(config: ServeConfig, app: App) -> list[Component]:
                        limits=config.edge_limits())]
 
 
-# -- the engine while the model loads --------------------------------------------------------
-class WarmingEngine:
-    """The core's engine: UNAVAILABLE until the model is loaded and warm, then the batcher."""
-
-    def __init__(self) -> None:
-        self.batcher: Batcher | None = None
-        self._engine: BatcherEngine | None = None
-
-    def attach(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-        self._engine = BatcherEngine(batcher)
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        return await self._ready().score(request)
-
-    def info(self) -> dict[str, str]:
-        return self._ready().info()
-
-    def _ready(self) -> BatcherEngine:
-        if self._engine is None:
-            raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry shortly", retry_after_s=1.0)
-        return self._engine
-
-
 # -- the app ---------------------------------------------------------------------------------
 class App:
-    def __init__(self, config: ServeConfig, load_runner: Callable[[], Runner] | None = None,
+    def __init__(self, config: ServeConfig, load_runner: Callable[[], LoadedModel] | None = None,
                  core_parts: CoreParts | None = None) -> None:
-        if config.attention not in ATTENTION_KINDS:
-            raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
         if config.scheduler not in POLICIES:
             raise ValueError(f"--scheduler must be {' or '.join(POLICIES)}, not {config.scheduler!r}")
         self.config = config
@@ -118,19 +97,18 @@ class App:
         self.stopping = False  # new calls refused: after the drain delay
         self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
-        self.engine = WarmingEngine()
-        parts = core_parts if core_parts is not None else extension_core_parts(config)
+        self.engine = BatcherEngine()
         name = config.model_name or config.model or "unnamed"
         aliases = [config.model] if config.model and config.model != name else []
-        self.core = RerankCore(self.engine, model_name=name, limits=config.limits(), auth=parts.auth,
-                               limiter=parts.limiter, ledger=parts.ledger, model_aliases=aliases)
+        self.core = build_core(config, self.engine, model_name=name, limits=config.limits(), aliases=aliases,
+                               parts=core_parts)
         self.grpc = GrpcServer(self.core, self.metrics, host=config.host, port=config.grpc_port,
                                tls=config.tls(), max_connection_age_s=config.max_connection_age_s,
                                limits=config.grpc_limits())
         self.components: list[Component] = [self.grpc]
         if config.metrics_port is not None:
             self.components.append(MetricsServer(self.metrics, config.host, config.metrics_port))
-        self.components += extension_components(config, self)
+        self.components += http_components(config, self)
         self._warming: asyncio.Task[None] | None = None
 
     @property
@@ -151,7 +129,8 @@ class App:
 
     async def _warm(self) -> None:
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
-        batcher = Batcher(runner, self.config.batcher_config(runner.describe()["device"]),
+        info = runner.info()
+        batcher = Batcher(runner, runner.builder, self.config.batcher_config(info.device),
                           on_batch=self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
@@ -159,7 +138,7 @@ class App:
         self.engine.attach(batcher)
         self.metrics.ready.set(1)
         await self.grpc.set_serving(True)
-        log.info("ready: %s", runner.describe())
+        log.info("ready: %s", info)
 
     async def drain(self) -> None:
         self.draining = True  # the HTTP gateway's /ready answers 503 from now on; calls are still taken

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import enum
 import os
 import types
 import typing
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from service.core import Limits
 from service.edge import EdgeLimits, GrpcLimits
 from worker.batcher import BatcherConfig
+from worker.types import Attention, Device, DType
+
+if TYPE_CHECKING:
+    from service.billing import Billing
 
 ENV_PREFIX = "RERANK_"
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -50,28 +55,77 @@ DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class FrontConfig:
+    """The knobs of a billed HTTP front, shared by ``rerank serve`` and ``rerank gateway``."""
+
+    host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)", metavar="H")
+    http_port: int | None = knob(8080, "HTTP/JSON port; 0 picks a free one (the log says which)")
+    grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
+    # -- keys and billing
+    db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
+                              "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",
+                              metavar="URL", flag="--db")
+    data_dir: Path | None = knob(None, "directory of the default SQLite ledger",
+                                 unset="$XDG_DATA_HOME/rerank or ~/.local/share/rerank", metavar="DIR")
+    auth: bool = knob(True, "require API keys (`rerank keys create`); --no-auth serves everyone as "
+                            "'anonymous', for trusted networks only")
+    replicas: int = knob(1, "replicas sharing each key's rate limit: each one enforces 1/N of it")
+    rate_limit_rps: float | None = knob(None, "requests per second per key, for keys without their own",
+                                        unset="unlimited")
+    rate_limit_dps: float | None = knob(None, "documents per second per key, for keys without their own",
+                                        unset="unlimited")
+    idempotency_ttl_h: float = knob(24.0, "hours a call's idempotency key (HTTP Idempotency-Key, gRPC "
+                                    "request_id) is remembered: a retry within it replays the stored reply "
+                                    "unbilled; after it, the key starts a new, billed call")
+    # -- the HTTP edge's resource limits (service.edge.EdgeLimits; docs/SECURITY.md)
+    http_max_connections: int = knob(_EDGE.max_connections, "open HTTP connections; past it a connection's "
+                                     "calls get 503 with Retry-After")
+    http_header_timeout_s: float = knob(_EDGE.header_timeout_s, "seconds for a request head (request line and "
+                                        "headers) to arrive; a connection that stalls is closed with 408")
+    http_body_timeout_s: float = knob(_EDGE.body_timeout_s, "seconds for a request body to arrive once its head "
+                                      "has; slower is 408")
+    http_idle_timeout_s: float = knob(_EDGE.idle_timeout_s, "seconds an idle keep-alive connection stays open")
+    http_max_header_bytes: int = knob(_EDGE.max_header_bytes, "bytes in a request head; larger is 431")
+    http_max_body_bytes_in_flight: int = knob(_EDGE.max_body_bytes_in_flight, "request body bytes received or "
+                                              "held at once, all connections together; past it calls get 429")
+
+    def edge_limits(self) -> EdgeLimits:
+        """The HTTP edge's limits: the ``http_*`` knobs, EdgeLimits' fields with a prefix."""
+        return EdgeLimits(**{f.name: getattr(self, "http_" + f.name) for f in dataclasses.fields(EdgeLimits)})
+
+    def open_billing(self) -> Billing:
+        """The key store, rate limiter and usage ledger on ``--db``, its schema prepared."""
+        from service.billing import open_billing  # sqlalchemy: only when serving
+
+        return open_billing(self.db_url, self.data_dir, require_keys=self.auth, replicas=self.replicas,
+                            default_rps=self.rate_limit_rps, default_dps=self.rate_limit_dps,
+                            idempotency_ttl_h=self.idempotency_ttl_h)
+
+
+@dataclass(frozen=True)
+class ServeConfig(FrontConfig):
+    """``rerank serve``: the front's knobs, then the model's, batching, limits, gRPC and TLS."""
+
     model: str | None = knob(DEFAULT_MODEL, "model to serve: a Hugging Face hub id or a local checkpoint "
                              "directory (Qwen3-Reranker 0.6B, 4B or 8B)", metavar="PATH_OR_HUB_ID")
     model_name: str | None = knob(None, "the name callers send in `model`; --model's value is accepted too",
                                   metavar="NAME", unset="--model as given")
-    host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)", metavar="H")
     grpc_port: int = knob(50051, "gRPC port; 0 picks a free one (the log says which)")
     metrics_port: int | None = knob(None, "serve Prometheus /metrics on this port", unset="off")
     # -- the model
     device: str | None = knob(None, "torch device, e.g. cpu, cuda, cuda:1", unset="cuda if available, else cpu",
                               metavar="DEVICE")
-    dtype: str | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
+    dtype: DType | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
                              metavar="DTYPE")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
                                 "the MLP gate); adds ~20-30 s to warm-up, 1.3-1.5x on a GPU "
                                 "(docs/PERFORMANCE.md)", unset="on for cuda, off for cpu")
-    attention: str = knob("padded", "attention kernel: padded (masked SDPA over padded rows; every device) "
-                          "or varlen (FlashAttention's variable-length kernel: no padding, no mask; CUDA "
-                          "with bf16/fp16 only; experimental: checked against the reference at warm-up, "
-                          "not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
+    attention: Attention = knob(Attention.PADDED, "attention kernel: padded (masked SDPA over padded rows; "
+                                "every device) or varlen (FlashAttention's variable-length kernel: no padding, "
+                                "no mask; CUDA with bf16/fp16 only; experimental: checked against the reference "
+                                "at warm-up, not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
     # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
     max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
     max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")
@@ -100,7 +154,6 @@ class ServeConfig:
                                  unset="plaintext")
     tls_key: Path | None = knob(None, "PEM private key for --tls-cert", unset="plaintext")
     drain_delay_s: float = knob(0.0, "on SIGTERM, report NOT_SERVING this long before refusing calls")
-    grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
     max_connection_age_s: float | None = knob(
         None, "close each gRPC connection after this long (in-flight calls finish), so long-lived "
         "clients re-resolve DNS and find new replicas", unset="never")
@@ -115,49 +168,15 @@ class ServeConfig:
                                              "next call)")
     grpc_max_metadata_bytes: int = knob(_GRPC.max_metadata_bytes, "bytes of a gRPC call's metadata (its "
                                         "headers); larger is RESOURCE_EXHAUSTED")
-    # -- the HTTP gateway, keys and billing (wired in service.app.extension_core_parts and
-    # extension_components; the same knobs serve `rerank gateway`)
-    http_port: int | None = knob(8080, "HTTP/JSON gateway port, beside gRPC; 0 picks a free one")
-    # -- the HTTP edge's resource limits (service.edge.EdgeLimits; docs/SECURITY.md)
-    http_max_connections: int = knob(_EDGE.max_connections, "open HTTP connections; past it a connection's "
-                                     "calls get 503 with Retry-After")
-    http_header_timeout_s: float = knob(_EDGE.header_timeout_s, "seconds for a request head (request line and "
-                                        "headers) to arrive; a connection that stalls is closed with 408")
-    http_body_timeout_s: float = knob(_EDGE.body_timeout_s, "seconds for a request body to arrive once its head "
-                                      "has; slower is 408")
-    http_idle_timeout_s: float = knob(_EDGE.idle_timeout_s, "seconds an idle keep-alive connection stays open")
-    http_max_header_bytes: int = knob(_EDGE.max_header_bytes, "bytes in a request head; larger is 431")
-    http_max_body_bytes_in_flight: int = knob(_EDGE.max_body_bytes_in_flight, "request body bytes received or "
-                                              "held at once, all connections together; past it calls get 429")
-    db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
-                              "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",
-                              metavar="URL", flag="--db")
-    data_dir: Path | None = knob(None, "directory of the default SQLite ledger",
-                                 unset="$XDG_DATA_HOME/rerank or ~/.local/share/rerank", metavar="DIR")
-    auth: bool = knob(True, "require API keys (`rerank keys create`); --no-auth serves everyone as "
-                            "'anonymous', for trusted networks only")
-    replicas: int = knob(1, "replicas sharing each key's rate limit: each one enforces 1/N of it")
-    rate_limit_rps: float | None = knob(None, "requests per second per key, for keys without their own",
-                                        unset="unlimited")
-    rate_limit_dps: float | None = knob(None, "documents per second per key, for keys without their own",
-                                        unset="unlimited")
-    idempotency_ttl_h: float = knob(24.0, "hours a call's idempotency key (HTTP Idempotency-Key, gRPC "
-                                    "request_id) is remembered: a retry within it replays the stored reply "
-                                    "unbilled; after it, the key starts a new, billed call")
 
     def limits(self) -> Limits:
-        return Limits(max_documents=self.max_documents, max_queries=self.max_queries,
-                      max_query_chars=self.max_query_chars, max_instruction_chars=self.max_instruction_chars,
-                      max_document_chars=self.max_document_chars, max_request_bytes=self.max_request_bytes)
-
-    def edge_limits(self) -> EdgeLimits:
-        return edge_limits(self)
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
 
     def grpc_limits(self) -> GrpcLimits:
         return GrpcLimits(**{f.name: getattr(self, "grpc_" + f.name) for f in dataclasses.fields(GrpcLimits)})
 
-    def batcher_config(self, device: str) -> BatcherConfig:
-        base = _device_batching(device)
+    def batcher_config(self, device: Device) -> BatcherConfig:
+        base = BatcherConfig.for_device(device)
         chosen: dict[str, Any] = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
                                   "max_wait_ms": self.max_wait_ms}
         return dataclasses.replace(
@@ -171,32 +190,38 @@ class ServeConfig:
         return TlsFiles(Path(self.tls_cert), Path(self.tls_key)) if self.tls_cert and self.tls_key else None
 
 
-# The --http-* fields: EdgeLimits' fields with a prefix; `rerank gateway` takes them too.
-HTTP_EDGE_FIELDS = tuple("http_" + f.name for f in dataclasses.fields(EdgeLimits))
+@dataclass(frozen=True)
+class GatewayConfig(FrontConfig):
+    """``rerank gateway``: the front's knobs, then where the backends are."""
 
-
-def edge_limits(values: ServeConfig | argparse.Namespace) -> EdgeLimits:
-    """The HTTP edge's limits from a config or from parsed ``--http-*`` flags."""
-    return EdgeLimits(**{name.removeprefix("http_"): getattr(values, name) for name in HTTP_EDGE_FIELDS})
-
-
-def _device_batching(device: str) -> BatcherConfig:
-    return BatcherConfig.for_device(device.split(":")[0])  # "cuda:1" -> "cuda"
+    backend: tuple[str, ...] = knob((), "a gRPC Rerank server to score on, HOST:PORT (repeat the flag, or "
+                                    "separate with commas in the environment; round robin)", metavar="HOST:PORT")
+    backend_api_key: str | None = knob(None, "key the backends require, if they run with auth", unset="none",
+                                       metavar="KEY")
+    backend_tls: bool = knob(False, "TLS to the backends")
+    timeout_s: float = knob(60.0, "deadline of one backend call")
+    connect_timeout_s: float = knob(600.0, "wait this long at start for a backend to answer (they may be loading)")
+    backend_rps: float | None = knob(None, "pace calls to each backend to X requests/s (the client's Pacing)",
+                                     unset="unpaced")
+    backend_dps: float | None = knob(None, "pace each backend to X documents/s", unset="unpaced")
+    backend_retries: int = knob(0, "retry a backend's RESOURCE_EXHAUSTED up to N times after its retry-after-ms, "
+                                   "with the same request id (replayed, never billed twice); 0: answer 429 at once")
 
 
 # -- flags and environment -------------------------------------------------------------------
+Config = TypeVar("Config", bound=FrontConfig)
+
+
 def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None = None,
-                  only: Collection[str] | None = None) -> None:
-    """One flag per field (or per field named in ``only``); defaults come from ``env``
-    (default ``os.environ``), then the field."""
+                  config: type[FrontConfig] = ServeConfig) -> None:
+    """One flag per field of ``config``; defaults come from ``env`` (default ``os.environ``),
+    then the field."""
     env = os.environ if env is None else env
-    hints = typing.get_type_hints(ServeConfig)
-    for f in dataclasses.fields(ServeConfig):
-        if only is not None and f.name not in only:
-            continue
+    hints = typing.get_type_hints(config)
+    for f in dataclasses.fields(config):
         kind = _base_type(hints[f.name])
         var = ENV_PREFIX + f.name.upper()
-        default = _parse_env(var, env[var], kind) if var in env else f.default
+        default = _parse_env(var, env[var], hints[f.name]) if var in env else f.default
         flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
         # "%(default).0s" prints nothing, but tells rerank's help formatter that the default
         # is already shown, so a None default reads as what it means, not "None"
@@ -205,29 +230,53 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         if kind is bool:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
+        elif kind is tuple:
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, action=_Append,
+                                metavar=f.metadata["metavar"])
         else:
-            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind,
+            choices = list(kind) if issubclass(kind, enum.Enum) else None
+            parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind, choices=choices,
                                 metavar=f.metadata["metavar"] or _METAVARS[kind])
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:
-    return ServeConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServeConfig)})
+    return config_from_args(args, ServeConfig)
+
+
+def config_from_args(args: argparse.Namespace, config: type[Config]) -> Config:
+    return config(**{f.name: getattr(args, f.name) for f in dataclasses.fields(config)})
+
+
+class _Append(argparse.Action):
+    """Repeatable flag: the first use replaces the default (from the environment), later
+    ones add to it."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest) if self.dest in getattr(namespace, "_appended", ()) else ()
+        namespace._appended = {*getattr(namespace, "_appended", ()), self.dest}
+        setattr(namespace, self.dest, (*given, values))
 
 
 def _base_type(hint: Any) -> type:
-    """``int | None`` -> int."""
+    """``int | None`` -> int; ``tuple[str, ...]`` -> tuple."""
+    if typing.get_origin(hint) is tuple:
+        return tuple
     if isinstance(hint, types.UnionType):
         (kind,) = [t for t in typing.get_args(hint) if t is not type(None)]
         return typing.cast(type, kind)
     return typing.cast(type, hint)
 
 
-def _parse_env(var: str, raw: str, kind: type) -> Any:
+def _parse_env(var: str, raw: str, hint: Any) -> Any:
+    kind = _base_type(hint)
     try:
+        if kind is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
         if kind is bool:
             if raw.strip().lower() not in _TRUE | _FALSE:
                 raise ValueError(f"expected one of {sorted(_TRUE | _FALSE)}")
             return raw.strip().lower() in _TRUE
         return kind(raw)
     except ValueError as exc:
-        raise SystemExit(f"rerank serve: environment {var}={raw!r} is not a valid {kind.__name__}: {exc}") from None
+        raise SystemExit(f"rerank: environment {var}={raw!r} is not a valid {kind.__name__}: {exc}") from None

@@ -5,7 +5,7 @@ and back, and map ``ServiceError`` with ``service.errors``; everything in betwee
 here, once. The order of a call is fixed and is what makes billing exact:
 
 1. authenticate the key (``Authenticator``);
-2. validate against ``Limits`` (documented in docs/API.md), and resolve the call's
+2. validate against ``Limits`` (documented in docs/HTTP_API.md and docs/GRPC.md), and resolve the call's
    scheduling priority (``effective_priority``: the key's policy);
 3. single flight (``service.flight``), then replay: a call whose idempotency key is in
    flight in this process waits for that call and shares its reply (or error), free,
@@ -36,14 +36,14 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import date
 from typing import Protocol
 
-from service.errors import Code, ServiceError, from_worker
+from service.errors import Code, ServiceError
 from service.flight import SingleFlight
-from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.prompt import PREFIX, SUFFIX, format_body
-from worker.types import ScoreRequest, ScoreResult, Truncation, WorkerError
+from worker.types import Device, DType, ScoreRequest, ScoreResult, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -192,12 +192,31 @@ class Reservation:
 
 
 @dataclass(frozen=True, slots=True)
+class UsageTotals:
+    requests: int = 0
+    documents: int = 0  # the billed quantity
+    prompt_tokens: int = 0
+    computed_tokens: int = 0
+
+    def __add__(self, other: UsageTotals) -> UsageTotals:
+        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
+                           self.prompt_tokens + other.prompt_tokens,
+                           self.computed_tokens + other.computed_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageReport:
+    key_id: str
+    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
+    total: UsageTotals
+
+
+@dataclass(frozen=True, slots=True)
 class ModelInfo:
     model: str
-    max_length: int
-    dtype: str
-    device: str
-    limits: Limits
+    max_length: int  # tokens in one (query, document) prompt
+    dtype: DType
+    device: Device
 
 
 # -- seams ------------------------------------------------------------------------------
@@ -205,7 +224,7 @@ class Engine(Protocol):
     """Scores one query's documents; raises ServiceError."""
 
     async def score(self, request: ScoreRequest) -> ScoreResult: ...
-    def info(self) -> dict[str, str]: ...  # model, max_length, dtype, device
+    def info(self) -> ModelInfo: ...
 
 
 class Authenticator(Protocol):
@@ -236,6 +255,9 @@ class UsageLedger(Protocol):
         """Bill ``reply`` once and settle its reservation. On a lost race for the same
         idempotency key, the winner's reply (the reservation released)."""
 
+    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
+        """What ``key_id`` was billed, by UTC day, ``since`` and ``until`` inclusive."""
+
 
 class OpenAccess:
     """Auth switched off (trusted networks only): every caller is ``ANONYMOUS``."""
@@ -252,22 +274,6 @@ class NoRateLimit:
         return None
 
 
-class BatcherEngine:
-    """The in-process engine: the worker's batcher, with its errors mapped."""
-
-    def __init__(self, batcher: Batcher) -> None:
-        self.batcher = batcher
-
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        try:
-            return await self.batcher.score(request)
-        except WorkerError as exc:
-            raise from_worker(exc) from exc
-
-    def info(self) -> dict[str, str]:
-        return self.batcher.runner.describe()
-
-
 class RerankCore:
     def __init__(self, engine: Engine, *, model_name: str, limits: Limits | None = None,
                  auth: Authenticator | None = None, limiter: RateLimiter | None = None,
@@ -282,8 +288,8 @@ class RerankCore:
         self._flights = SingleFlight[RerankReply]()  # keyed by (key id, idempotency key)
 
     def model_info(self) -> ModelInfo:
-        info = self.engine.info()
-        return ModelInfo(self.model_name, int(info["max_length"]), info["dtype"], info["device"], self.limits)
+        """The engine's model, under the name callers send."""
+        return replace(self.engine.info(), model=self.model_name)
 
     async def rerank(self, call: RerankCall, *, auth: Authenticator | None = None) -> RerankReply:
         """``auth``: the front's own authenticator in place of the core's, for this call (the
@@ -296,7 +302,9 @@ class RerankCore:
             # one key table may serve several deployments (a shared PostgreSQL ledger)
             raise ServiceError(Code.PERMISSION_DENIED, f"API key {principal.key_id} may not call "
                                                        f"{self.model_name!r}")
-        fingerprint, idempotency_key = call.fingerprint(), call.idempotency_key
+        idempotency_key = call.idempotency_key
+        # the fingerprint hashes every document: only a keyed call is ever compared with one
+        fingerprint = call.fingerprint() if idempotency_key else ""
         if not idempotency_key:
             return await self._admit_score_bill(principal, call, fingerprint, started)
         reply, shared = await self._flights.run(
@@ -322,7 +330,7 @@ class RerankCore:
     async def _admit_score_bill(self, principal: Principal, call: RerankCall, fingerprint: str,
                                 started: float) -> RerankReply:
         documents = sum(len(q.documents) for q in call.queries)
-        tokens = estimate_prompt_tokens(call.queries, int(self.engine.info()["max_length"]))
+        tokens = estimate_prompt_tokens(call.queries, self.engine.info().max_length)
         await self.limiter.admit(principal, documents, tokens)
         if self.ledger is None:
             return await self._score_call(principal, call, tokens, started)
@@ -358,6 +366,15 @@ class RerankCore:
             await self.ledger.release(reservation)
         except ServiceError:
             log.warning("a quota reservation of a failed call was not released; it expires by itself")
+
+    async def usage(self, api_key: str | None, since: date | None = None, until: date | None = None, *,
+                    auth: Authenticator | None = None) -> tuple[Principal, UsageReport]:
+        """The caller's own billed usage; NOT_FOUND where no ledger is kept. ``auth``: as for
+        ``rerank``."""
+        principal = await (auth or self.auth).authenticate(api_key)
+        if self.ledger is None:
+            raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
+        return principal, await self.ledger.usage(principal.key_id, since, until)
 
     def validate(self, call: RerankCall) -> None:
         lim = self.limits

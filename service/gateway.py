@@ -29,8 +29,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import date
-from typing import Annotated, Any, Protocol, TypeVar
+from dataclasses import asdict
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -61,7 +61,6 @@ from service.gateway_schema import (
     UsageTotal,
     document_limits,
 )
-from service.ledger import UsageReport
 from service.metrics import Metrics
 
 T = TypeVar("T")
@@ -91,18 +90,12 @@ IdempotencyKey = Annotated[str | None, Header(
     "Same key with a different body: 422.")]
 
 
-class UsageSource(Protocol):
-    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport: ...
-
-
-def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: Metrics | None = None,
+def create_app(core: RerankCore, *, metrics: Metrics | None = None,
                ready: Callable[[], bool] = lambda: True, accepting: Callable[[], bool] | None = None,
                edge: EdgeLimits | None = None) -> FastAPI:
-    """The gateway as an ASGI app. ``usage`` defaults to the core's ledger when it can report;
-    ``ready`` answers /ready; while ``accepting`` (default: ``ready``) is false rerank calls get
-    503. They differ while draining: NOT ready, still accepting (docs/OPERATIONS.md)."""
-    if usage is None and hasattr(core.ledger, "usage"):
-        usage = core.ledger  # type: ignore[assignment]
+    """The gateway as an ASGI app. ``ready`` answers /ready; while ``accepting`` (default:
+    ``ready``) is false rerank calls get 503. They differ while draining: NOT ready, still
+    accepting (docs/OPERATIONS.md)."""
     metrics = metrics or Metrics()
     # /docs and /redoc from the installed package's own assets, not a CDN: they work offline
     app = FastAPIOffline(title="Qwen3-Reranker API", version="1",
@@ -112,7 +105,7 @@ def create_app(core: RerankCore, *, usage: UsageSource | None = None, metrics: M
     # authenticator: the core (shared with gRPC, whose calls use its auth) is not changed.
     auth = CheckedOnce(core.auth)
     _add_rerank_routes(app, core, auth, accepting or ready)
-    _add_info_routes(app, core, auth, usage)
+    _add_info_routes(app, core, auth)
     _add_ops_routes(app, metrics, ready)
     _install_error_handlers(app)
     openapi = app.openapi  # FastAPI caches what it returns; document_limits edits it once, in place
@@ -159,17 +152,14 @@ def _add_rerank_routes(app: FastAPI, core: RerankCore, auth: Authenticator, acce
         return await rerank(body, response, request, credentials, idempotency_key, "2")  # type: ignore[no-any-return]
 
 
-def _add_info_routes(app: FastAPI, core: RerankCore, auth: Authenticator, usage: UsageSource | None) -> None:
+def _add_info_routes(app: FastAPI, core: RerankCore, auth: Authenticator) -> None:
     @app.get("/v1/models", tags=["info"])
     async def models() -> ModelList:
         """The served model, its aliases, and the limits a call must respect."""
         info, lim = core.model_info(), core.limits
         card = ModelCard(id=info.model, aliases=sorted(core.accepted_models - {info.model}),
                          max_length=info.max_length, dtype=info.dtype, device=info.device,
-                         limits=ModelLimits(max_documents=lim.max_documents, max_query_chars=lim.max_query_chars,
-                                            max_instruction_chars=lim.max_instruction_chars,
-                                            max_document_chars=lim.max_document_chars,
-                                            max_request_bytes=lim.max_request_bytes))
+                         limits=ModelLimits(**{f: getattr(lim, f) for f in ModelLimits.model_fields}))
         return ModelList(data=[card])
 
     @app.get("/v1/usage", responses={k: _ERRORS[k] for k in (401, 403, 404, 422, 503)}, tags=["billing"])
@@ -178,16 +168,10 @@ def _add_info_routes(app: FastAPI, core: RerankCore, auth: Authenticator, usage:
                            until: Annotated[IsoDate | None, Query(description="Last UTC day, inclusive.")] = None,
                            ) -> UsageResponse:
         """The caller's own billed usage, by UTC day and in total."""
-        principal = await auth.authenticate(_token(request))
-        if usage is None:
-            raise ServiceError(Code.NOT_FOUND, "this server keeps no usage ledger")
-        report = await usage.usage(principal.key_id, since, until)
-        days = [UsageDay(date=day, requests=t.requests, documents=t.documents, prompt_tokens=t.prompt_tokens,
-                         computed_tokens=t.computed_tokens) for day, t in report.days]
-        t = report.total
+        principal, report = await core.usage(_token(request), since, until, auth=auth)
+        days = [UsageDay(date=day, **asdict(totals)) for day, totals in report.days]
         return UsageResponse(key_id=principal.key_id, name=principal.name, days=days,
-                             total=UsageTotal(requests=t.requests, documents=t.documents,
-                                              prompt_tokens=t.prompt_tokens, computed_tokens=t.computed_tokens))
+                             total=UsageTotal(**asdict(report.total)))
 
 
 def _add_ops_routes(app: FastAPI, metrics: Metrics, ready: Callable[[], bool]) -> None:

@@ -250,7 +250,7 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong and, where it can, what to change.")
 
 
-class ModelLimits(BaseModel):
+class ModelLimits(BaseModel):  # service.core.Limits but max_queries (one query a call here)
     max_documents: int
     max_query_chars: int
     max_instruction_chars: int
@@ -273,19 +273,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class UsageDay(BaseModel):
-    date: str = Field(description="UTC date, YYYY-MM-DD.")
+class UsageTotal(BaseModel):  # service.core.UsageTotals on the wire (tests/test_facts_once.py)
     requests: int
     documents: int = Field(description="Documents billed: what the invoice counts.")
     prompt_tokens: int
     computed_tokens: int
 
 
-class UsageTotal(BaseModel):
-    requests: int
-    documents: int
-    prompt_tokens: int
-    computed_tokens: int
+class UsageDay(UsageTotal):
+    date: str = Field(description="UTC date, YYYY-MM-DD.")
 
 
 class UsageResponse(BaseModel):

@@ -77,7 +77,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
                            context: grpc.aio.ServicerContext) -> pb.ModelInfo:
         async with self._track("GetModelInfo", context):
-            return wire.model_info_message(self.core.model_info())
+            return wire.model_info_message(self.core.model_info(), self.core.limits)
 
     @asynccontextmanager
     async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:

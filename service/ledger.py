@@ -41,7 +41,7 @@ from sqlalchemy import ColumnElement, DateTime, delete, func, insert, literal, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Principal, RerankReply, Reservation
+from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
 from service.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
 from service.errors import Code, ServiceError
 
@@ -49,26 +49,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_IDEMPOTENCY_TTL = timedelta(hours=24)
 DEFAULT_RESERVATION_TTL = timedelta(minutes=10)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageTotals:
-    requests: int = 0
-    documents: int = 0  # the billed quantity
-    prompt_tokens: int = 0
-    computed_tokens: int = 0
-
-    def __add__(self, other: UsageTotals) -> UsageTotals:
-        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
-                           self.prompt_tokens + other.prompt_tokens,
-                           self.computed_tokens + other.computed_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageReport:
-    key_id: str
-    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
-    total: UsageTotals
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,9 +17,11 @@ from collections.abc import Sequence
 
 import grpc
 
-from clients import AsyncRerankClient, ModelInfo, Pacing, RerankError, RerankResult
+from clients import AsyncRerankClient, Pacing, RerankError, RerankResult
+from clients import ModelInfo as BackendModel
+from service.core import ModelInfo
 from service.errors import Code, ServiceError
-from worker.types import DocScore, ScoreRequest, ScoreResult, Truncation
+from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -42,10 +44,10 @@ class RemoteEngine:
         # retries=0: a refused call moves to the next backend here, not again to the same one
         self.clients = [AsyncRerankClient(t, api_key=api_key, tls=tls, timeout_s=timeout_s, retries=0, pacing=pacing)
                         for t in self.targets]
-        self.model: ModelInfo | None = None
+        self.model: BackendModel | None = None
         self._next = 0
 
-    async def connect(self, timeout_s: float = 120.0) -> ModelInfo:
+    async def connect(self, timeout_s: float = 120.0) -> BackendModel:
         """Ask the backends what they serve until one answers (they may still be loading)."""
         deadline = time.monotonic() + timeout_s
         while True:
@@ -76,11 +78,11 @@ class RemoteEngine:
             return _score_result(reply, len(request.documents))
         raise AssertionError("the backend loop fell through: this is a bug")
 
-    def info(self) -> dict[str, str]:
+    def info(self) -> ModelInfo:
         if self.model is None:
             raise ServiceError(Code.UNAVAILABLE, "no backend has answered yet; retry shortly", retry_after_s=1.0)
-        return {"model": self.model.model, "max_length": str(self.model.max_length), "dtype": self.model.dtype,
-                "device": self.model.device}
+        m = self.model
+        return ModelInfo(m.model, m.max_length, DType(m.dtype), Device(m.device))
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))

@@ -8,10 +8,11 @@ and HTTP fronts cannot disagree on it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.core import ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.core import Limits, ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
 from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from worker.types import Truncation
@@ -53,13 +54,9 @@ def batch_response_from_reply(reply: RerankReply) -> pb.RerankBatchResponse:
                                   replayed=reply.replayed, warnings=reply.warnings)
 
 
-def model_info_message(info: ModelInfo) -> pb.ModelInfo:
-    lim = info.limits
-    limits = pb.Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
-                       max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
-                       max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
-    return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype,
-                        device=info.device, limits=limits)
+def model_info_message(info: ModelInfo, lim: Limits) -> pb.ModelInfo:
+    return pb.ModelInfo(model=info.model, max_length=info.max_length, dtype=info.dtype.value,
+                        device=info.device.value, limits=pb.Limits(**asdict(lim)))
 
 
 def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

@@ -14,14 +14,13 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from service.core import BatcherEngine, Limits, RerankCore
-from service.db import create_schema, open_engine
+from service.app import CoreParts
+from service.core import Limits
 from service.edge import EdgeLimits
 from service.gateway import create_app
 from service.http_server import HttpServer
-from service.keys import KeyStore
-from service.ledger import SqlLedger, UsageRecord
-from service.ratelimit import KeyRateLimiter
+from service.ledger import UsageRecord
+from service.local import BatcherEngine
 from worker.batcher import Batcher
 from worker.fake import FakeRunner
 
@@ -71,20 +70,22 @@ class LiveGateway:
 
     # -- the stack -------------------------------------------------------------------------
     async def _start(self) -> None:
+        """Production's wiring (schema preparation, billing, core) on a fake model."""
+        from service.app import build_core
+        from service.config import FrontConfig
         from worker.batcher import BatcherConfig
 
         opts = self.options
-        self.engine = open_engine(self.db_url)
-        await create_schema(self.engine)
-        self.keys = KeyStore(self.engine)
-        self.ledger = SqlLedger(self.engine)
-        self.batcher = Batcher(self.runner, BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))
+        billing = FrontConfig(db_url=self.db_url, auth=opts.auth, rate_limit_rps=opts.default_rps,
+                              rate_limit_dps=opts.default_dps).open_billing()
+        self.engine, self.keys, self.ledger = billing.engine, billing.keys, billing.ledger
+        self.batcher = Batcher(self.runner, self.runner.builder,
+                               BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))
         self.batcher.start()
-        limiter = KeyRateLimiter(default_rps=opts.default_rps, default_dps=opts.default_dps)
-        self.core = RerankCore(BatcherEngine(self.batcher), model_name=MODEL, limits=opts.limits,
-                               auth=self.keys if opts.auth else None, limiter=limiter, ledger=self.ledger)
-        self.server = HttpServer(create_app(self.core, ready=lambda: self.ready, edge=opts.edge), host="127.0.0.1",
-                                 port=0, limits=opts.edge)
+        self.core = build_core(FrontConfig(), BatcherEngine(self.batcher), model_name=MODEL, limits=opts.limits,
+                               parts=CoreParts(billing.auth, billing.limiter, billing.ledger))
+        self.server = HttpServer(create_app(self.core, ready=lambda: self.ready, edge=opts.edge),
+                                 host="127.0.0.1", port=0, limits=opts.edge)
         await self.server.start()
         self.url = f"http://127.0.0.1:{self.server.port}"
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import types
 from collections.abc import AsyncIterator
 
 import pytest
 
+import worker.batcher
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.fake import FakeRunner, fake_logit
 from worker.types import InvalidInput, ModelFailure, Overloaded, ScoreRequest, ShuttingDown, Truncation
@@ -24,7 +27,7 @@ async def blocked() -> AsyncIterator[tuple[Batcher, FakeRunner, list[BatchStats]
     runner = FakeRunner()
     runner.gate.clear()
     stats: list[BatchStats] = []
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
                                             max_queued_docs=20), on_batch=stats.append)
     batcher.start()
     yield batcher, runner, stats
@@ -61,7 +64,7 @@ async def test_waiting_requests_are_coalesced_into_one_batch(blocked) -> None:  
 
 async def test_budget_splits_batches() -> None:
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=200, max_batch_size=3, max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=200, max_batch_size=3, max_wait_ms=0))
     batcher.start()
     try:
         await batcher.score(ScoreRequest("q", ["x " * n for n in range(1, 12)]))
@@ -146,7 +149,7 @@ async def test_invalid_input_is_raised_before_queueing(blocked) -> None:  # type
 async def test_close_finishes_in_flight_then_refuses() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     in_flight = asyncio.ensure_future(batcher.score(request(2)))
     await entered(runner)
@@ -162,7 +165,7 @@ async def test_close_finishes_in_flight_then_refuses() -> None:
 async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     first = asyncio.ensure_future(batcher.score(request(1)))
     await entered(runner)
@@ -181,7 +184,7 @@ async def test_close_fails_what_the_grace_period_cannot_finish() -> None:
 async def test_close_without_grace_fails_in_flight_at_once() -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     in_flight = asyncio.ensure_future(batcher.score(request(1)))
     await entered(runner)
@@ -196,7 +199,7 @@ async def test_close_without_grace_fails_in_flight_at_once() -> None:
 async def test_stats_separate_prefill_from_rows_own_tokens() -> None:
     stats: list[BatchStats] = []
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0), on_batch=stats.append)
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0), on_batch=stats.append)
     batcher.start()
     try:
         await batcher.score(request(3))
@@ -211,7 +214,7 @@ async def test_what_each_request_shares(reuse: bool) -> None:
     """Several documents share their request's prefix; a lone document shares the template's
     system prompt (with every request); with reuse off, nothing is shared."""
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, prefix_reuse=reuse))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, prefix_reuse=reuse))
     batcher.start()
     try:
         await batcher.score(request(3))
@@ -229,8 +232,8 @@ async def test_queued_tokens_are_a_limit_too() -> None:
     """Few documents but much work: refused by tokens, while one call alone is always taken."""
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0, max_queued_docs=1000,
-                                            max_queued_tokens=400))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0,
+                                                            max_queued_docs=1000, max_queued_tokens=400))
     batcher.start()
     try:
         first = asyncio.ensure_future(batcher.score(request(1)))
@@ -254,7 +257,7 @@ async def test_a_small_call_does_not_wait_for_another_keys_large_call(scheduler:
                                                                      small_runs_in_batch: int) -> None:
     runner = FakeRunner()
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_batch_tokens=128, max_wait_ms=0, scheduler=scheduler))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=128, max_wait_ms=0, scheduler=scheduler))
     batcher.start()
     try:
         first = asyncio.ensure_future(batcher.score(request(1)))
@@ -291,7 +294,7 @@ async def test_a_small_call_is_not_tokenized_behind_large_ones() -> None:
         return build(query, documents, *rest)  # type: ignore[arg-type]
 
     runner.builder.build = slow_for_large  # type: ignore[method-assign, assignment]
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, tokenizer_threads=2))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, tokenizer_threads=2))
     batcher.start()
     try:
         large = [asyncio.ensure_future(batcher.score(ScoreRequest(f"large {i}", ["word " * 2000] * 2)))
@@ -304,3 +307,44 @@ async def test_a_small_call_is_not_tokenized_behind_large_ones() -> None:
     finally:
         release.set()
         await batcher.close()
+
+
+async def test_linger_gathers_company_until_the_batch_is_full() -> None:
+    """With max_wait_ms > 0 a lone request waits for company, and a full batch goes at once
+    (a minute's linger would time the test out)."""
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_size=3, max_wait_ms=60_000))
+    batcher.start()
+    try:
+        first = asyncio.ensure_future(batcher.score(request(1, "first")))
+        while batcher.queued_docs < 1:
+            await asyncio.sleep(0)  # tokenized and queued: the loop lingers for more
+        await asyncio.wait_for(asyncio.gather(first, batcher.score(request(2, "second"))), 10)
+    finally:
+        await batcher.close()
+    assert [len(b) for b in runner.batches] == [3]
+
+
+async def test_linger_counts_from_the_oldest_arrival(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that already waited max_wait_ms for a busy model runs as soon as the model
+    is free; it does not linger afresh after every batch."""
+    skipped = [0.0]  # seconds the batcher's clock is ahead of the real one
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + skipped[0])
+    monkeypatch.setattr(worker.batcher, "time", clock)
+    runner = FakeRunner()
+    runner.gate.clear()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_size=2, max_wait_ms=60_000))
+    batcher.start()
+    try:
+        busy = asyncio.ensure_future(batcher.score(request(2, "a full batch")))  # no linger: full
+        await entered(runner)
+        waiting = asyncio.ensure_future(batcher.score(request(1, "waits")))
+        while batcher.queued_docs < 1:
+            await asyncio.sleep(0)
+        skipped[0] = 61.0  # it has now waited longer than max_wait_ms for the model
+        runner.gate.set()
+        await asyncio.wait_for(asyncio.gather(busy, waiting), 10)
+    finally:
+        runner.gate.set()
+        await batcher.close()
+    assert [len(b) for b in runner.batches] == [2, 1]

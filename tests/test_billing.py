@@ -17,11 +17,12 @@ import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
 from sqlalchemy import insert, select, text, update
 
-from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
+from service.core import RerankCall, RerankCore, RerankQuery
 from service.db import api_keys, create_schema, idempotency_records, open_engine, usage_records
 from service.errors import Code, ServiceError
 from service.keys import KEY_PREFIX, KeyStore, hash_key
 from service.ledger import SqlLedger
+from service.local import BatcherEngine
 from service.ratelimit import KeyRateLimiter
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
@@ -43,7 +44,7 @@ async def stack(db_url: str) -> AsyncIterator[Stack]:  # noqa: F811 - the import
     engine = open_engine(db_url)
     await create_schema(engine)
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, max_queued_docs=256))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, max_queued_docs=256))
     batcher.start()
     keys, ledger = KeyStore(engine), SqlLedger(engine)
     core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger,

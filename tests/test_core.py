@@ -6,11 +6,12 @@ import asyncio
 
 import pytest
 
-from service.core import ANONYMOUS, BatcherEngine, Principal, RerankCall, RerankCore, RerankQuery, RerankReply
+from service.core import ANONYMOUS, ModelInfo, Principal, RerankCall, RerankCore, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
+from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
-from worker.types import DocScore, ScoreRequest, ScoreResult, Truncation
+from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation
 
 
 async def test_failing_query_cancels_its_siblings() -> None:
@@ -18,7 +19,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
     not be left for the model to compute for nobody."""
     runner = FakeRunner(max_length=64)
     runner.gate.clear()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     try:
@@ -41,7 +42,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
 
 async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     docs = [f"document {i}" for i in range(7)]
@@ -60,7 +61,7 @@ async def test_results_ranked_by_log_odds_and_cut_to_top_n() -> None:
 
 async def test_an_invalid_single_query_is_not_named_by_index() -> None:
     runner = FakeRunner(max_length=64)
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     try:
@@ -81,8 +82,8 @@ class SpyEngine:
         self.requests.append(request)
         return ScoreResult([DocScore(i, 0.5, 0.0, 1, False) for i in range(len(request.documents))], 1)
 
-    def info(self) -> dict[str, str]:
-        return {"model": "spy", "max_length": "64", "dtype": "none", "device": "cpu"}
+    def info(self) -> ModelInfo:
+        return ModelInfo("spy", 64, DType.FLOAT32, Device.CPU)
 
 
 class OneKey:
@@ -119,3 +120,26 @@ def test_warnings_survive_the_idempotency_record() -> None:
     assert RerankReply.from_json(reply.to_json()).warnings == ["priority clamped to 5"]
     legacy = '{"request_id": "r", "model": "m", "outcomes": [], "timings_ms": {}, "replayed": false}'
     assert RerankReply.from_json(legacy).warnings == []  # records stored before warnings existed
+
+
+async def test_only_a_keyed_call_is_fingerprinted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fingerprint hashes every document; only a call with an idempotency key is ever
+    compared with one, so no other call pays for it."""
+    seen: list[str | None] = []
+    real = RerankCall.fingerprint
+
+    def spy(call: RerankCall) -> str:
+        seen.append(call.idempotency_key)
+        return real(call)
+
+    monkeypatch.setattr(RerankCall, "fingerprint", spy)
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    core = RerankCore(BatcherEngine(batcher), model_name="fake")
+    try:
+        await core.rerank(RerankCall([RerankQuery("q", ["d"])]))
+        await core.rerank(RerankCall([RerankQuery("q", ["d"])], idempotency_key="retry-1"))
+    finally:
+        await batcher.close()
+    assert seen == ["retry-1"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,7 +20,7 @@ from clients import AsyncRerankClient, Query, RerankResult
 from service.app import App
 from worker.prompt import PromptBuilder
 from worker.runner import ModelRunner
-from worker.types import BatchScores, Truncation, WorkItem
+from worker.types import Batch, BatchScores, RunnerInfo, Truncation
 
 MAX_LENGTH = 192
 NO_ID, YES_ID = 2152, 9693
@@ -50,17 +50,17 @@ class GatedRunner:
         self.entered = threading.Event()
         self.batch_rows: list[int] = []
 
-    def score(self, items: Sequence[WorkItem]) -> BatchScores:
+    def score(self, batch: Batch) -> BatchScores:
         self.entered.set()
         self.gate.wait()
-        self.batch_rows.append(len(items))
-        return self.runner.score(items)
+        self.batch_rows.append(len(batch.rows))
+        return self.runner.score(batch)
 
     def warmup(self) -> None:
         self.runner.warmup()
 
-    def describe(self) -> dict[str, str]:
-        return self.runner.describe()
+    def info(self) -> RunnerInfo:
+        return self.runner.info()
 
 
 @pytest.fixture(scope="module")

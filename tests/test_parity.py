@@ -116,7 +116,7 @@ CONFIGS = {
 async def test_concurrent_requests_match_reference(
     any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], config_name: str
 ) -> None:
-    batcher = Batcher(any_runner, CONFIGS[config_name])
+    batcher = Batcher(any_runner, any_runner.builder, CONFIGS[config_name])
     batcher.start()
     rng = random.Random(config_name)
     orders = [rng.sample(range(len(DOCUMENTS)), len(DOCUMENTS)) for _ in QUERIES]
@@ -139,7 +139,8 @@ async def test_single_document_requests_mixed_with_large_ones(
     any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
     """One batch holds rows with a shared prefix, rows of other requests and plain rows."""
-    batcher = Batcher(any_runner, BatcherConfig(max_batch_tokens=50_000, max_batch_size=128, max_wait_ms=50))
+    batcher = Batcher(any_runner, any_runner.builder,
+                      BatcherConfig(max_batch_tokens=50_000, max_batch_size=128, max_wait_ms=50))
     batcher.start()
     q0, i0 = QUERIES[0]
     q1, i1 = QUERIES[1]
@@ -182,7 +183,7 @@ def test_prefix_position_bug_would_be_caught(
     """Power check: RoPE ignores a shift of all positions, but not document positions that
     restart at 0 after a cached prefix; the parity tolerance is far below that error."""
     import worker.qwen3 as qwen3
-    from worker.runner import _Item
+    from worker.runner import Item
 
     real = qwen3.make_layout
 
@@ -193,28 +194,28 @@ def test_prefix_position_bug_would_be_caught(
 
     query, instruction = QUERIES[0]
     prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
-    items = [_Item(s, prompts.shared_len) for s in prompts.sequences]
+    items = [Item(s, prompts.shared_len) for s in prompts.sequences]
     runner.cache = type(runner.cache)(runner.cache.max_bytes)
     monkeypatch.setattr(qwen3, "make_layout", restart_positions)
-    buggy = runner.score(items).logits
+    buggy = runner.score_rows(items).logits
     monkeypatch.undo()
     runner.cache = type(runner.cache)(runner.cache.max_bytes)  # the bug's prefixes are cached too
     assert max(abs(b - expected[0, d][1]) for d, b in enumerate(buggy)) > 100 * TOL_LOGIT
-    assert runner.score(items).logits == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
+    assert runner.score_rows(items).logits == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
 
 
 def test_runner_rows_equal_reference_with_and_without_prefix(
     any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
     """The runner alone: plain rows, prefix rows and a mix in one batch, in any order."""
-    from worker.runner import _Item
+    from worker.runner import Item
 
     query, instruction = QUERIES[2]
     prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     for reuse in ([False] * 12, [True] * 12, [i % 3 == 0 for i in range(12)]):
-        items = [_Item(s, prompts.shared_len if r else 0) for s, r in zip(prompts.sequences, reuse)]
+        items = [Item(s, prompts.shared_len if r else 0) for s, r in zip(prompts.sequences, reuse)]
         order = list(reversed(range(len(items))))
-        out = any_runner.score([items[i] for i in order])
+        out = any_runner.score_rows([items[i] for i in order])
         for logit, dn in zip(out.logits, order):
             assert logit == pytest.approx(expected[2, dn][1], abs=TOL_LOGIT)
         assert out.computed[0] >= 1
@@ -225,20 +226,20 @@ def test_the_system_prompt_is_computed_once_for_all_requests(
 ) -> None:
     """Lone documents share the template's system prompt with every other request, and a
     request's own prefix is computed on top of it: exact, and each token computed once."""
-    from worker.runner import _Item
+    from worker.runner import Item
 
     runner = any_runner
     runner.cache = type(runner.cache)(runner.cache.max_bytes)
     system = len(runner.builder.prefix_ids)
     prompts = [runner.builder.build(q, DOCUMENTS, ins, Truncation.NONE) for q, ins in QUERIES]
     lone = prompts[0].sequences[1]
-    first = runner.score([_Item(lone, system)])
+    first = runner.score_rows([Item(lone, system)])
     assert (first.computed, first.prefill_tokens) == ([len(lone)], system)  # the system prompt, now
     other = prompts[3].sequences[5]
-    second = runner.score([_Item(other, system)])
+    second = runner.score_rows([Item(other, system)])
     assert (second.computed, second.prefill_tokens) == ([len(other) - system], 0)  # cached
     shared = prompts[2].shared_len
-    batch = runner.score([_Item(s, shared) for s in prompts[2].sequences[:4]])
+    batch = runner.score_rows([Item(s, shared) for s in prompts[2].sequences[:4]])
     assert batch.prefill_tokens == shared - system  # the instruction and query only
     assert sum(batch.computed) == sum(len(s) - shared for s in prompts[2].sequences[:4]) + shared - system
     assert [first.logits[0], second.logits[0], *batch.logits] == pytest.approx(
@@ -250,23 +251,23 @@ def test_one_batch_with_several_prefixes_interleaved(
 ) -> None:
     """Rows of four queries (four distinct prefixes, of different lengths) and plain rows,
     interleaved in one batch: each row must read its own prefix, whatever its place."""
-    from worker.runner import _Item
+    from worker.runner import Item
 
     items, want = [], []
     for dn in range(len(DOCUMENTS)):
         for qn, (query, instruction) in enumerate(QUERIES):
             prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
-            items.append(_Item(prompts.sequences[dn], 0 if (dn + qn) % 5 == 0 else prompts.shared_len))
+            items.append(Item(prompts.sequences[dn], 0 if (dn + qn) % 5 == 0 else prompts.shared_len))
             want.append(expected[qn, dn][1])
     any_runner.cache = type(any_runner.cache)(any_runner.cache.max_bytes)
-    assert any_runner.score(items).logits == pytest.approx(want, abs=TOL_LOGIT)
-    assert any_runner.score(items[::-1]).logits == pytest.approx(want[::-1], abs=TOL_LOGIT)  # prefixes cached
+    assert any_runner.score_rows(items).logits == pytest.approx(want, abs=TOL_LOGIT)
+    assert any_runner.score_rows(items[::-1]).logits == pytest.approx(want[::-1], abs=TOL_LOGIT)  # prefixes cached
 
 
 async def test_truncated_documents_match_the_reference_on_their_cut_ids(
     runner: ModelRunner, reference_model: torch.nn.Module
 ) -> None:
-    batcher = Batcher(runner, BatcherConfig())
+    batcher = Batcher(runner, runner.builder, BatcherConfig())
     batcher.start()
     docs = ["short", "overflowing " * 2000, "also " * 1500]
     try:
@@ -290,22 +291,23 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
     here, must give the reference's scores: the mask means the same to all of them."""
     from torch.nn.attention import SDPBackend
 
-    from worker.runner import _Item
+    from worker.runner import Item
 
     query, instruction = QUERIES[3]
     prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
-    items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
-    scorer = runner.scorer
-    kept = scorer.backends, scorer.fold
-    scorer.backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION]
-    scorer.fold = scorer.heads // scorer.kv_heads if folded else 1
+    items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
+    attention = runner.scorer.attention
+    kept = attention.backends, attention.fold
+    attention.backends = [SDPBackend.MATH] if kernel == "math" else [SDPBackend.FLASH_ATTENTION]
+    attention.fold = attention.heads // attention.kv_heads if folded else 1
     try:
-        out = runner.score(items)
+        out = runner.score_rows(items)
     finally:
-        scorer.backends, scorer.fold = kept
+        attention.backends, attention.fold = kept
     assert out.logits == pytest.approx([expected[3, d][1] for d in range(len(DOCUMENTS))], abs=TOL_LOGIT)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
                     reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
 async def test_compiled_path_matches_reference(
@@ -320,7 +322,7 @@ async def test_compiled_path_matches_reference(
     compiled.warmup()
     warm_graphs = counters["stats"]["unique_graphs"]
     assert warm_graphs >= 3  # the three parts really were compiled
-    batcher = Batcher(compiled, BatcherConfig(max_batch_tokens=3000, max_batch_size=5, max_wait_ms=0))
+    batcher = Batcher(compiled, compiled.builder, BatcherConfig(max_batch_tokens=3000, max_batch_size=5, max_wait_ms=0))
     batcher.start()
     try:
         results = await asyncio.gather(*(
@@ -333,24 +335,25 @@ async def test_compiled_path_matches_reference(
             assert s.logit == pytest.approx(expected[qn % len(QUERIES), dn][1], abs=TOL_LOGIT), (qn, dn)
     # Traffic after the warm-up brings new batch shapes, never a new graph: a recompile would
     # stall its batch for seconds, and past dynamo's recompile limit fall back to eager.
-    from worker.runner import _Item
+    from worker.runner import Item
 
     rng = random.Random(7)
     for step in range(24):
         docs = [" ".join(["word"] * rng.randint(1, 120)) for _ in range(rng.choice([1, 2, 3, 7, 16]))]
         prompts = compiled.builder.build(f"query {step}", docs, None, Truncation.END)
         shared = [0, prompts.shared_len, len(compiled.builder.prefix_ids)][step % 3]
-        compiled.score([_Item(ids, shared) for ids in prompts.sequences])
+        compiled.score_rows([Item(ids, shared) for ids in prompts.sequences])
     assert counters["stats"]["unique_graphs"] == warm_graphs
 
 
+@pytest.mark.slow  # a checkpoint of its own
 def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     """Qwen3-Reranker-8B does not tie its LM head to the embeddings: the yes/no rows must come
     from the head, not the embedding matrix. A tiny untied checkpoint, through from_pretrained."""
     from transformers import AutoModelForCausalLM, Qwen3ForCausalLM
 
     from worker.offline import build_qwen3_tokenizer, qwen3_config
-    from worker.runner import _Item
+    from worker.runner import Item
 
     config = qwen3_config("tiny")
     config.tie_word_embeddings = False
@@ -365,13 +368,14 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert reference.lm_head.weight.data_ptr() != reference.model.embed_tokens.weight.data_ptr()
     prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:6], None, Truncation.NONE)
-    items = [_Item(s, prompts.shared_len) for s in prompts.sequences]
-    got = runner.score(items).logits
+    items = [Item(s, prompts.shared_len) for s in prompts.sequences]
+    got = runner.score_rows(items).logits
     want = [reference_logit(reference, s) for s in prompts.sequences]
     assert got == pytest.approx(want, abs=TOL_LOGIT)
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
 
 
+@pytest.mark.slow  # nine checkpoints of their own
 @pytest.mark.parametrize("layout", ["padded", "folded", "varlen"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
 def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout: str) -> None:
@@ -380,7 +384,7 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     from transformers import Qwen3ForCausalLM
 
     from worker.offline import build_qwen3_tokenizer, qwen3_config
-    from worker.runner import _Item
+    from worker.runner import Item
 
     config = qwen3_config("tiny")
     config.num_attention_heads, config.num_key_value_heads = heads, kv_heads
@@ -389,14 +393,14 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
     runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
-    runner.scorer.fold = heads // kv_heads if layout == "folded" else 1
+    runner.scorer.attention.fold = heads // kv_heads if layout == "folded" else 1
     if layout == "varlen":
-        from worker.qwen3 import varlen_reference
+        from worker.qwen3 import VarlenAttention, varlen_reference
 
-        runner.scorer.varlen_kernel = varlen_reference
+        runner.scorer.attention = VarlenAttention(varlen_reference, heads, runner.scorer.head_dim)
     prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
-    items = [_Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
-    got = runner.score(items).logits
+    items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
+    got = runner.score_rows(items).logits
     want = [reference_logit(model, s) for s in prompts.sequences]
     assert got == pytest.approx(want, abs=TOL_LOGIT)
     assert max(want) - min(want) > 0.5

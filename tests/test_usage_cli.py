@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from service import cli
-from service.core import BatcherEngine, RerankCall, RerankCore, RerankQuery
+from service.core import RerankCall, RerankCore, RerankQuery
+from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 
@@ -20,7 +21,8 @@ async def test_usage_shows_what_was_billed(tmp_path: Path, capsys: pytest.Captur
     assert await _run_cli(["keys", "create", "--name", "team", "--db", db]) == 0
     key = capsys.readouterr().out.strip().splitlines()[-1]
     billing = open_billing(db, None, require_keys=True)
-    batcher = Batcher(FakeRunner(), BatcherConfig(max_wait_ms=0))
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     core = RerankCore(BatcherEngine(batcher), model_name="fake", auth=billing.auth, ledger=billing.ledger)
     try:

@@ -62,7 +62,7 @@ def _tiled_heads(q, k, v, cu_q, cu_k, max_q, max_k):  # type: ignore[no-untyped-
 
 @pytest.mark.parametrize("wrong", [_top_left_causal, _tiled_heads])
 def test_the_warm_up_check_refuses_a_kernel_that_means_something_else(wrong) -> None:  # type: ignore[no-untyped-def]
-    with pytest.raises(RuntimeError, match="--attention padded"):
+    with pytest.raises(RuntimeError, match="use padded attention"):
         check_varlen_kernel(wrong, CPU, torch.bfloat16, heads=16, kv_heads=8, head_dim=128)
 
 

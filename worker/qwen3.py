@@ -4,12 +4,14 @@ The reference is ``model(input_ids).logits[:, -1, [no, yes]]``. This computes th
 numbers and skips everything a reranker does not need:
 
 * no padding in the matrix work: every linear layer and MLP runs on the batch's tokens
-  packed into one ``[tokens, hidden]`` matrix; only attention sees a padded layout, built
-  per batch with an explicit mask (so neither padding side nor position ids can leak), or,
-  with ``attention="varlen"`` (CUDA, bf16/fp16), no padding at all: FlashAttention's
-  variable-length kernel over packed queries and packed [prefix; new] keys;
-* a shared prefix (system prompt + instruction + query) can be passed in as per-layer K/V
-  computed once; each row's positions continue from its own prefix length;
+  packed into one ``[tokens, hidden]`` matrix; only attention sees a layout of its own, one
+  of two strategies behind ``AttentionStrategy``: ``PaddedAttention`` (every device) pads
+  rows and masks them explicitly, so neither padding side nor position ids can leak;
+  ``VarlenAttention`` (CUDA, bf16/fp16) pads nothing: FlashAttention's variable-length
+  kernel over packed queries and packed [prefix; new] keys;
+* a shared prefix (system prompt + instruction + query) is computed once (``prefill``)
+  and passed to ``score`` as per-layer K/V; each row's positions continue from its own
+  prefix length;
 * the last layer computes queries, attention and MLP for the last position only, and the
   head is the two LM-head rows for ``yes`` and ``no``: no vocabulary-sized logits anywhere.
 
@@ -19,22 +21,23 @@ this stays exact for every Qwen3 size (0.6B, 4B, 8B).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from worker.types import ATTENTION_KINDS
+from worker.types import Attention, Device
 
 KV = torch.Tensor  # one prefix's keys and values: [layers, 2, length, kv_heads, head_dim]
 
 
 @dataclass(frozen=True)
 class Layout:
-    """Where each row's tokens sit in the packed and padded views of one forward pass."""
+    """Where each row's tokens sit in the packed and padded views of one forward pass
+    (``PaddedAttention``)."""
 
     lengths: list[int]  # new tokens per row
     past_lengths: list[int]  # prefix tokens per row (0: none)
@@ -45,9 +48,8 @@ class Layout:
     # True = may attend. With ``fold`` > 1 the query heads that share one K/V head sit side
     # by side on the query axis (query t, head g at t * fold + g), so that a kernel without
     # grouped-query support never needs K/V copied out per query head.
-    mask: torch.Tensor | None  # [rows, 1, max_len * fold, past_max + max_len] bool
-    last_mask: torch.Tensor | None  # [rows, 1, 1, past_max + max_len] for last-position queries
-    varlen: Varlen | None = None  # instead of the masks, for the variable-length kernel
+    mask: torch.Tensor  # [rows, 1, max_len * fold, past_max + max_len] bool
+    last_mask: torch.Tensor  # [rows, 1, 1, past_max + max_len] for last-position queries
 
     @property
     def rows(self) -> int:
@@ -78,6 +80,15 @@ class Varlen:
     key_gather: torch.Tensor | None
 
 
+@dataclass(frozen=True)
+class VarlenLayout:
+    """Packed tokens and their offsets for ``VarlenAttention``: nothing is padded."""
+
+    positions: torch.Tensor  # [tokens] rotary position of each packed token
+    last_index: torch.Tensor  # [rows] packed index of each row's last token
+    offsets: Varlen
+
+
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """Host to device without stalling the host: from pinned memory, asynchronously, on a
     GPU (a pageable copy waits for all queued GPU work first)."""
@@ -86,26 +97,24 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     return t.to(device)
 
 
-def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device,
-                fold: int = 1, *, varlen_groups: list[int] | None = None) -> Layout:
-    """``varlen_groups`` (each row's prefix as an index into ``Pasts.groups``, -1 for none):
-    build the variable-length kernel's offsets instead of the padded masks."""
+def _token_map(lengths: list[int], past_lengths: list[int]) -> tuple[torch.Tensor, ...]:
+    """Host-side: (new tokens per row, prefix tokens per row, each token's row, each row's
+    first packed index, each token's offset within its row)."""
+    lens, pasts = torch.tensor(lengths), torch.tensor(past_lengths)
+    row_of = torch.repeat_interleave(torch.arange(len(lengths)), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    return lens, pasts, row_of, starts, torch.arange(int(lens.sum())) - starts[row_of]
+
+
+def make_layout(lengths: list[int], past_lengths: list[int], device: torch.device, fold: int = 1) -> Layout:
     rows, max_len, past_max = len(lengths), max(lengths), max(past_lengths)
     width = past_max + max_len
-    lens = torch.tensor(lengths)
-    pasts = torch.tensor(past_lengths)
-    row_of = torch.repeat_interleave(torch.arange(rows), lens)
-    starts = torch.cumsum(lens, 0) - lens
-    offset = torch.arange(int(lens.sum())) - starts[row_of]
+    lens, pasts, row_of, starts, offset = _token_map(lengths, past_lengths)
     tokens = len(offset)
     # the per-token and per-row vectors travel in one copy; the masks are built on the device
     small = to_device(torch.cat((pasts[row_of] + offset, row_of * max_len + offset,
                                  row_of * width + past_max + offset, starts + lens - 1, lens, pasts)), device)
     positions, slot, key_slot, last_index, lens, pasts = torch.split(small, [tokens] * 3 + [rows] * 3)
-    if varlen_groups is not None:
-        return Layout(lengths=lengths, past_lengths=past_lengths, positions=positions, slot=slot,
-                      key_slot=key_slot, last_index=last_index, mask=None, last_mask=None,
-                      varlen=make_varlen(lengths, past_lengths, varlen_groups, device))
     q_pos = torch.arange(max_len, device=device)
     k_pos = torch.arange(width, device=device)
     in_past = k_pos[None, :] < pasts[:, None]  # [rows, keys]
@@ -123,13 +132,17 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     )
 
 
-def check_attention(attention: str, device: torch.device, dtype: torch.dtype) -> None:
-    """ValueError unless ``attention`` can run here: FlashAttention needs CUDA and 16 bits."""
-    if attention not in ATTENTION_KINDS:
-        raise ValueError(f"--attention must be padded or varlen, not {attention!r}")
-    if attention == "varlen" and (device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16)):
-        raise ValueError("--attention varlen runs FlashAttention: it needs a CUDA device and bfloat16 or "
-                         f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use --attention padded")
+def check_attention(attention: Attention | str, device: torch.device, dtype: torch.dtype) -> Attention:
+    """The attention kind, if it can run here; ValueError if not: FlashAttention needs CUDA
+    and 16 bits."""
+    try:
+        kind = Attention(attention)
+    except ValueError:
+        raise ValueError(f"attention must be {' or '.join(Attention)}, not {attention!r}") from None
+    if kind is Attention.VARLEN and (device.type != Device.CUDA or dtype not in (torch.bfloat16, torch.float16)):
+        raise ValueError("varlen attention runs FlashAttention: it needs a CUDA device and bfloat16 or "
+                         f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use padded attention")
+    return kind
 
 
 # (queries, keys, values, query offsets, key offsets, longest query run, longest key run)
@@ -189,7 +202,7 @@ def check_varlen_kernel(kernel: VarlenKernel, device: torch.device, dtype: torch
         worst = max(worst, float((got.float().cpu() - want).abs().max()))
     if not worst <= tolerance:
         raise RuntimeError(f"the variable-length attention kernel disagrees with the reference on {device} "
-                           f"(largest difference {worst:.3g}, over {tolerance}): serve with --attention padded")
+                           f"(largest difference {worst:.3g}, over {tolerance}): use padded attention")
     return worst
 
 
@@ -218,156 +231,84 @@ def varlen_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q: to
     return torch.cat(outs)
 
 
-class Qwen3Scorer:
-    """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights."""
+@dataclass(frozen=True)
+class Pasts:
+    """A batch's prefixes, each once, with the rows that continue it."""
 
-    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False,
-                 attention: str = "padded", varlen_kernel: VarlenKernel | None = None) -> None:
-        # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
-        config = model.config
-        if getattr(config, "use_sliding_window", False):
-            raise ValueError("sliding-window attention is not supported by this scorer")
-        self.model: Any = model.model
-        self.layers: list[Any] = list(self.model.layers)
-        self.heads: int = config.num_attention_heads
-        self.kv_heads: int = config.num_key_value_heads
-        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
-        self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
-        self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
-        # On CUDA, the memory-efficient kernel: it takes an arbitrary mask at a few microseconds
-        # of host time a call, where cuDNN's (PyTorch's first choice for bf16 on Hopper) spent
-        # ~3.7 ms of host time a call and left the GPU waiting (measured: docs/PERFORMANCE.md).
-        # It has no grouped-query support, so the query heads of each K/V head are folded onto
-        # the query axis there (``fold``). The CPU's flash kernel groups natively; folding
-        # would only double its mask (a max-length document's mask is ~0.7 GB in fp32).
-        cuda = self.device.type == "cuda"
+    groups: list[tuple[KV, torch.Tensor]]  # (prefix K/V, row indices on the device)
+    row_group: list[int]  # each row's index into ``groups``, -1 for a row without a prefix
+
+    @classmethod
+    def of(cls, prefixes: Sequence[KV], row_group: Sequence[int], device: torch.device) -> Pasts:
+        rows: list[list[int]] = [[] for _ in prefixes]
+        for row, group in enumerate(row_group):
+            if group >= 0:
+                rows[group].append(row)
+        return cls([(kv, to_device(torch.tensor(r), device)) for kv, r in zip(prefixes, rows)], list(row_group))
+
+    def lengths(self) -> list[int]:
+        return [0 if g < 0 else self.groups[g][0].shape[2] for g in self.row_group]
+
+
+L = TypeVar("L", Layout, VarlenLayout)
+
+
+class AttentionStrategy(Protocol[L]):
+    """One way to run a batch's attention: the layout of its rows, where each layer's keys
+    and values (the rows' own after their prefix's) go, and the kernel over them."""
+
+    kind: Attention
+    backends: list[SDPBackend]  # what SDPA may choose from during the forward pass
+
+    def layout(self, lengths: list[int], pasts: Pasts, device: torch.device) -> L: ...
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: L, pasts: Pasts,
+                    layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: L,
+               only_last: bool) -> torch.Tensor: ...  # [tokens or rows, heads * dim]
+
+
+class PaddedAttention:  # implements AttentionStrategy[Layout]
+    """Masked SDPA over rows padded to the longest, prefix K/V before each row's own.
+
+    On CUDA, the memory-efficient kernel: it takes an arbitrary mask at a few microseconds
+    of host time a call, where cuDNN's (PyTorch's first choice for bf16 on Hopper) spent
+    ~3.7 ms of host time a call and left the GPU waiting (measured: docs/PERFORMANCE.md).
+    It has no grouped-query support, so the query heads of each K/V head are folded onto
+    the query axis there (``fold``). The CPU's flash kernel groups natively; folding would
+    only double its mask (a max-length document's mask is ~0.7 GB in fp32)."""
+
+    kind = Attention.PADDED
+
+    def __init__(self, heads: int, kv_heads: int, head_dim: int, device: torch.device) -> None:
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        cuda = device.type == Device.CUDA
         self.backends = ([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if cuda
                          else [SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
-        self.fold = self.heads // self.kv_heads if cuda else 1  # query heads per K/V head, or 1
-        head = model.get_output_embeddings().weight
-        self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
-        # "varlen": no padded layout, no mask, no scatter (see ``Varlen``); FlashAttention
-        # needs CUDA and a 16-bit dtype. ``varlen_kernel`` replaces the kernel (tests run
-        # ``varlen_reference`` on the CPU).
-        if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
-            check_attention(attention, self.device, head.dtype)
-        self.varlen_kernel: VarlenKernel | None = (varlen_kernel or flash_varlen) if attention == "varlen" else None
-        # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
-        # runs as three functions of (layer, tensors). With ``compile`` they go through
-        # torch.compile with dynamic token counts: one graph serves all layers and batch
-        # sizes, and the norms, rotary and SiLU-gate fuse into a few kernels instead of many
-        # (what pays on a GPU, where eager elementwise passes rival the matrix work).
-        self.compiled = compile
-        self._kv_part: Any = torch.compile(_kv_part) if compile else _kv_part
-        self._q_part: Any = torch.compile(_q_part) if compile else _q_part
-        self._post_part: Any = torch.compile(_post_part) if compile else _post_part
+        self.fold = heads // kv_heads if cuda else 1  # query heads per K/V head, or 1
 
-    @property
-    def device(self) -> torch.device:
-        device: torch.device = self.inv_freq.device
-        return device
+    def layout(self, lengths: list[int], pasts: Pasts, device: torch.device) -> Layout:
+        return make_layout(lengths, pasts.lengths(), device, self.fold)
 
-    def prefill(self, sequences: list[list[int]], past: KV | None = None) -> list[KV]:
-        """Per-layer K/V of each sequence, to serve as a shared prefix later; with ``past``,
-        of ``past``'s tokens followed by each sequence (only the sequence is computed)."""
-        grouped = Pasts.none() if past is None else Pasts.group([past] * len(sequences), self.device)
-        past_len = 0 if past is None else past.shape[2]
-        layout = make_layout([len(s) for s in sequences], [past_len] * len(sequences), self.device, self.fold,
-                             varlen_groups=(grouped.row_group or [-1] * len(sequences)) if self.varlen_kernel
-                             else None)
-        per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
-        self._run(sequences, grouped, layout, per_layer)
-        stacked = torch.stack(per_layer)  # [layers, 2, tokens, kv_heads, dim]
-        new = torch.split(stacked, layout.lengths, dim=2)
-        if past is None:
-            return [kv.contiguous() for kv in new]
-        return [torch.cat((past, kv), dim=2) for kv in new]
-
-    def score(self, tails: list[list[int]], pasts: list[KV | None]) -> torch.Tensor:
-        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``."""
-        past_lengths = [0 if p is None else p.shape[2] for p in pasts]
-        grouped = Pasts.group(pasts, self.device)
-        layout = make_layout([len(t) for t in tails], past_lengths, self.device, self.fold,
-                             varlen_groups=grouped.row_group if self.varlen_kernel else None)
-        hidden = self._run(tails, grouped, layout, None)
-        hidden = self.model.norm(hidden).float()
-        yes_no = hidden @ self.yes_no.T
-        diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
-        return diff
-
-    def _run(self, tokens: list[list[int]], pasts: Pasts, layout: Layout,
-             collect: list[torch.Tensor] | None) -> torch.Tensor:
-        flat = [t for seq in tokens for t in seq]
-        ids = to_device(torch.tensor(flat, dtype=torch.long), self.device)
-        x: torch.Tensor = self.model.embed_tokens(ids)
-        cos, sin = self._rotary(layout.positions, x.dtype)
-        last = len(self.layers) - 1
-        with sdpa_kernel(self.backends):
-            for i, layer in enumerate(self.layers):
-                only_last = i == last
-                if only_last and collect is not None:
-                    _, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
-                    collect.append(torch.stack((k, v)))
-                    return x  # a prefix needs K/V, never the last layer's output
-                x = self._layer(layer, x, cos, sin, layout, pasts, i, only_last, collect)
-        return x
-
-    def _layer(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
-               sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
-               only_last: bool, collect: list[torch.Tensor] | None) -> torch.Tensor:
-        h, k, v = self._keys_values(layer, x, cos, sin, layout, pasts, index, collect)
-        if only_last:
-            x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
-        q = self._q_part(layer, h, cos, sin, self.heads, self.head_dim)
-        out = self._attend(q, k, v, layout, only_last)
-        x_next: torch.Tensor = self._post_part(layer, x, out)
-        return x_next
-
-    def _keys_values(self, layer: Any, x: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
-                     collect: list[torch.Tensor] | None,
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The normed input, and padded keys/values ``[rows, kv_heads, past_max + max_len,
-        dim]`` for one layer."""
-        h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
-        if collect is not None:
-            collect.append(torch.stack((k, v)))
-        if layout.varlen is not None:
-            return h, self._pack_kv(k, layout.varlen, pasts, index, 0), self._pack_kv(v, layout.varlen, pasts, index, 1)
-        return h, self._pad_kv(k, layout, pasts, index, 0), self._pad_kv(v, layout, pasts, index, 1)
-
-    @staticmethod
-    def _pack_kv(t: torch.Tensor, varlen: Varlen, pasts: Pasts, index: int, which: int) -> torch.Tensor:
-        """Keys or values ``[tokens, kv_heads, dim]`` with each row's prefix put before its
-        tokens: ``[keys, kv_heads, dim]`` in ``varlen.cu_k`` order."""
-        if varlen.key_gather is None:
-            return t
-        source = torch.cat([t, *(kv[index, which] for kv, _ in pasts.groups)])
-        return source.index_select(0, varlen.key_gather)
-
-    def _pad_kv(self, t: torch.Tensor, layout: Layout, pasts: Pasts, index: int,
-                which: int) -> torch.Tensor:
-        """Keys or values ``[tokens, kv_heads, dim]`` copied once into their padded slots,
-        after each row's prefix: ``[rows, kv_heads, past_max + max_len, dim]``, a view of
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: Layout, pasts: Pasts,
+                    layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[tokens, kv_heads, dim]`` copied once into their padded slots, after each
+        row's prefix: ``[rows, kv_heads, past_max + max_len, dim]`` each, views of
         sequence-major memory (the layout the attention kernels read natively)."""
-        width = layout.past_max + layout.max_len
-        padded = t.new_zeros(layout.rows, width, self.kv_heads, self.head_dim)
-        padded.view(-1, self.kv_heads, self.head_dim).index_copy_(0, layout.key_slot, t)
+        padded = k.new_zeros(2, layout.rows, layout.past_max + layout.max_len, self.kv_heads, self.head_dim)
+        for slots, new in zip(padded, (k, v)):
+            slots.view(-1, self.kv_heads, self.head_dim).index_copy_(0, layout.key_slot, new)
         for kv, row_index in pasts.groups:  # one copy per distinct prefix, broadcast to its rows
-            padded[row_index, : kv.shape[2]] = kv[index, which]
-        return padded.transpose(1, 2)
+            padded[:, row_index, : kv.shape[2]] = kv[layer][:, None]
+        keys, values = padded.transpose(2, 3)
+        return keys, values
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
-                only_last: bool) -> torch.Tensor:
-        """Attention of packed queries ``[tokens, heads, dim]`` over padded K/V, ``fold``
-        query heads a K/V head folded onto the query axis (see ``Layout.mask``); the rest,
-        if any, grouped by the kernel. Returns ``[tokens, heads * dim]``."""
-        if layout.varlen is not None and self.varlen_kernel is not None:
-            vl = layout.varlen
-            out = (self.varlen_kernel(q, k, v, vl.cu_last, vl.cu_k, 1, vl.max_k) if only_last
-                   else self.varlen_kernel(q, k, v, vl.cu_q, vl.cu_k, vl.max_q, vl.max_k))
-            return out.reshape(-1, self.heads * self.head_dim)
-        assert layout.mask is not None and layout.last_mask is not None
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
+               only_last: bool) -> torch.Tensor:
+        """Packed queries ``[tokens, heads, dim]`` over padded K/V, ``fold`` query heads a K/V
+        head folded onto the query axis (see ``Layout.mask``); the rest, if any, grouped by
+        the kernel."""
         rows, fold, dim = layout.rows, self.fold, self.head_dim
         hq = self.heads // fold  # query heads the kernel sees
         gqa = hq != self.kv_heads
@@ -382,6 +323,138 @@ class Qwen3Scorer:
         out = F.scaled_dot_product_attention(queries, k, v, attn_mask=layout.mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(rows * max_len, fold, hq, dim).index_select(0, layout.slot)
         return out.transpose(1, 2).reshape(-1, self.heads * dim)
+
+
+class VarlenAttention:  # implements AttentionStrategy[VarlenLayout]
+    """A variable-length kernel (FlashAttention's, or a stand-in) over packed queries and
+    packed [prefix; new] keys: no padding, no mask, no scatter (see ``Varlen``)."""
+
+    kind = Attention.VARLEN
+
+    def __init__(self, kernel: VarlenKernel, heads: int, head_dim: int) -> None:
+        self.kernel, self.heads, self.head_dim = kernel, heads, head_dim
+        self.backends = [SDPBackend.MATH]  # SDPA runs only in a stand-in kernel: the plain one
+
+    def layout(self, lengths: list[int], pasts: Pasts, device: torch.device) -> VarlenLayout:
+        past_lengths = pasts.lengths()
+        lens, past, row_of, starts, offset = _token_map(lengths, past_lengths)
+        small = to_device(torch.cat((past[row_of] + offset, starts + lens - 1)), device)
+        positions, last_index = torch.split(small, [len(offset), len(lengths)])
+        return VarlenLayout(positions, last_index, make_varlen(lengths, past_lengths, pasts.row_group, device))
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, pasts: Pasts,
+                    layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ``[keys, kv_heads, dim]`` with each row's prefix put before its tokens, in
+        ``Varlen.cu_k`` order."""
+        gather = layout.offsets.key_gather
+        if gather is None:
+            return k, v
+        prefix_k, prefix_v = zip(*(kv[layer].unbind() for kv, _ in pasts.groups))
+        return (torch.cat((k, *prefix_k)).index_select(0, gather),
+                torch.cat((v, *prefix_v)).index_select(0, gather))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout,
+               only_last: bool) -> torch.Tensor:
+        o = layout.offsets
+        out = (self.kernel(q, k, v, o.cu_last, o.cu_k, 1, o.max_k) if only_last
+               else self.kernel(q, k, v, o.cu_q, o.cu_k, o.max_q, o.max_k))
+        return out.reshape(-1, self.heads * self.head_dim)
+
+
+class Qwen3Scorer:
+    """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights: ``prefill``
+    computes prefixes' K/V, ``score`` rows' log-odds on top of them."""
+
+    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False,
+                 attention: Attention | str = Attention.PADDED, varlen_kernel: VarlenKernel | None = None) -> None:
+        # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
+        config = model.config
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by this scorer")
+        self.model: Any = model.model
+        self.layers: list[Any] = list(self.model.layers)
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
+        self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
+        head = model.get_output_embeddings().weight
+        self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
+        # ``varlen_kernel`` replaces FlashAttention (tests run ``varlen_reference`` on the CPU)
+        if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
+            check_attention(attention, self.device, head.dtype)
+        self.attention: AttentionStrategy[Any] = (
+            VarlenAttention(varlen_kernel or flash_varlen, self.heads, self.head_dim)
+            if Attention(attention) is Attention.VARLEN
+            else PaddedAttention(self.heads, self.kv_heads, self.head_dim, self.device))
+        # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
+        # runs as three functions of (layer, tensors). With ``compile`` they go through
+        # torch.compile with dynamic token counts: one graph serves all layers and batch
+        # sizes, and the norms, rotary and SiLU-gate fuse into a few kernels instead of many
+        # (what pays on a GPU, where eager elementwise passes rival the matrix work).
+        # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
+        # built for the first batch's exact size only (dynamo's default specializes first
+        # and recompiles on the second size).
+        self.compiled = compile
+        self._kv_part: Any = torch.compile(_kv_part, dynamic=True) if compile else _kv_part
+        self._q_part: Any = torch.compile(_q_part, dynamic=True) if compile else _q_part
+        self._post_part: Any = torch.compile(_post_part, dynamic=True) if compile else _post_part
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = self.inv_freq.device
+        return device
+
+    def prefill(self, sequences: list[list[int]], past: KV | None = None) -> list[KV]:
+        """Per-layer K/V of each sequence, to serve as a shared prefix later; with ``past``,
+        of ``past``'s tokens followed by each sequence (only the sequence is computed)."""
+        pasts = Pasts.of([] if past is None else [past], [-1 if past is None else 0] * len(sequences), self.device)
+        x, cos, sin, layout = self._embed(sequences, pasts)
+        per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
+        with sdpa_kernel(self.attention.backends):
+            for i, layer in enumerate(self.layers):
+                h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+                per_layer.append(torch.stack((k, v)))
+                if i + 1 < len(self.layers):  # a prefix needs the last layer's K/V, never its output
+                    x = self._attend_and_mix(layer, x, h, k, v, cos, sin, layout, pasts, i, only_last=False)
+        new = torch.split(torch.stack(per_layer), [len(s) for s in sequences], dim=2)
+        if past is None:
+            return [kv.contiguous() for kv in new]
+        return [torch.cat((past, kv), dim=2) for kv in new]
+
+    def score(self, tails: list[list[int]], prefixes: Sequence[KV], row_prefix: Sequence[int]) -> torch.Tensor:
+        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``. Row r
+        continues ``prefixes[row_prefix[r]]`` (-1: no prefix)."""
+        pasts = Pasts.of(prefixes, row_prefix, self.device)
+        x, cos, sin, layout = self._embed(tails, pasts)
+        last = len(self.layers) - 1
+        with sdpa_kernel(self.attention.backends):
+            for i, layer in enumerate(self.layers):
+                h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+                x = self._attend_and_mix(layer, x, h, k, v, cos, sin, layout, pasts, i, only_last=i == last)
+        yes_no = self.model.norm(x).float() @ self.yes_no.T
+        diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
+        return diff
+
+    def _embed(self, tokens: list[list[int]], pasts: Pasts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The packed tokens' embeddings, rotary tables and the attention's layout."""
+        layout = self.attention.layout([len(t) for t in tokens], pasts, self.device)
+        ids = to_device(torch.tensor([t for seq in tokens for t in seq], dtype=torch.long), self.device)
+        x: torch.Tensor = self.model.embed_tokens(ids)
+        cos, sin = self._rotary(layout.positions, x.dtype)
+        return x, cos, sin, layout
+
+    def _attend_and_mix(self, layer: Any, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, layout: Any, pasts: Pasts, index: int,
+                        only_last: bool) -> torch.Tensor:
+        """The rest of one decoder layer after its K/V: queries, attention, the MLP. With
+        ``only_last``, for each row's last position only (all the head reads)."""
+        k, v = self.attention.keys_values(k, v, layout, pasts, index)
+        if only_last:
+            x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
+        q = self._q_part(layer, h, cos, sin, self.heads, self.head_dim)
+        x_next: torch.Tensor = self._post_part(layer, x, self.attention.attend(q, k, v, layout, only_last))
+        return x_next
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions[:, None].float() * self.inv_freq[None, :]
@@ -418,27 +491,3 @@ def _post_part(layer: Any, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Ten
     x = x + layer.self_attn.o_proj(attn_out)
     out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
     return out
-
-
-@dataclass(frozen=True)
-class Pasts:
-    """A batch's prefixes, each once, with the rows that continue it."""
-
-    groups: list[tuple[KV, torch.Tensor]]  # (prefix K/V, row indices on the device)
-    row_group: list[int]  # each row's index into ``groups``, -1 for a row without a prefix
-
-    @classmethod
-    def none(cls) -> Pasts:
-        return cls([], [])
-
-    @classmethod
-    def group(cls, pasts: list[KV | None], device: torch.device) -> Pasts:
-        rows: dict[int, list[int]] = {}
-        tensors: dict[int, KV] = {}
-        for row, kv in enumerate(pasts):
-            if kv is not None:
-                rows.setdefault(id(kv), []).append(row)
-                tensors[id(kv)] = kv
-        order = {key: g for g, key in enumerate(rows)}
-        row_group = [-1 if kv is None else order[id(kv)] for kv in pasts]
-        return cls([(tensors[key], to_device(torch.tensor(r), device)) for key, r in rows.items()], row_group)

@@ -17,44 +17,47 @@ from typing import Any
 import torch
 
 from worker.prompt import PromptBuilder
-from worker.qwen3 import KV, Qwen3Scorer, check_attention, check_varlen_kernel
-from worker.types import BatchScores, Truncation, WorkItem
+from worker.qwen3 import KV, Qwen3Scorer, VarlenAttention, check_attention, check_varlen_kernel
+from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
 
 log = logging.getLogger(__name__)
 
 
 def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device if device else "cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type not in tuple(Device):
+        raise ValueError(f"device {dev} is not supported: use one of {', '.join(Device)}")
+    return dev
 
 
-def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+def pick_dtype(dtype: DType | str | None, device: torch.device) -> torch.dtype:
     if dtype is None:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)}")
-    return names[dtype]
+        return torch.bfloat16 if device.type == Device.CUDA else torch.float32
+    try:
+        kind = DType(dtype)
+    except ValueError:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {', '.join(DType)}") from None
+    chosen: torch.dtype = getattr(torch, kind.value)
+    return chosen
 
 
 class PrefixCache:
-    """LRU of shared-prefix K/V, bounded in bytes; a miss is recomputed, never wrong."""
+    """LRU of prefix K/V by ``Prefix`` (its identity), bounded in bytes; a miss is recomputed,
+    never wrong."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
         self.bytes = 0
-        self._entries: OrderedDict[tuple[int, ...], tuple[KV, int]] = OrderedDict()
+        self._entries: OrderedDict[Prefix, tuple[KV, int]] = OrderedDict()
 
-    def get(self, key: tuple[int, ...]) -> KV | None:
+    def get(self, key: Prefix) -> KV | None:
         hit = self._entries.get(key)
         if hit is None:
             return None
         self._entries.move_to_end(key)
         return hit[0]
 
-    def put(self, key: tuple[int, ...], kv: KV) -> None:
+    def put(self, key: Prefix, kv: KV) -> None:
         size = kv.numel() * kv.element_size()
         if key in self._entries or size > self.max_bytes:
             return
@@ -69,11 +72,12 @@ class PrefixCache:
 
 
 class ModelRunner:  # implements worker.types.Runner
-    """Scores batches of ``WorkItem`` with a real Qwen3-Reranker checkpoint."""
+    """Scores ``Batch``es with a real Qwen3-Reranker checkpoint. ``builder`` is the prompt
+    builder for its tokenizer: the composition root hands it to the batcher."""
 
     def __init__(self, model: Any, tokenizer: Any, *, model_id: str,
                  max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False,
-                 attention: str = "padded") -> None:
+                 attention: Attention | str = Attention.PADDED) -> None:
         limit = int(getattr(model.config, "max_position_embeddings", 32768))
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
@@ -86,9 +90,9 @@ class ModelRunner:  # implements worker.types.Runner
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
-    def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
+    def load(cls, model_id: str, *, device: str | None = None, dtype: DType | str | None = None,
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
-             attention: str = "padded") -> ModelRunner:
+             attention: Attention | str = Attention.PADDED) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
         None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already).
         ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
@@ -98,7 +102,7 @@ class ModelRunner:  # implements worker.types.Runner
         dev = pick_device(device)
         torch_dtype = pick_dtype(dtype, dev)
         if compile is None:
-            compile = dev.type == "cuda"
+            compile = dev.type == Device.CUDA
         check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -110,11 +114,10 @@ class ModelRunner:  # implements worker.types.Runner
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
 
-    def describe(self) -> dict[str, str]:
-        return {"model": self.model_id, "device": str(self.scorer.device),
-                "dtype": str(self.dtype).removeprefix("torch."),
-                "max_length": str(self.builder.max_length),
-                "attention": "varlen" if self.scorer.varlen_kernel else "padded"}
+    def info(self) -> RunnerInfo:
+        return RunnerInfo(model=self.model_id, max_length=self.builder.max_length,
+                          dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(self.scorer.device.type),
+                          attention=self.scorer.attention.kind)
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
@@ -123,85 +126,105 @@ class ModelRunner:  # implements worker.types.Runner
         its own graph)."""
         started = time.perf_counter()
         scorer = self.scorer
-        if scorer.varlen_kernel is not None:  # before any score depends on it
-            worst = check_varlen_kernel(scorer.varlen_kernel, scorer.device, self.dtype, scorer.heads,
+        if isinstance(scorer.attention, VarlenAttention):  # before any score depends on it
+            worst = check_varlen_kernel(scorer.attention.kernel, scorer.device, self.dtype, scorer.heads,
                                         scorer.kv_heads, scorer.head_dim)
             log.info("variable-length attention kernel checked against the reference: largest "
                      "difference %.2g", worst)
         prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
                                      None, Truncation.END)
-        items = [_Item(ids, prompts.shared_len) for ids in prompts.sequences]
-        lone = _Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
-        self.score([*items, _Item(prompts.sequences[0], 0), lone])
-        self.score(items[:1])
-        if self.scorer.device.type == "cuda":
+        items = [Item(ids, prompts.shared_len) for ids in prompts.sequences]
+        lone = Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
+        self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
+        self.score_rows(items[:1])
+        if self.scorer.device.type == Device.CUDA:
             for rows, length in ((8, 128), (32, 256), (64, 512)):
                 doc = "warm " * length
                 shaped = self.builder.build("warm up", [doc] * rows, None, Truncation.END)
-                self.score([_Item(ids, shaped.shared_len) for ids in shaped.sequences])
+                self.score_rows([Item(ids, shaped.shared_len) for ids in shaped.sequences])
             torch.cuda.synchronize()
         self.cache = PrefixCache(self.cache.max_bytes)  # warm-up's prefixes are nobody's
-        system = self.builder.prefix_ids  # everybody's: ready before the first call
-        self.cache.put(tuple(system), self.scorer.prefill([system])[0])
+        system = self.builder.system  # everybody's: ready before the first call
+        with torch.inference_mode():  # as in score(): grad mode would be a graph of its own
+            self.cache.put(system, self.scorer.prefill([system.ids])[0])
         log.info("warm-up done in %.1fs%s", time.perf_counter() - started,
                  " (compiled)" if self.scorer.compiled else "")
 
     @torch.inference_mode()
-    def score(self, items: Sequence[WorkItem]) -> BatchScores:
-        computed = [len(it.ids) - it.prefix_len for it in items]
-        pasts: list[KV | None] = [None] * len(items)
-        missing: dict[tuple[int, ...], list[int]] = {}
-        for i, it in enumerate(items):
-            if it.prefix_len:
-                key = tuple(it.ids[: it.prefix_len])
-                kv = self.cache.get(key)
-                if kv is None:
-                    missing.setdefault(key, []).append(i)
-                pasts[i] = kv
-        prefill_tokens = self._prefill(missing, pasts, computed) if missing else 0
-        tails = [it.ids[it.prefix_len:] for it in items]
-        logits = self.scorer.score(tails, pasts).tolist()
-        return BatchScores(logits, computed, len(items) * max(len(t) for t in tails),
-                           prefill_tokens=prefill_tokens)
+    def score(self, batch: Batch) -> BatchScores:
+        kvs, spent = self._prefix_kv(batch.prefixes)
+        tails = [row.ids[batch.prefix_len(row):] for row in batch.rows]
+        computed = [len(t) for t in tails]
+        first_row: dict[int, int] = {}
+        for i, row in enumerate(batch.rows):
+            first_row.setdefault(row.prefix, i)
+        for p, tokens in enumerate(spent):  # a prefix computed now counts once, on its first row
+            computed[first_row.get(p, 0)] += tokens
+        logits = self.scorer.score(tails, kvs, [row.prefix for row in batch.rows]).tolist()
+        return BatchScores(logits, computed, len(tails) * max(map(len, tails)), prefill_tokens=sum(spent))
 
-    def _prefill(self, missing: dict[tuple[int, ...], list[int]], pasts: list[KV | None],
-                 computed: list[int]) -> int:
-        """Compute and cache the batch's missing prefixes; the tokens that took. Every prompt
-        starts with the template's system prompt: it is computed once and cached like any
-        prefix (single-document requests use it alone), and a request's longer prefix is
-        computed on top of it, so only its instruction and query run."""
-        system = tuple(self.builder.prefix_ids)
-        on_system = [k for k in missing if len(k) > len(system) and k[: len(system)] == system]
-        plain = [k for k in missing if k not in on_system]
-        base = self.cache.get(system) if on_system else None
-        if on_system and base is None and system not in missing:
-            plain.append(system)  # needed only as the base of the others
-        spent = 0
-        if plain:
-            for key, kv in zip(plain, self.scorer.prefill([list(k) for k in plain])):
-                rows = missing.get(key, [])
-                self.cache.put(key, kv)
-                computed[rows[0] if rows else missing[on_system[0]][0]] += len(key)  # counted once
-                spent += len(key)
-                for i in rows:
-                    pasts[i] = kv
-                if key == system:
-                    base = kv
-        if on_system:
-            assert base is not None
-            tails = [list(k[len(system):]) for k in on_system]
-            for key, kv in zip(on_system, self.scorer.prefill(tails, past=base)):
-                rows = missing[key]
-                self.cache.put(key, kv)
-                computed[rows[0]] += len(key) - len(system)
-                spent += len(key) - len(system)
-                for i in rows:
-                    pasts[i] = kv
-        return spent
+    def score_rows(self, items: Sequence[Item]) -> BatchScores:
+        """Score rows given as (ids, prefix length), without a batcher (benchmarks, tests):
+        rows whose prefixes have the same ids share one ``Prefix``, built on the system prompt
+        when they start with it."""
+        system = self.builder.system
+        prefixes: dict[tuple[int, ...], Prefix] = {tuple(system.ids): system}
+        used: dict[Prefix, int] = {}
+        rows = []
+        for it in items:
+            if not it.prefix_len:
+                rows.append(Row(it.ids))
+                continue
+            ids = it.ids[: it.prefix_len]
+            on_system = ids[: len(system.ids)] == system.ids
+            prefix = prefixes.setdefault(tuple(ids), Prefix(ids, base=system if on_system else None))
+            rows.append(Row(it.ids, used.setdefault(prefix, len(used))))
+        return self.score(Batch(rows, list(used)))
+
+    def _prefix_kv(self, prefixes: Sequence[Prefix]) -> tuple[list[KV], list[int]]:
+        """Each prefix's K/V, cached or computed now, and the tokens computed for each. A
+        prefix with a ``base`` (a request's, on the system prompt) is computed on top of the
+        base's K/V, so only its instruction and query run; missing bases come first."""
+        known: dict[Prefix, KV] = {}
+        charge: dict[Prefix, int] = {}  # missing -> the batch prefix whose first row is charged
+        for n, prefix in enumerate(prefixes):
+            for p in (prefix, prefix.base):
+                if p is None or p in known or p in charge:
+                    break
+                kv = self.cache.get(p)
+                if kv is not None:
+                    known[p] = kv
+                    break
+                charge[p] = n  # and its base, if that is missing too
+        spent = [0] * len(prefixes)
+        on_base: dict[Prefix, list[Prefix]] = {}
+        roots = []
+        for p in charge:
+            if p.base is None or p.base not in known and p.base not in charge:
+                roots.append(p)  # computed whole
+            else:
+                on_base.setdefault(p.base, []).append(p)
+        self._compute(roots, None, known, charge, spent)
+        for base, members in on_base.items():
+            self._compute(members, base, known, charge, spent)
+        return [known[p] for p in prefixes], spent
+
+    def _compute(self, prefixes: list[Prefix], base: Prefix | None, known: dict[Prefix, KV],
+                 charge: dict[Prefix, int], spent: list[int]) -> None:
+        if not prefixes:
+            return
+        skip = 0 if base is None else len(base.ids)
+        kvs = self.scorer.prefill([p.ids[skip:] for p in prefixes], past=None if base is None else known[base])
+        for p, kv in zip(prefixes, kvs):
+            self.cache.put(p, kv)
+            known[p] = kv
+            spent[charge[p]] += len(p.ids) - skip
 
 
 @dataclass(frozen=True, slots=True)
-class _Item:
+class Item:
+    """A row for ``score_rows``: its full prompt ids, and how many lead ids are a prefix."""
+
     ids: list[int]
     prefix_len: int
 

@@ -15,7 +15,30 @@ if TYPE_CHECKING:
     from worker.prompt import PromptBuilder
 
 
-ATTENTION_KINDS = ("padded", "varlen")  # ``--attention``: see worker/qwen3.py
+class Attention(enum.StrEnum):
+    """How the runner lays out attention (worker/qwen3.py)."""
+
+    PADDED = "padded"  # masked SDPA over padded rows; every device
+    VARLEN = "varlen"  # FlashAttention's variable-length kernel: CUDA, 16-bit only
+
+
+class DType(enum.StrEnum):
+    """The weights' and activations' floating-point type; ``bf16``-style short names parse too."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+    @classmethod
+    def _missing_(cls, value: object) -> DType | None:
+        return {"fp32": cls.FLOAT32, "bf16": cls.BFLOAT16, "fp16": cls.FLOAT16}.get(str(value).lower())
+
+
+class Device(enum.StrEnum):
+    """The kind of device the model runs on (its index, if any, is the runner's business)."""
+
+    CPU = "cpu"
+    CUDA = "cuda"
 
 
 class Truncation(enum.Enum):
@@ -79,29 +102,64 @@ class ScoreResult:
     timings_ms: dict[str, float] = field(default_factory=dict)
 
 
-class WorkItem(Protocol):
-    """One document of one request, as the runner sees it."""
+@dataclass(frozen=True, eq=False, slots=True)
+class Prefix:
+    """Leading ids that several rows share, computed once and cached by the runner.
 
-    @property
-    def ids(self) -> list[int]: ...  # full prompt ids
-    @property
-    def prefix_len(self) -> int: ...  # leading ids to take from the prefix cache; 0: none
+    Identity is the key: the batcher makes one per request (and the prompt builder one for
+    the template's system prompt, shared by every request), so a prefix is found again by
+    the object its rows carry, never by comparing or hashing ids."""
+
+    ids: list[int]
+    base: Prefix | None = None  # a prefix these ids start with: computed first, and only the rest on top
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    ids: list[int]  # the document's full prompt
+    prefix: int = -1  # index into ``Batch.prefixes``; -1: no prefix, every id is computed
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """What the runner scores in one forward pass: rows, and each distinct prefix once."""
+
+    rows: Sequence[Row]
+    prefixes: Sequence[Prefix] = ()
+
+    def prefix_len(self, row: Row) -> int:
+        return 0 if row.prefix < 0 else len(self.prefixes[row.prefix].ids)
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    model: str
+    max_length: int  # tokens in one prompt
+    dtype: DType
+    device: Device
+    attention: Attention
 
 
 @dataclass(frozen=True, slots=True)
 class BatchScores:
-    logits: list[float]  # logit_yes - logit_no per item, in the batch's order
-    computed: list[int]  # tokens each item made the model run (a new prefix counts once)
+    logits: list[float]  # logit_yes - logit_no per row, in the batch's order
+    computed: list[int]  # tokens each row made the model run (a new prefix counts once)
     padded_tokens: int  # rows * longest row of new (non-prefix) tokens: the attention's padded size
     prefill_tokens: int = 0  # of ``computed``, the tokens of shared prefixes computed in this batch
 
 
 class Runner(Protocol):
     """The seam between the batcher and a model (``worker.runner.ModelRunner``);
-    ``worker.fake.FakeRunner`` fakes it for tests of everything above."""
+    ``worker.fake.FakeRunner`` fakes it for tests of everything above. Data in, data out:
+    the runner is handed whole batches and never calls back into the batcher."""
+
+    def score(self, batch: Batch) -> BatchScores: ...
+    def warmup(self) -> None: ...
+    def info(self) -> RunnerInfo: ...
+
+
+class LoadedModel(Runner, Protocol):
+    """What a model loader returns: the runner, and the prompt builder for its tokenizer,
+    which the composition root hands to the batcher (the runner never builds prompts)."""
 
     builder: PromptBuilder
-
-    def score(self, items: Sequence[WorkItem]) -> BatchScores: ...
-    def warmup(self) -> None: ...
-    def describe(self) -> dict[str, str]: ...

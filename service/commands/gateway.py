@@ -12,13 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from service import config as serve_config
-from service.commands.keys import add_database_arguments
+from service import config as knobs
 
 if TYPE_CHECKING:
     from clients import Pacing
@@ -26,39 +24,13 @@ if TYPE_CHECKING:
     from service.http_server import HttpServer
     from service.remote import RemoteEngine
 
-HELP = "run the billed HTTP gateway alone, in front of remote gRPC Rerank servers"
+HELP = ("run the billed HTTP gateway alone, in front of remote gRPC Rerank servers (every knob also reads "
+        "RERANK_<KNOB> from the environment)")
 log = logging.getLogger("rerank.gateway")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--backend", action="append", required=True, metavar="HOST:PORT",
-                        help="a gRPC Rerank server to score on (repeat for several; round robin)")
-    parser.add_argument("--host", default="0.0.0.0", metavar="H", help="address to bind")
-    parser.add_argument("--http-port", type=int, default=8080, metavar="N", help="HTTP port; 0 picks a free one")
-    add_database_arguments(parser)
-    parser.add_argument("--auth", default=True, action=argparse.BooleanOptionalAction,
-                        help="require API keys; --no-auth serves everyone as 'anonymous' (trusted networks only)")
-    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="gateways sharing each key's rate limit")
-    parser.add_argument("--rate-limit-rps", type=float, metavar="X", help="requests/s per key without its own limit")
-    parser.add_argument("--rate-limit-dps", type=float, metavar="X", help="documents/s per key without its own limit")
-    parser.add_argument("--idempotency-ttl-h", type=float, default=24.0, metavar="X",
-                        help="hours an Idempotency-Key is remembered: a retry within it replays the stored "
-                             "reply unbilled; after it, the key starts a new, billed call (default: 24)")
-    parser.add_argument("--backend-api-key", default=os.environ.get("RERANK_BACKEND_API_KEY"), metavar="KEY",
-                        help="key the backends require, if they run with auth [env RERANK_BACKEND_API_KEY]")
-    parser.add_argument("--backend-tls", action="store_true", help="TLS to the backends")
-    parser.add_argument("--timeout-s", type=float, default=60.0, metavar="X", help="deadline of one backend call")
-    parser.add_argument("--backend-rps", type=float, metavar="X",
-                        help="pace calls to each backend to X requests/s (the client's Pacing); default: unpaced")
-    parser.add_argument("--backend-dps", type=float, metavar="X", help="pace each backend to X documents/s")
-    parser.add_argument("--backend-retries", type=int, default=0, metavar="N",
-                        help="retry a backend's RESOURCE_EXHAUSTED up to N times after its retry-after-ms, with "
-                             "the same request id (replayed, never billed twice); 0: answer 429 at once")
-    parser.add_argument("--connect-timeout-s", type=float, default=600.0, metavar="X",
-                        help="wait this long at start for a backend to answer (they may be loading)")
-    parser.add_argument("--grace-s", type=float, default=30.0, metavar="X",
-                        help="on SIGTERM, let in-flight calls finish this long")
-    serve_config.add_arguments(parser, only=serve_config.HTTP_EDGE_FIELDS)  # the same --http-* limits as serve
+    knobs.add_arguments(parser, config=knobs.GatewayConfig)
 
 
 @dataclass
@@ -75,47 +47,44 @@ class Gateway:
         await self.billing.ledger.close()
 
 
-def backend_pacing(args: argparse.Namespace) -> Pacing | None:
-    """The client's pacing for backend calls, when any of its flags asks for it."""
+def backend_pacing(config: knobs.GatewayConfig) -> Pacing | None:
+    """The client's pacing for backend calls, when any of its knobs asks for it."""
     from clients import Pacing
 
-    if args.backend_rps is None and args.backend_dps is None and not args.backend_retries:
+    if config.backend_rps is None and config.backend_dps is None and not config.backend_retries:
         return None
-    return Pacing(requests_per_s=args.backend_rps, documents_per_s=args.backend_dps,
-                  max_retries=args.backend_retries)
+    return Pacing(requests_per_s=config.backend_rps, documents_per_s=config.backend_dps,
+                  max_retries=config.backend_retries)
 
 
 async def start(args: argparse.Namespace) -> Gateway:
     """Open the ledger, find the backends' model, serve HTTP; raises OSError/ValueError."""
-    from service.billing import open_billing
-    from service.core import Limits, RerankCore
+    from service.app import CoreParts, build_core
+    from service.core import Limits
     from service.gateway import create_app
     from service.http_server import HttpServer
     from service.remote import RemoteEngine
 
-    billing = open_billing(args.db, args.data_dir, require_keys=args.auth, replicas=args.replicas,
-                           default_rps=args.rate_limit_rps, default_dps=args.rate_limit_dps,
-                           idempotency_ttl_h=args.idempotency_ttl_h)
-    engine = RemoteEngine(args.backend, api_key=args.backend_api_key, tls=args.backend_tls,
-                          timeout_s=args.timeout_s, pacing=backend_pacing(args))
+    config = knobs.config_from_args(args, knobs.GatewayConfig)
+    if not config.backend or config.http_port is None:
+        raise ValueError("no backend or no HTTP port: pass --backend HOST:PORT and --http-port N")
+    billing = config.open_billing()
+    engine = RemoteEngine(list(config.backend), api_key=config.backend_api_key, tls=config.backend_tls,
+                          timeout_s=config.timeout_s, pacing=backend_pacing(config))
     try:
-        model = await engine.connect(args.connect_timeout_s)
+        model = await engine.connect(config.connect_timeout_s)
     except BaseException:
         await engine.close()
         await billing.ledger.close()
         raise
-    lim = model.limits
-    limits = Limits(max_documents=lim.max_documents, max_queries=lim.max_queries,
-                    max_query_chars=lim.max_query_chars, max_instruction_chars=lim.max_instruction_chars,
-                    max_document_chars=lim.max_document_chars, max_request_bytes=lim.max_request_bytes)
-    core = RerankCore(engine, model_name=model.model, limits=limits, auth=billing.auth, limiter=billing.limiter,
-                      ledger=billing.ledger)
+    core = build_core(config, engine, model_name=model.model, limits=Limits(**asdict(model.limits)),
+                      parts=CoreParts(billing.auth, billing.limiter, billing.ledger))
     draining = asyncio.Event()
-    edge = serve_config.edge_limits(args)
-    server = HttpServer(create_app(core, ready=lambda: not draining.is_set(), edge=edge), host=args.host,
-                        port=args.http_port, grace_s=args.grace_s, limits=edge)
+    edge = config.edge_limits()
+    server = HttpServer(create_app(core, ready=lambda: not draining.is_set(), edge=edge), host=config.host,
+                        port=config.http_port, grace_s=config.grace_s, limits=edge)
     await server.start()
-    log.info("gateway for %s on %d backend(s): %s", model.model, len(args.backend), ", ".join(args.backend))
+    log.info("gateway for %s on %d backend(s): %s", model.model, len(config.backend), ", ".join(config.backend))
     return Gateway(engine, billing, server, draining)
 
 

@@ -22,7 +22,8 @@ from service import config as serve_config
 if TYPE_CHECKING:
     from service.app import App
 
-HELP = "serve the Rerank gRPC API (every knob also reads RERANK_<KNOB> from the environment)"
+HELP = ("serve the reranker over gRPC and HTTP/JSON (every knob also reads RERANK_<KNOB> from the "
+        "environment)")
 log = logging.getLogger("rerank.serve")
 MODEL_HINT = ("--model takes a Hugging Face hub id (which needs network access or the model in the local Hugging "
               "Face cache) or a local checkpoint directory; `rerank make-test-model DIR` writes a random-weight "
