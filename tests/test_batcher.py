@@ -13,7 +13,16 @@ import pytest
 import worker.batcher
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.fake import FakeRunner, fake_logit
-from worker.types import InvalidInput, ModelFailure, Overloaded, ScoreRequest, ShuttingDown, Truncation
+from worker.types import (
+    Batch,
+    BatchScores,
+    InvalidInput,
+    ModelFailure,
+    Overloaded,
+    ScoreRequest,
+    ShuttingDown,
+    Truncation,
+)
 
 
 async def entered(runner: FakeRunner) -> None:
@@ -348,3 +357,26 @@ async def test_linger_counts_from_the_oldest_arrival(monkeypatch: pytest.MonkeyP
         runner.gate.set()
         await batcher.close()
     assert [len(b) for b in runner.batches] == [2, 1]
+
+
+async def test_a_query_asked_again_finds_its_prefix() -> None:
+    """The runner caches prefix K/V by the ``Prefix`` object: a request repeating an earlier
+    query (the next page, a retry, another caller) must carry the same object, or its prefix
+    is computed again; a different query must not."""
+    seen: list[object] = []
+
+    class Recording(FakeRunner):
+        def score(self, batch: Batch) -> BatchScores:
+            seen.extend(p for p in batch.prefixes if p is not self.builder.system)
+            return super().score(batch)
+
+    runner = Recording()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
+    batcher.start()
+    try:
+        for query in ("capital of France", "capital of France", "yellow fruit"):
+            await batcher.score(ScoreRequest(query, ["Paris is the capital.", "Bananas are yellow."]))
+    finally:
+        await batcher.close()
+    assert len(seen) == 3
+    assert seen[0] is seen[1] and seen[2] is not seen[0]

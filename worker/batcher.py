@@ -27,6 +27,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -52,6 +53,10 @@ from worker.types import (
 log = logging.getLogger(__name__)
 
 SMALL_CALL_CHARS = 16_384  # query + documents: a few milliseconds of tokenizing at most
+
+
+# query prefixes remembered for reuse across requests (the runner's cache bounds the memory)
+RECENT_PREFIXES = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,6 +126,9 @@ class Batcher:
                  on_batch: Callable[[BatchStats], None] | None = None) -> None:
         self.runner = runner
         self.builder = builder
+        # the query prefixes of recent requests by their ids, so a query asked again (the next
+        # page of results, a retry, many callers asking the same) finds its cached K/V
+        self._recent_prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.config = config or BatcherConfig()
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens,
                                 self.config.max_batch_size, self.config.window)
@@ -202,7 +210,13 @@ class Batcher:
             return None
         if len(prompts.sequences) == 1 or prompts.shared_len <= len(system.ids):
             return system
-        return Prefix(prompts.sequences[0][: prompts.shared_len], base=system)
+        ids = prompts.sequences[0][: prompts.shared_len]
+        key = tuple(ids)
+        prefix = self._recent_prefixes.pop(key, None) or Prefix(ids, base=system)
+        self._recent_prefixes[key] = prefix  # most recent last
+        if len(self._recent_prefixes) > RECENT_PREFIXES:
+            self._recent_prefixes.popitem(last=False)
+        return prefix
 
     def _admit(self, docs: int, tokens: int = 0) -> None:
         """Refuse work past either limit: documents, or tokens (what the model must run). A call
