@@ -91,7 +91,7 @@ async def run_phase(runner: ModelRunner, config: BatcherConfig, into: Phase, flo
     phase is the flood's fixed work, start to finish (the same under every policy), and the
     quiet tenant runs from ``--flood-lead-s`` after its first batch until it is done."""
     phase = Phase(into.name)
-    batcher = Batcher(runner, config, on_batch=phase.batches.append)
+    batcher = Batcher(runner, runner.builder, config, on_batch=phase.batches.append)
     batcher.start()
     started = time.perf_counter()
     try:

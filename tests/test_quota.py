@@ -22,11 +22,12 @@ import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
 from sqlalchemy import insert, select
 
-from service.core import BatcherEngine, Principal, RerankCall, RerankCore, RerankQuery
+from service.core import Principal, RerankCall, RerankCore, RerankQuery
 from service.db import create_schema, open_engine, quota_reservations, usage_records
 from service.errors import Code, ServiceError
 from service.keys import KeyStore
 from service.ledger import SqlLedger
+from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 
@@ -46,7 +47,7 @@ async def start_replica(url: str) -> Replica:
     engine = open_engine(url)
     await create_schema(engine)
     runner = FakeRunner()
-    batcher = Batcher(runner, BatcherConfig(max_wait_ms=0, max_queued_docs=100_000))
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, max_queued_docs=100_000))
     batcher.start()
     keys, ledger = KeyStore(engine), SqlLedger(engine)
     core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger)

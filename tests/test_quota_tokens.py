@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from service.core import BatcherEngine, Principal, RerankCall, RerankCore, RerankQuery, estimate_prompt_tokens
+from service.core import Principal, RerankCall, RerankCore, RerankQuery, estimate_prompt_tokens
 from service.errors import Code, ServiceError
+from service.local import BatcherEngine
 from service.ratelimit import KeyRateLimiter
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
@@ -52,7 +53,8 @@ class Keys:
 
 @pytest.fixture
 async def batcher() -> AsyncIterator[Batcher]:
-    batcher = Batcher(FakeRunner(), BatcherConfig(max_wait_ms=0))
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0))
     batcher.start()
     yield batcher
     await batcher.close()
