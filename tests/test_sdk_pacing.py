@@ -34,11 +34,14 @@ class RefuseFirst:
         self.retry_after_s = retry_after_s
         self.admits = 0
 
-    async def admit(self, principal: Principal, documents: int) -> None:
+    async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
         self.admits += 1
         if self.refusals:
             self.refusals -= 1
             raise ServiceError(Code.RATE_LIMITED, "over the key's rate limit", retry_after_s=self.retry_after_s)
+
+    def refund(self, principal: Principal, tokens: int) -> None:
+        pass
 
 
 @asynccontextmanager
@@ -66,7 +69,8 @@ async def test_refusal_with_a_hint_is_retried_with_the_same_request_id_and_bille
         first = await client.rerank("bears", DOCS, request_id="job-1")
         again = await client.rerank("bears", DOCS, request_id="job-1")  # a caller's own retry: replayed
         records = await ledger.records()
-    assert limiter.admits == 3  # two refused attempts, then the one that was scored
+    # two refused attempts, the one scored, and the replay (a request against the rate, unbilled)
+    assert limiter.admits == 4
     assert first.request_id == "job-1" and not first.replayed
     assert again.replayed and again.results == first.results
     assert [(r.idempotency_key, r.documents) for r in records] == [("job-1", len(DOCS))]

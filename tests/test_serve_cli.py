@@ -216,6 +216,7 @@ def test_http_edge_flags_reach_the_limits_of_serve_and_gateway() -> None:
     parser = argparse.ArgumentParser()
     gateway.add_arguments(parser)
     args = parser.parse_args(["--backend", "h:1", "--http-max-body-bytes-in-flight", "1000"])
-    assert serve_config.edge_limits(args) == EdgeLimits(max_body_bytes_in_flight=1000)
+    config = serve_config.config_from_args(args, serve_config.GatewayConfig)
+    assert config.edge_limits() == EdgeLimits(max_body_bytes_in_flight=1000)
     with pytest.raises(ValueError, match="--http-max-connections must be positive"):
         EdgeLimits(max_connections=0)
