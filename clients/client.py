@@ -171,11 +171,12 @@ def _truncation(truncate: bool) -> pb.Truncation.ValueType:
 
 def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | None, top_n: int | None,
                     return_documents: bool, truncate: bool, model: str | None,
-                    request_id: str | None, max_tokens_per_doc: int | None = None) -> pb.RerankRequest:
+                    request_id: str | None, max_tokens_per_doc: int | None = None,
+                    priority: int | None = None) -> pb.RerankRequest:
     return pb.RerankRequest(model=model or "", query=query, documents=list(documents), instruction=instruction,
                             top_n=top_n or 0, return_documents=return_documents,
                             truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex,
-                            max_tokens_per_doc=max_tokens_per_doc)
+                            max_tokens_per_doc=max_tokens_per_doc, priority=priority)
 
 
 def _batch_request(queries: Sequence[Query], model: str | None, request_id: str | None) -> pb.RerankBatchRequest:
@@ -257,11 +258,12 @@ class RerankClient:
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
-               timeout_s: float | None = None) -> RerankResult:
-        """Score ``documents`` against ``query``; best first, cut to ``top_n``."""
+               priority: int | None = None, timeout_s: float | None = None) -> RerankResult:
+        """Score ``documents`` against ``query``; best first, cut to ``top_n``. ``priority``: 0
+        (first) to 999; None: the key's default."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
         return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
@@ -316,10 +318,11 @@ class AsyncRerankClient:
     async def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                      top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                      model: str | None = None, request_id: str | None = None,
-                     max_tokens_per_doc: int | None = None, timeout_s: float | None = None) -> RerankResult:
+                     max_tokens_per_doc: int | None = None, priority: int | None = None,
+                     timeout_s: float | None = None) -> RerankResult:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
         return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,

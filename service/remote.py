@@ -70,7 +70,8 @@ class RemoteEngine:
             try:
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
                                             truncate=request.truncation is Truncation.END,
-                                            max_tokens_per_doc=request.max_document_tokens)
+                                            max_tokens_per_doc=request.max_document_tokens,
+                                            priority=request.priority)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue

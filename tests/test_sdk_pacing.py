@@ -142,3 +142,24 @@ async def test_gateway_backend_calls_are_paced_and_retried(tmp_path: Path) -> No
         finally:
             await engine.close()
     assert [s.index for s in result.scores] == [0, 1, 2] and limiter.admits == 2
+
+
+async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None:
+    """The gateway's core settles a call's priority (the key's default, or its clamped ask);
+    the backend's scheduler must see that priority, not its own default, nor lose the cut."""
+    async with running_app() as app:
+        seen: list[ScoreRequest] = []
+        score = app.engine.score
+
+        async def spy(request: ScoreRequest) -> object:
+            seen.append(request)
+            return await score(request)
+
+        app.engine.score = spy  # type: ignore[method-assign]
+        engine = RemoteEngine([target(app)])
+        try:
+            await engine.connect(timeout_s=5)
+            await engine.score(ScoreRequest("bears", DOCS, priority=7, max_document_tokens=2))
+        finally:
+            await engine.close()
+    assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2)]
