@@ -14,7 +14,7 @@ the flood <= quiet p99 alone + one maximal batch.
 
     python bench/noisy_neighbour.py --size tiny --model-dir /work/models/qwen3-reranker-tiny-random
     python bench/noisy_neighbour.py --size 0.6b --model-dir /work/models/qwen3-reranker-0.6b-random \\
-        --flood-docs 8 --flood-doc-tokens 256 --max-batch-tokens 512 --rounds 1
+        --flood-docs 4 --flood-doc-tokens 128 --max-batch-tokens 256 --rounds 1 --seconds 15
 """
 
 from __future__ import annotations

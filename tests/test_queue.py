@@ -174,6 +174,17 @@ def test_a_call_arriving_during_a_flood_runs_in_the_next_batch() -> None:
     assert labels(queue.next_batch()) == "q"
 
 
+def test_a_short_call_runs_without_rows_that_are_not_yet_due() -> None:
+    """The flood's rows would fit the budget beside the quiet tenant's row, but they are not
+    due yet: they would make the quiet call's own batch as slow as a full one."""
+    queue = FairQueue(max_batch_tokens=256, max_batch_size=64)
+    queue.append(entries([128] * 8, Owner(label="F")), tenant="flood")
+    assert labels(queue.next_batch()) == "FF"
+    queue.append(entries([40], Owner(label="q")), tenant="quiet")
+    assert labels(queue.next_batch()) == "q"
+    assert labels(queue.next_batch()) == "FF"
+
+
 def test_an_idle_tenant_banks_no_credit() -> None:
     """A tenant that was away gets its share from its return on, not the tokens it missed."""
     queue = FairQueue(max_batch_tokens=100, max_batch_size=64)

@@ -36,9 +36,12 @@ Invariants
   of the class chosen, so the tenant of a class that has had the fewest tokens served since
   it had work queued is in the next batch: a call never waits for another tenant's call to
   finish, only for the batch in flight (and the same between the requests of one tenant).
-  Another tenant's row joins only if its fair start is within ``max_batch_tokens`` of the
-  head's, so two tenants with work queued throughout never differ in tokens charged by more
-  than ``2 * max_batch_tokens``, however length bucketing picks within that horizon.
+  Another tenant's row joins only if its fair start is no later than the head's start plus
+  the head's own tokens, so a short call's batch is not filled with rows that are not yet
+  due (on a CPU a batch takes time in proportion to its padded tokens: the short call would
+  wait for two maximal batches, not one); and two tenants with work queued throughout never
+  differ in tokens charged by more than ``2 * max_batch_tokens``, however length bucketing
+  picks within that horizon.
 * Starvation bound (``FairQueue``): while several priority classes have work, at least one
   batch in every ``share_every`` is headed by the class of the oldest queued request; so
   once a request is the oldest queued, its class is served within ``share_every`` batches,
@@ -236,11 +239,11 @@ class FairQueue(_QueueBase):
         tiers: list[int] = []
         rest = sorted((c for c in self._classes.values() if c is not chosen), key=lambda c: c.priority)
         for tier, cls in enumerate([chosen, *rest]):
-            first: tuple[int, int] | None = None  # the class head's tenant and its start
+            first: tuple[int, int] | None = None  # the tier head's tenant, and its start plus its cost
             for entry, start, tenant in itertools.islice(self._fair_order(cls), self.window - len(candidates)):
-                first = first or (tenant, start)
-                if tenant != first[0] and start > first[1] + self.max_batch_tokens:
-                    continue  # another tenant's row ahead of its fair turn
+                first = first or (tenant, start + entry.cost)
+                if tenant != first[0] and start > first[1]:
+                    continue  # another tenant's row, not due before the head has had its tokens
                 candidates.append(entry)
                 tiers.append(tier)
         batch = self.budget.fill(candidates, tiers)
