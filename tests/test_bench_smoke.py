@@ -57,9 +57,16 @@ def test_dtype_compare_refuses_a_mode_list_without_its_baseline(tiny_model_dir: 
 def test_noisy_neighbour_runs_every_phase(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "noisy.json"
     run_script("bench/noisy_neighbour.py", "--model-dir", str(tiny_model_dir), "--seconds", "0.5",
-               "--flood-docs", "3", "--flood-doc-tokens", "40", "--flood-lead-s", "0.1", "--rounds", "1", "--json", str(out))
+               "--flood-docs", "3", "--flood-doc-tokens", "40", "--flood-lead-s", "0.1", "--rounds", "1",
+               "--json", str(out))
     rows = json.loads(out.read_text())["rows"]
     assert [r["phase"] for r in rows] == ["quiet alone", "flood alone, fifo", "flood alone, fair",
                                           "flood, fifo", "flood, fair"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert [r["quiet_calls"] >= 1 for r in rows] == [True, False, False, True, True]
+
+
+def test_scheduler_cost_reports_both_policies() -> None:
+    rows = [line.split("|")[1:-1] for line in run_script("bench/scheduler_cost.py").splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["fifo", "fair"] * 4
+    assert all(float(r[3]) >= 1.0 for r in rows)  # padding never below the real tokens
