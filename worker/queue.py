@@ -34,8 +34,9 @@ Invariants
   shared prefix is cached); attention also reads the prefix, hence the second bound.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
   of the class chosen, so the tenant of a class that has had the fewest tokens served since
-  it had work queued is in the next batch: a call never waits for another tenant's call to
-  finish, only for the batch in flight (and the same between the requests of one tenant).
+  it had work queued is in the next batch. A call never waits for another tenant's call to
+  finish: only for the batch in flight and the turns of tenants no further ahead than it
+  (one batch each at most); the same holds between the requests of one tenant.
   Another tenant's row joins only if its fair start is within ``max_batch_tokens`` of the
   head's, so two tenants with work queued throughout never differ in tokens charged by more
   than ``2 * max_batch_tokens``, however length bucketing picks within that horizon. A row
