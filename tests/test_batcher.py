@@ -304,3 +304,24 @@ async def test_a_small_call_is_not_tokenized_behind_large_ones() -> None:
     finally:
         release.set()
         await batcher.close()
+
+
+async def test_a_full_queue_still_takes_one_call_of_a_key_with_nothing_in_flight(blocked) -> None:  # type: ignore[no-untyped-def]
+    """One key's flood fills the queue: another key is not locked out (one call at a time),
+    while the flooding key is refused."""
+    batcher, runner, _ = blocked
+    first = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"], tenant="flood")))
+    await entered(runner)
+    flood = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"] * 19, tenant="flood")))
+    while batcher.queued_docs < 19:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.score(ScoreRequest("q", ["d"] * 2, tenant="flood"))  # 19 + 2 > 20
+    quiet = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"] * 2, tenant="quiet")))
+    while batcher.queued_docs < 21 and not quiet.done():
+        await asyncio.sleep(0)
+    assert not quiet.done(), quiet.exception()  # queued past the limit, not refused
+    with pytest.raises(Overloaded):
+        await batcher.score(ScoreRequest("q", ["e"] * 2, tenant="quiet"))  # its first is still queued
+    runner.gate.set()
+    await asyncio.gather(first, flood, quiet)
