@@ -14,7 +14,7 @@ the flood <= quiet p99 alone + one maximal batch.
 
     python bench/noisy_neighbour.py --size tiny --model-dir /work/models/qwen3-reranker-tiny-random
     python bench/noisy_neighbour.py --size 0.6b --model-dir /work/models/qwen3-reranker-0.6b-random \\
-        --flood-docs 8 --flood-doc-tokens 256 --max-batch-tokens 512 --rounds 1
+        --flood-docs 4 --flood-doc-tokens 128 --max-batch-tokens 256 --rounds 1 --seconds 15
 """
 
 from __future__ import annotations
@@ -58,7 +58,12 @@ class Phase:
         return {"phase": self.name, "quiet_calls": len(self.quiet_ms),
                 "quiet_p50_ms": round(percentile(quiet, 50), 1), "quiet_p99_ms": round(percentile(quiet, 99), 1),
                 "quiet_max_ms": round(max(quiet), 1),
-                "tokens_per_s": round(tokens / self.seconds), "batches": len(self.batches),
+                "tokens_per_s": round(tokens / self.seconds), "seconds": round(self.seconds, 2),
+                # the model thread's busy time: wall time less idle gaps (tokenizing, waking up)
+                "model_s": round(sum(b.seconds for b in self.batches), 2), "batches": len(self.batches),
+                # where the model's time went: batches of one short row (the quiet tenant's) and the rest
+                "short_batch_ms": _mean_ms([b for b in self.batches if b.computed_tokens < SHORT_BATCH_TOKENS]),
+                "long_batch_ms": _mean_ms([b for b in self.batches if b.computed_tokens >= SHORT_BATCH_TOKENS]),
                 "max_batch_ms": round(1000 * max((b.seconds for b in self.batches), default=0.0), 1)}
 
 
@@ -67,6 +72,13 @@ def text_of_about(tokenizer, rng: random.Random, n: int) -> str:  # type: ignore
     word removed: minutes for the flood's 3,000-token documents)."""
     ids = tokenizer(" ".join(rng.choice(WORDS) for _ in range(n)), add_special_tokens=False)["input_ids"]
     return str(tokenizer.decode(ids[:n]))
+
+
+SHORT_BATCH_TOKENS = 500
+
+
+def _mean_ms(batches: list[BatchStats]) -> float:
+    return round(1000 * sum(b.seconds for b in batches) / len(batches), 1) if batches else float("nan")
 
 
 async def quiet_tenant(batcher: Batcher, phase: Phase, until: Callable[[], bool], gap_s: float) -> None:

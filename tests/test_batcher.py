@@ -36,8 +36,9 @@ async def blocked() -> AsyncIterator[tuple[Batcher, FakeRunner, list[BatchStats]
     runner = FakeRunner()
     runner.gate.clear()
     stats: list[BatchStats] = []
-    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64, max_wait_ms=0,
-                                            max_queued_docs=20), on_batch=stats.append)
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_batch_size=64,
+                                                            max_wait_ms=0, max_queued_docs=20),
+                      on_batch=stats.append)
     batcher.start()
     yield batcher, runner, stats
     runner.gate.set()
@@ -380,3 +381,24 @@ async def test_a_query_asked_again_finds_its_prefix() -> None:
         await batcher.close()
     assert len(seen) == 3
     assert seen[0] is seen[1] and seen[2] is not seen[0]
+
+
+async def test_a_full_queue_still_takes_one_call_of_a_key_with_nothing_in_flight(blocked) -> None:  # type: ignore[no-untyped-def]
+    """One key's flood fills the queue: another key is not locked out (one call at a time),
+    while the flooding key is refused."""
+    batcher, runner, _ = blocked
+    first = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"], tenant="flood")))
+    await entered(runner)
+    flood = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"] * 19, tenant="flood")))
+    while batcher.queued_docs < 19:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        await batcher.score(ScoreRequest("q", ["d"] * 2, tenant="flood"))  # 19 + 2 > 20
+    quiet = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"] * 2, tenant="quiet")))
+    while batcher.queued_docs < 21 and not quiet.done():
+        await asyncio.sleep(0)
+    assert not quiet.done(), quiet.exception()  # queued past the limit, not refused
+    with pytest.raises(Overloaded):
+        await batcher.score(ScoreRequest("q", ["e"] * 2, tenant="quiet"))  # its first is still queued
+    runner.gate.set()
+    await asyncio.gather(first, flood, quiet)

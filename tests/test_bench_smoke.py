@@ -64,3 +64,9 @@ def test_noisy_neighbour_runs_every_phase(tiny_model_dir: Path, tmp_path: Path) 
                                           "flood, fifo", "flood, fair"]
     assert all(r["tokens_per_s"] > 0 for r in rows)
     assert [r["quiet_calls"] >= 1 for r in rows] == [True, False, False, True, True]
+
+
+def test_scheduler_cost_reports_both_policies() -> None:
+    rows = [line.split("|")[1:-1] for line in run_script("bench/scheduler_cost.py").splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["fifo", "fair"] * 4
+    assert all(float(r[3]) >= 1.0 for r in rows)  # padding never below the real tokens

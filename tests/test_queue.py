@@ -174,6 +174,27 @@ def test_a_call_arriving_during_a_flood_runs_in_the_next_batch() -> None:
     assert labels(queue.next_batch()) == "q"
 
 
+def test_a_short_call_runs_without_rows_that_are_not_yet_due() -> None:
+    """The flood's rows would fit the budget beside the quiet tenant's row, but they are not
+    due yet: they would make the quiet call's own batch as slow as a full one."""
+    queue = FairQueue(max_batch_tokens=256, max_batch_size=64)
+    queue.append(entries([128] * 8, Owner(label="F")), tenant="flood")
+    assert labels(queue.next_batch()) == "FF"
+    queue.append(entries([40], Owner(label="q")), tenant="quiet")
+    assert labels(queue.next_batch()) == "q"
+    assert labels(queue.next_batch()) == "FF"
+
+
+def test_rows_not_yet_due_still_fill_a_batch_at_the_heads_width() -> None:
+    """Shorter rows of another tenant cost the head's batch nothing in width: they may fill it
+    (keeping batches full) while within one budget of their fair turn."""
+    queue = FairQueue(max_batch_tokens=400, max_batch_size=4)
+    queue.append(entries([50] * 20, Owner(label="f")), tenant="flood")
+    assert labels(queue.next_batch()) == "ffff"
+    queue.append(entries([100], Owner(label="q")), tenant="quiet")
+    assert labels(queue.next_batch()) == "fffq"  # 4 rows x 100 wide: the quiet row's own width
+
+
 def test_an_idle_tenant_banks_no_credit() -> None:
     """A tenant that was away gets its share from its return on, not the tokens it missed."""
     queue = FairQueue(max_batch_tokens=100, max_batch_size=64)

@@ -106,6 +106,7 @@ class Group:
     enqueued_at: float = field(default_factory=time.perf_counter)
     computed_tokens: int = 0
     cancelled: bool = False
+    tenant: str = ""
 
     def result(self) -> ScoreResult:
         scores = [
@@ -175,18 +176,18 @@ class Batcher:
         """Scores in input order; raises InvalidInput, Overloaded, ShuttingDown or ModelFailure."""
         if not request.documents:
             raise InvalidInput("no documents: send at least one document")  # a group of none never settles
-        self._admit(len(request.documents))
+        self._admit(len(request.documents), 0, request.tenant)
         loop = asyncio.get_running_loop()
         prompts = await loop.run_in_executor(
             self._tokenizer_for(request), self.builder.build, request.query, request.documents,
             request.instruction, request.truncation, request.max_document_tokens)
         prefix = self._prefix(prompts)
         group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
-                      len(prompts.sequences))
+                      len(prompts.sequences), tenant=request.tenant)
         prefix_len = 0 if prefix is None else len(prefix.ids)
         entries = [Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences)]
         # the queue may have filled while we tokenized; now the request's own work is known
-        self._admit(len(entries), sum(e.cost for e in entries))
+        self._admit(len(entries), sum(e.cost for e in entries), request.tenant)
         self.queue.append(entries, tenant=request.tenant, priority=request.priority)
         self._in_flight.add(group)
         self._wake.set()
@@ -218,14 +219,16 @@ class Batcher:
             self._recent_prefixes.popitem(last=False)
         return prefix
 
-    def _admit(self, docs: int, tokens: int = 0) -> None:
+    def _admit(self, docs: int, tokens: int, tenant: str) -> None:
         """Refuse work past either limit: documents, or tokens (what the model must run). A call
-        alone in an empty queue is admitted whatever its size, or it could never run."""
+        alone in an empty queue is admitted whatever its size, or it could never run; and so is
+        the one call of a tenant with nothing in flight, or one tenant's flood would lock every
+        other out (the scheduler then gives it its share)."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self._over(docs, tokens):
             self.queue.drop_cancelled()
-        if self._over(docs, tokens):
+        if self._over(docs, tokens) and any(g.tenant == tenant and not g.cancelled for g in self._in_flight):
             wait = max(0.05, self.queue.queued_tokens * self._seconds_per_token)
             raise Overloaded(f"{len(self.queue)} documents, {self.queue.queued_tokens} tokens queued (limits "
                              f"{self.config.max_queued_docs}, {self.config.max_queued_tokens}); retry in "

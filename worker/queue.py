@@ -34,11 +34,16 @@ Invariants
   shared prefix is cached); attention also reads the prefix, hence the second bound.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
   of the class chosen, so the tenant of a class that has had the fewest tokens served since
-  it had work queued is in the next batch: a call never waits for another tenant's call to
-  finish, only for the batch in flight (and the same between the requests of one tenant).
+  it had work queued is in the next batch. A call never waits for another tenant's call to
+  finish: only for the batch in flight and the turns of tenants no further ahead than it
+  (one batch each at most); the same holds between the requests of one tenant.
   Another tenant's row joins only if its fair start is within ``max_batch_tokens`` of the
   head's, so two tenants with work queued throughout never differ in tokens charged by more
-  than ``2 * max_batch_tokens``, however length bucketing picks within that horizon.
+  than ``2 * max_batch_tokens``, however length bucketing picks within that horizon. A row
+  not yet due (its fair start is past the head's start plus the head's own tokens) joins
+  only if it is no longer than the head: a short call's batch is never widened by rows that
+  could wait (on a CPU a batch takes time in proportion to its padded tokens; the short call
+  would wait for two maximal batches, not one).
 * Starvation bound (``FairQueue``): while several priority classes have work, at least one
   batch in every ``share_every`` is headed by the class of the oldest queued request; so
   once a request is the oldest queued, its class is served within ``share_every`` batches,
@@ -87,9 +92,11 @@ class _Budget:
     max_batch_size: int
     max_attention_tokens: int
 
-    def fill(self, candidates: list[Entry], tiers: list[int] | None = None) -> list[Entry]:
+    def fill(self, candidates: list[Entry], tiers: list[int] | None = None,
+             early: list[bool] | None = None) -> list[Entry]:
         """The batch: ``candidates[0]`` and what joins it. ``tiers`` (lower first) rank the
-        candidates above length closeness: rows of a worse class only fill spare room."""
+        candidates above length closeness: rows of a worse class only fill spare room. An
+        ``early`` row (not yet due) joins only if it is no longer than the head."""
         head = candidates[0]
         bucket = max(8, head.cost // 8)
         tier = tiers or [0] * len(candidates)
@@ -98,6 +105,8 @@ class _Budget:
         batch, longest, widest = [head], head.cost, len(head.ids)
         for n in order:
             entry = candidates[n]
+            if early and early[n] and entry.cost > head.cost:
+                continue
             grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
             if (rows <= self.max_batch_size and grown * rows <= self.max_batch_tokens
                     and wider * rows <= self.max_attention_tokens):
@@ -234,16 +243,18 @@ class FairQueue(_QueueBase):
         chosen = self._choose_class()
         candidates: list[Entry] = []
         tiers: list[int] = []
+        early: list[bool] = []
         rest = sorted((c for c in self._classes.values() if c is not chosen), key=lambda c: c.priority)
         for tier, cls in enumerate([chosen, *rest]):
-            first: tuple[int, int] | None = None  # the class head's tenant and its start
+            first: tuple[int, int, int] | None = None  # the tier head's tenant, start and cost
             for entry, start, tenant in itertools.islice(self._fair_order(cls), self.window - len(candidates)):
-                first = first or (tenant, start)
+                first = first or (tenant, start, entry.cost)
                 if tenant != first[0] and start > first[1] + self.max_batch_tokens:
-                    continue  # another tenant's row ahead of its fair turn
+                    continue  # another tenant's row, far ahead of its fair turn
                 candidates.append(entry)
                 tiers.append(tier)
-        batch = self.budget.fill(candidates, tiers)
+                early.append(tenant != first[0] and start > first[1] + first[2])
+        batch = self.budget.fill(candidates, tiers, early)
         self._take(batch)
         return batch
 
