@@ -34,6 +34,8 @@ from clients.pacing import Pacer, Pacing, paced, paced_sync
 
 SERVICE = "rerank.v1.RerankService"
 RETRY_AFTER_KEY = "retry-after-ms"
+# the tenant a trusted front (rerank gateway) calls for; a server without keys shares its model by it
+ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 2**20  # above the server's default 16 MiB request limit
 Compression = Literal["gzip", "deflate"]
 _COMPRESSION = {None: grpc.Compression.NoCompression, "gzip": grpc.Compression.Gzip,
@@ -179,6 +181,10 @@ def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | 
                             max_tokens_per_doc=max_tokens_per_doc, priority=priority)
 
 
+def _with_tenant(metadata: tuple[tuple[str, str], ...], on_behalf_of: str | None) -> tuple[tuple[str, str], ...]:
+    return metadata if on_behalf_of is None else (*metadata, (ON_BEHALF_OF_KEY, on_behalf_of))
+
+
 def _batch_request(queries: Sequence[Query], model: str | None, request_id: str | None) -> pb.RerankBatchRequest:
     return pb.RerankBatchRequest(model=model or "", request_id=request_id or uuid.uuid4().hex, queries=[
         pb.BatchQuery(query=q.query, documents=list(q.documents), instruction=q.instruction, top_n=q.top_n or 0,
@@ -258,13 +264,15 @@ class RerankClient:
     def rerank(self, query: str, documents: Sequence[str], *, instruction: str | None = None,
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
-               priority: int | None = None, timeout_s: float | None = None) -> RerankResult:
+               priority: int | None = None, timeout_s: float | None = None,
+               on_behalf_of: str | None = None) -> RerankResult:
         """Score ``documents`` against ``query``; best first, cut to ``top_n``. ``priority``: 0
-        (first) to 999; None: the key's default."""
+        (first) to 999; None: the key's default. ``on_behalf_of``: for a front calling a server
+        without keys, the caller it serves (the server shares its model fairly between them)."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
-        return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
+        return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
                      timeout_s: float | None = None) -> list[RerankResult]:
@@ -275,12 +283,14 @@ class RerankClient:
     def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+    def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None,
+                on_behalf_of: str | None = None) -> Any:
         timeout = timeout_s or self.timeout_s
+        metadata = _with_tenant(self._metadata, on_behalf_of)
 
         def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
             try:
-                return method(request, timeout=seconds_left, metadata=self._metadata)
+                return method(request, timeout=seconds_left, metadata=metadata)
             except grpc.RpcError as exc:
                 raise RerankError.from_rpc_error(exc) from None
 
@@ -319,11 +329,11 @@ class AsyncRerankClient:
                      top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                      model: str | None = None, request_id: str | None = None,
                      max_tokens_per_doc: int | None = None, priority: int | None = None,
-                     timeout_s: float | None = None) -> RerankResult:
+                     timeout_s: float | None = None, on_behalf_of: str | None = None) -> RerankResult:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
-        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents)))
+        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,
                            request_id: str | None = None, timeout_s: float | None = None) -> list[RerankResult]:
@@ -334,12 +344,14 @@ class AsyncRerankClient:
     async def model_info(self, *, timeout_s: float | None = None) -> ModelInfo:
         return _model_info(await self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
-    async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None) -> Any:
+    async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None,
+                      on_behalf_of: str | None = None) -> Any:
         timeout = timeout_s or self.timeout_s
+        metadata = _with_tenant(self._metadata, on_behalf_of)
 
         async def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
             try:
-                return await method(request, timeout=seconds_left, metadata=self._metadata)
+                return await method(request, timeout=seconds_left, metadata=metadata)
             except grpc.RpcError as exc:
                 raise RerankError.from_rpc_error(exc) from None
 

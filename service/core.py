@@ -91,6 +91,9 @@ class RerankCall:
     request_id: str | None = None
     idempotency_key: str | None = None
     priority: int | None = None  # MIN_PRIORITY..MAX_PRIORITY; None: the key's default
+    # the caller a trusted front (``rerank gateway``) calls for: the scheduler's tenant, but
+    # only where this server has no keys (``--no-auth``); a keyed caller is its own tenant
+    on_behalf_of: str | None = None
 
     def fingerprint(self) -> str:
         """Hash of what the caller asked for, to tell a retry from a different call (the
@@ -346,7 +349,7 @@ class RerankCore:
     async def _score_call(self, principal: Principal, call: RerankCall, estimated_tokens: int,
                           started: float) -> RerankReply:
         priority, warnings = effective_priority(principal, call.priority)
-        results = await _score_all(self.engine, call.queries, principal.key_id, priority)
+        results = await _score_all(self.engine, call.queries, _tenant(principal, call), priority)
         self.limiter.refund(principal, max(0, estimated_tokens - sum(r.prompt_tokens for r in results)))
         return RerankReply(
             request_id=call.request_id or uuid.uuid4().hex,
@@ -461,6 +464,15 @@ def effective_priority(principal: Principal, requested: int | None) -> tuple[int
     if requested < best:
         return best, [f"priority {requested} is better than this key allows; clamped to {best}"]
     return requested, []
+
+
+def _tenant(principal: Principal, call: RerankCall) -> str:
+    """Whose share of the model a call spends: its key; without keys, the caller a trusted
+    front names (``on_behalf_of``), so the keys behind ``rerank gateway`` are still shared
+    fairly here."""
+    if principal.key_id == ANONYMOUS.key_id and call.on_behalf_of:
+        return call.on_behalf_of
+    return principal.key_id
 
 
 def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:

@@ -63,14 +63,16 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         async with self._track("Rerank", context) as record:
-            record.call = wire.call_from_request(request, _api_key(context))
+            record.call = wire.call_from_request(request, _api_key(context),
+                                                 wire.on_behalf_of(context.invocation_metadata()))
             record.reply = await self.core.rerank(record.call)
             return wire.response_from_reply(record.reply)
 
     async def RerankBatch(self, request: pb.RerankBatchRequest,
                           context: grpc.aio.ServicerContext) -> pb.RerankBatchResponse:
         async with self._track("RerankBatch", context) as record:
-            record.call = wire.call_from_batch(request, _api_key(context))
+            record.call = wire.call_from_batch(request, _api_key(context),
+                                               wire.on_behalf_of(context.invocation_metadata()))
             record.reply = await self.core.rerank(record.call)
             return wire.batch_response_from_reply(record.reply)
 

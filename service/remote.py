@@ -71,7 +71,8 @@ class RemoteEngine:
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
                                             truncate=request.truncation is Truncation.END,
                                             max_tokens_per_doc=request.max_document_tokens,
-                                            priority=request.priority)
+                                            priority=request.priority,
+                                            on_behalf_of=request.tenant or None)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue

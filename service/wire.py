@@ -7,6 +7,7 @@ and HTTP fronts cannot disagree on it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import asdict
 
@@ -17,6 +18,10 @@ from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from worker.types import Truncation
 
+# request metadata: the tenant a trusted front calls for (clients.client sends it)
+ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
+ON_BEHALF_OF = re.compile(r"[\x21-\x7e]{1,255}")
+
 _TRUNCATION = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.END,
     pb.TRUNCATION_END: Truncation.END,
@@ -24,18 +29,18 @@ _TRUNCATION = {
 }
 
 
-def call_from_request(req: pb.RerankRequest, api_key: str | None) -> RerankCall:
+def call_from_request(req: pb.RerankRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
     query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
                    req.top_n, req.return_documents, req.truncation,
                    req.max_tokens_per_doc if req.HasField("max_tokens_per_doc") else None)
-    return _call([query], req.model, req.request_id, api_key, _priority(req))
+    return _call([query], req.model, req.request_id, api_key, _priority(req), on_behalf_of)
 
 
-def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None) -> RerankCall:
+def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
     queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
                       q.top_n, q.return_documents, q.truncation,
                       q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None) for q in req.queries]
-    return _call(queries, req.model, req.request_id, api_key, _priority(req))
+    return _call(queries, req.model, req.request_id, api_key, _priority(req), on_behalf_of)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -70,10 +75,19 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
 
 
 def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None,
-          priority: int | None) -> RerankCall:
+          priority: int | None, on_behalf_of: str | None) -> RerankCall:
     # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
     return RerankCall(queries, api_key=api_key, model=model or None, request_id=request_id or None,
-                      idempotency_key=request_id or None, priority=priority)
+                      idempotency_key=request_id or None, priority=priority, on_behalf_of=on_behalf_of)
+
+
+def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The tenant a trusted front names in ``x-rerank-on-behalf-of`` (honoured by the core only
+    without keys); anything but 1-255 visible ASCII characters is ignored."""
+    for key, value in metadata or ():
+        if key == ON_BEHALF_OF_KEY and isinstance(value, str) and ON_BEHALF_OF.fullmatch(value):
+            return value
+    return None
 
 
 def _priority(req: pb.RerankRequest | pb.RerankBatchRequest) -> int | None:

@@ -143,3 +143,14 @@ async def test_only_a_keyed_call_is_fingerprinted(monkeypatch: pytest.MonkeyPatc
     finally:
         await batcher.close()
     assert seen == ["retry-1"]
+
+
+@pytest.mark.parametrize(("auth", "tenant"), [
+    (None, "key_a"),  # no keys here: the front that called names whose share it spends
+    (OneKey(), "key-7"),  # a keyed caller is its own tenant, whatever it claims
+])
+async def test_on_behalf_of_names_the_tenant_only_without_keys(auth: OneKey | None, tenant: str) -> None:
+    engine = SpyEngine()
+    await RerankCore(engine, model_name="spy", auth=auth).rerank(
+        RerankCall([RerankQuery("q", ["a"])], on_behalf_of="key_a"))
+    assert [r.tenant for r in engine.requests] == [tenant]

@@ -15,7 +15,7 @@ from serving import running_app, target
 
 from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
-from service.core import Principal
+from service.core import ANONYMOUS, Principal
 from service.db import create_schema, open_engine
 from service.errors import Code, ServiceError
 from service.ledger import SqlLedger
@@ -159,7 +159,10 @@ async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)
-            await engine.score(ScoreRequest("bears", DOCS, priority=7, max_document_tokens=2))
+            await engine.score(ScoreRequest("bears", DOCS, priority=7, max_document_tokens=2, tenant="key_a"))
+            await engine.score(ScoreRequest("bears", DOCS, tenant=""))
         finally:
             await engine.close()
-    assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2)]
+    assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
+    # a backend without keys shares its model by the gateway's callers, not as one tenant
+    assert [r.tenant for r in seen] == ["key_a", ANONYMOUS.key_id]
