@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import grpc
@@ -69,6 +69,7 @@ class RerankResult:
     request_id: str
     total_ms: float  # server time for the whole call
     replayed: bool = False  # served from an earlier call with the same request id
+    warnings: list[str] = field(default_factory=list)  # what the server changed, e.g. a clamped priority
 
     @property
     def indices(self) -> list[int]:
@@ -228,12 +229,12 @@ def _usage(u: pb.Usage) -> Usage:
 
 def _result(reply: pb.RerankResponse) -> RerankResult:
     return RerankResult(_ranked(reply.results), _usage(reply.usage), reply.model, reply.request_id,
-                        reply.timing.total_ms, reply.replayed)
+                        reply.timing.total_ms, reply.replayed, list(reply.warnings))
 
 
 def _batch_results(reply: pb.RerankBatchResponse) -> list[RerankResult]:
     return [RerankResult(_ranked(q.results), _usage(q.usage), reply.model, reply.request_id,
-                         reply.timing.total_ms, reply.replayed) for q in reply.queries]
+                         reply.timing.total_ms, reply.replayed, list(reply.warnings)) for q in reply.queries]
 
 
 def _model_info(m: pb.ModelInfo) -> ModelInfo:

@@ -94,3 +94,16 @@ async def test_the_key_policy_reaches_the_worker_and_the_reply(requested: int | 
     reply = await core.rerank(RerankCall([RerankQuery("q", ["a"]), RerankQuery("r", ["b"])], priority=requested))
     assert [(r.tenant, r.priority) for r in engine.requests] == [("key_p", runs_at)] * 2
     assert reply.warnings == (clamped(requested or 0, 5) if warned else [])
+
+
+async def test_the_python_client_shows_the_clamp_warning() -> None:
+    """gRPC carries the warning in RerankResponse.warnings; the Python client must not drop it."""
+    from serving import running_app, target
+
+    from clients import AsyncRerankClient
+    from service.app import CoreParts
+
+    async with running_app(parts=CoreParts(auth=PolicyKey())) as app, AsyncRerankClient(target(app)) as client:
+        asked = await client.rerank("q", ["a", "b"], priority=1)
+        default = await client.rerank("q", ["a", "b"])
+    assert asked.warnings == clamped(1, 5) and default.warnings == []
