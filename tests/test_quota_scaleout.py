@@ -9,7 +9,6 @@ flight at once was admitted. Skipped where no PostgreSQL can be had.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import httpx
@@ -18,7 +17,7 @@ from postgres_support import postgres_admin_url, postgres_url  # noqa: F401 - fi
 from sqlalchemy import func, select
 
 from bench.load.reconcile import read_records
-from bench.load.servers import ServeProcess, create_api_key
+from bench.load.servers import create_api_key, replicas_sharing
 from service.db import open_engine, quota_reservations
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
@@ -43,17 +42,8 @@ async def flood(urls: list[str], key: str, calls: int, docs: int) -> list[httpx.
 
 def test_quota_holds_across_two_replicas(tiny_model_dir: Path, tmp_path: Path, postgres_url: str) -> None:  # noqa: F811
     key = create_api_key(postgres_url, "quota", "--quota", "100")
-    servers = [ServeProcess(str(tiny_model_dir), tmp_path / f"replica-{i}.log", db_url=postgres_url,
-                            extra_args=["--auth", "--replicas", "2"], env={"OMP_NUM_THREADS": "1"})
-               for i in range(2)]
-    with contextlib.ExitStack() as stack:
-        for server in servers:
-            stack.enter_context(server.start())
-        for server in servers:
-            server.wait_ready()
+    with replicas_sharing(postgres_url, str(tiny_model_dir), tmp_path) as servers:
         replies = asyncio.run(flood([s.http_url for s in servers], key, calls=50, docs=10))
-        for server in servers:
-            assert server.stop() == 0, server.log_tail()
     codes = sorted(r.status_code for r in replies)
     assert codes == [200] * 10 + [429] * 40, codes
     assert all("quota" in r.json()["detail"] for r in replies if r.status_code == 429)

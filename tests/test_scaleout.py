@@ -9,7 +9,6 @@ HTTP clients alternate between the two gateways. Skipped where no PostgreSQL can
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.load.driver import Level, RetryPolicy, Verdict, run_level
 from bench.load.reconcile import read_records, reconcile
-from bench.load.servers import ServeProcess, create_api_key
+from bench.load.servers import ServeProcess, create_api_key, replicas_sharing
 from bench.load.transports import GrpcTransport, HttpTransport
 from bench.load.workload import Workload
 
@@ -50,18 +49,8 @@ class Replicas:
 def replicas(tiny_model_dir: Path, tmp_path: Path, postgres_url: str) -> Iterator[Replicas]:  # noqa: F811
     key = create_api_key(postgres_url, "scale-out")
     limited = create_api_key(postgres_url, "limited", "--rps", str(LIMITED_RPS))
-    # one torch thread each: two replicas and the clients share this machine's cores
-    servers = [ServeProcess(str(tiny_model_dir), tmp_path / f"replica-{i}.log", db_url=postgres_url,
-                            extra_args=["--auth", "--replicas", "2"], env={"OMP_NUM_THREADS": "1"})
-               for i in range(2)]
-    with contextlib.ExitStack() as stack:
-        for server in servers:
-            stack.enter_context(server.start())
-        for server in servers:
-            server.wait_ready()
+    with replicas_sharing(postgres_url, str(tiny_model_dir), tmp_path) as servers:
         yield Replicas(servers, postgres_url, key, limited)
-        for server in servers:
-            assert server.stop() == 0, server.log_tail()
 
 
 def served_ok(server: ServeProcess) -> dict[str, float]:

@@ -7,6 +7,7 @@ and can be stopped politely (SIGTERM), killed (SIGKILL) and started again on the
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import signal
@@ -14,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -156,3 +157,21 @@ class ServeProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
+
+
+@contextlib.contextmanager
+def replicas_sharing(db_url: str, model_dir: str, logs: Path, count: int = 2) -> Iterator[list[ServeProcess]]:
+    """``count`` keyed ``rerank serve`` replicas on one ledger database, started and ready; on
+    a clean exit each must stop with status 0. One torch thread each: the replicas and their
+    clients share the machine's cores."""
+    servers = [ServeProcess(model_dir, logs / f"replica-{i}.log", db_url=db_url,
+                            extra_args=["--auth", "--replicas", str(count)], env={"OMP_NUM_THREADS": "1"})
+               for i in range(count)]
+    with contextlib.ExitStack() as stack:
+        for server in servers:
+            stack.enter_context(server.start())
+        for server in servers:
+            server.wait_ready()
+        yield servers
+        for server in servers:
+            assert server.stop() == 0, server.log_tail()
