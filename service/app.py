@@ -23,7 +23,7 @@ from service.errors import Code, ServiceError
 from service.grpc_server import GrpcServer
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
-from worker.types import ATTENTION_KINDS, Runner, ScoreRequest, ScoreResult
+from worker.types import ATTENTION_KINDS, PRECISIONS, Runner, ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def load_model_runner(config: ServeConfig) -> Runner:
         raise ValueError("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
     return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
                             max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb,
-                            compile=config.compile, attention=config.attention)
+                            compile=config.compile, attention=config.attention, precision=config.precision)
 
 
 # -- seams ---------------------------------------------------------------------------------
@@ -107,6 +107,8 @@ class App:
                  core_parts: CoreParts | None = None) -> None:
         if config.attention not in ATTENTION_KINDS:
             raise ValueError(f"--attention must be padded or varlen, not {config.attention!r}")
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
         self.config = config
         self.draining = False
         self._load_runner = load_runner or (lambda: load_model_runner(config))

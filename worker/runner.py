@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from worker import precision as cpu_precision
 from worker.prompt import PromptBuilder
 from worker.qwen3 import KV, Qwen3Scorer, check_attention, check_varlen_kernel
 from worker.types import BatchScores, Truncation, WorkItem
@@ -88,14 +89,16 @@ class ModelRunner:  # implements worker.types.Runner
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: str | None = None,
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
-             attention: str = "padded") -> ModelRunner:
+             attention: str = "padded", precision: str | None = None) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
         None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already).
         ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
-        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py)."""
+        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py). ``precision``: the CPU's
+        mode (worker/precision.py); an explicit ``dtype`` overrides it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
+        dtype, split_parts = cpu_precision.resolve(precision, dtype, dev)
         torch_dtype = pick_dtype(dtype, dev)
         if compile is None:
             compile = dev.type == "cuda"
@@ -106,6 +109,7 @@ class ModelRunner:  # implements worker.types.Runner
         if model.config.model_type != "qwen3":
             raise ValueError(f"{model_id} is a {model.config.model_type!r} model, not a Qwen3 reranker")
         model.to(dev).eval().requires_grad_(False)
+        cpu_precision.apply(model, split_parts)
         log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)

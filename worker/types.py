@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 
 
 ATTENTION_KINDS = ("padded", "varlen")  # ``--attention``: see worker/qwen3.py
+PRECISIONS = ("auto", "float32", "bfloat16", "exact-bf16x2", "exact-bf16x3")  # ``--precision``: worker/precision.py
 
 
 class Truncation(enum.Enum):
