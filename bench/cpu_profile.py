@@ -114,7 +114,12 @@ def main() -> int:
     parser.add_argument("--workloads", default="short,mixed")
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--ops", type=int, default=12, help="aten ops listed per workload")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 on an oversubscribed machine: no parallel region then "
+                             "waits on a descheduled peer, which inflates short elementwise ops)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     runner = ModelRunner.load(args.model_dir, device="cpu", dtype=None if args.precision else args.dtype,
                               precision=args.precision)
     runner.warmup()

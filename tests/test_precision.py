@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from worker import precision
-from worker.precision import SplitLinear, bf16_matmul, resolve, split_bf16
+from worker.precision import Plan, SplitLinear, bf16_matmul, resolve, split_bf16
 from worker.runner import ModelRunner, _Item
 from worker.types import Truncation
 
@@ -55,6 +55,8 @@ def test_split_linear_matches_exact_arithmetic(parts: int, bf16_weight: bool, to
     exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
     split = SplitLinear(linear, parts)
     assert len(split.weights) == (1 if bf16_weight else parts)
+    if bf16_weight:  # held as loaded, not copied: the exact mode costs no weight memory
+        assert split.weights[0].data_ptr() == linear.weight.data_ptr()
     err = float((split(x).double() - exact).abs().max() / exact.abs().max())
     plain = float((F.linear(x, linear.weight, linear.bias).double() - exact).abs().max() / exact.abs().max())
     rounded = float((F.linear(x.bfloat16(), linear.weight.bfloat16()).double() - exact).abs().max()
@@ -75,17 +77,42 @@ def test_the_bf16_matmul_setting_is_restored_even_on_error() -> None:
 
 
 def test_resolve_dtype_overrides_and_auto_is_logged(caplog: pytest.LogCaptureFixture) -> None:
-    assert resolve("exact-bf16x3", "bfloat16", CPU) == ("bfloat16", 0)  # --dtype wins
-    assert resolve("exact-bf16x2", None, CPU) == ("float32", 2)
-    assert resolve("exact-bf16x3", None, torch.device("meta")) == (None, 0)  # CPU only
+    assert resolve("exact-bf16x3", "bfloat16", CPU) == Plan("bfloat16")  # --dtype wins
+    assert resolve("exact-bf16x2", None, CPU) == Plan("float32", 2)
+    assert resolve("bfloat16", None, CPU) == Plan("bfloat16")
+    assert resolve("exact-bf16x3", None, torch.device("meta")) == Plan(None)  # CPU only
     with caplog.at_level(logging.INFO, logger="worker.precision"):
-        dtype, parts = resolve(None, None, CPU)
+        plan = resolve(None, None, CPU)
     chosen = precision.default_precision(precision.cpu_capability())
-    parts_of = precision.SPLIT_PARTS.get(chosen, 0)
-    assert (dtype, parts) == ("float32" if parts_of else chosen, parts_of)
+    assert plan == (Plan("float32", precision.SPLIT_PARTS[chosen], auto=True) if chosen in precision.SPLIT_PARTS
+                    else Plan(chosen))
     assert "CPU bf16 matrix units:" in caplog.text and "(auto)" in caplog.text
     with pytest.raises(ValueError, match="unknown precision"):
         resolve("fp8", None, CPU)
+
+
+@pytest.mark.parametrize(("capability", "default"), [("amx", "exact-bf16x3"), ("avx512_bf16", "float32"),
+                                                     ("none", "float32")])
+def test_the_default_per_cpu(capability: precision.Capability, default: str) -> None:
+    assert precision.default_precision(capability) == default
+
+
+def test_by_default_the_split_needs_bf16_exact_weights(tiny_model_dir: Path, bf16_model_dir: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """An fp32 checkpoint would need its weights split too (several times the work): the
+    default keeps fp32 there; asking for the split explicitly still gets it."""
+    from transformers import AutoModelForCausalLM
+
+    def down_proj(model_dir: Path, plan: Plan) -> torch.nn.Module:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        plan.apply(model)
+        return model.model.layers[0].mlp.down_proj  # type: ignore[no-any-return]
+
+    with caplog.at_level(logging.INFO, logger="worker.precision"):
+        assert type(down_proj(tiny_model_dir, Plan("float32", 3, auto=True))) is torch.nn.Linear
+    assert "not bf16-exact" in caplog.text
+    assert isinstance(down_proj(tiny_model_dir, Plan("float32", 3)), SplitLinear)
+    assert isinstance(down_proj(bf16_model_dir, Plan("float32", 3, auto=True)), SplitLinear)
 
 
 def test_an_unknown_precision_is_refused_at_start(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -52,24 +53,52 @@ def cpu_capability() -> Capability:
 
 
 def default_precision(capability: Capability) -> str:
-    """The CPU default (measured: docs/PERFORMANCE.md)."""
-    return "float32"
+    """The CPU default, measured (docs/PERFORMANCE.md): on AMX the three-part split keeps
+    scores within the contract and beats fp32; AVX512-BF16 alone multiplies bf16 at about
+    twice fp32's rate, less than the split's three products cost; without either, fp32."""
+    return "exact-bf16x3" if capability == "amx" else "float32"
 
 
-def resolve(precision: str | None, dtype: str | None, device: torch.device) -> tuple[str | None, int]:
-    """``(dtype to load, split parts)``. An explicit ``dtype`` wins over ``precision`` (and
-    means no split); ``auto`` picks per device and CPU capability, and is logged."""
+@dataclass(frozen=True)
+class Plan:
+    """What the runner loads (``dtype``) and does to the model once loaded (``apply``)."""
+
+    dtype: str | None
+    parts: int = 0
+    auto: bool = False  # chosen by default: a split that would cost more falls back to fp32
+
+    def apply(self, model: Any) -> None:
+        """Split the decoder layers' linear layers (not the vocabulary head, whose two scored
+        rows the scorer reads in fp32). By default only over bf16-exact weights (Qwen's
+        published checkpoints): other weights would need splitting too, several times the work."""
+        if not self.parts:
+            return
+        layers = model.model.layers
+        if self.auto and not all(_bf16_exact(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)):
+            log.info("weights are not bf16-exact (not a bf16 checkpoint): precision float32 instead of the split")
+            return
+        count = split_linears(layers, self.parts)
+        log.info("exact split precision: %d linear layers as %d bf16 parts", count, self.parts)
+
+
+def resolve(precision: str | None, dtype: str | None, device: torch.device) -> Plan:
+    """An explicit ``dtype`` wins over ``precision`` (and means no split); ``auto`` (or None)
+    picks by device and CPU capability, and is logged."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if dtype is not None or device.type != "cpu":
-        return dtype, 0
+        return Plan(dtype)
     capability = cpu_capability()
-    chosen = default_precision(capability) if precision in (None, "auto") else precision
-    log.info("CPU bf16 matrix units: %s; precision %s%s", capability, chosen,
-             " (auto)" if precision in (None, "auto") else "")
+    auto = precision in (None, "auto")
+    chosen = default_precision(capability) if auto else str(precision)
+    log.info("CPU bf16 matrix units: %s; precision %s%s", capability, chosen, " (auto)" if auto else "")
     if chosen in SPLIT_PARTS:
-        return "float32", SPLIT_PARTS[chosen]
-    return chosen, 0
+        return Plan("float32", SPLIT_PARTS[chosen], auto)
+    return Plan(chosen)
+
+
+def _bf16_exact(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bfloat16 or torch.equal(t.bfloat16().float(), t.float())
 
 
 @contextmanager
@@ -107,9 +136,14 @@ class SplitLinear(nn.Module):
         self.parts = parts
         # a bf16-exact weight (Qwen3's published ones) is one part; any other is split like
         # the activations, and the products x_i @ w_j with i + j < parts are summed
-        split = split_bf16(linear.weight.detach().float(), parts)
-        used = next(n for n in range(parts, 0, -1) if bool(split[n - 1].any()) or n == 1)
-        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in split[:used])
+        weight = linear.weight.detach().float()
+        if _bf16_exact(weight):
+            parts_of_weight = [weight]  # the loaded tensor itself: no copy
+        else:
+            split = split_bf16(weight, parts)
+            used = next((n for n in range(parts, 1, -1) if bool(split[n - 1].any())), 1)
+            parts_of_weight = [w.clone() for w in split[:used]]  # not views: the rest is freed
+        self.weights = nn.ParameterList(nn.Parameter(w, requires_grad=False) for w in parts_of_weight)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().float(), requires_grad=False)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -143,11 +177,3 @@ def split_linears(module: nn.Module, parts: int) -> int:
         else:
             swapped += split_linears(child, parts)
     return swapped
-
-
-def apply(model: Any, parts: int) -> None:
-    """The runner's hook: split the decoder layers' linear layers (not the vocabulary head,
-    whose two scored rows the scorer reads in fp32)."""
-    if parts:
-        count = split_linears(model.model.layers, parts)
-        log.info("exact split precision: %d linear layers as %d bf16 parts", count, parts)

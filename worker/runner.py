@@ -98,8 +98,8 @@ class ModelRunner:  # implements worker.types.Runner
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
-        dtype, split_parts = cpu_precision.resolve(precision, dtype, dev)
-        torch_dtype = pick_dtype(dtype, dev)
+        plan = cpu_precision.resolve(precision, dtype, dev)
+        torch_dtype = pick_dtype(plan.dtype, dev)
         if compile is None:
             compile = dev.type == "cuda"
         check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
@@ -109,7 +109,7 @@ class ModelRunner:  # implements worker.types.Runner
         if model.config.model_type != "qwen3":
             raise ValueError(f"{model_id} is a {model.config.model_type!r} model, not a Qwen3 reranker")
         model.to(dev).eval().requires_grad_(False)
-        cpu_precision.apply(model, split_parts)
+        plan.apply(model)
         log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
