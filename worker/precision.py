@@ -53,10 +53,12 @@ def cpu_capability() -> Capability:
 
 
 def default_precision(capability: Capability) -> str:
-    """The CPU default, measured (docs/PERFORMANCE.md): on AMX the three-part split keeps
-    scores within the contract and beats fp32; AVX512-BF16 alone multiplies bf16 at about
-    twice fp32's rate, less than the split's three products cost; without either, fp32."""
-    return "exact-bf16x3" if capability == "amx" else "float32"
+    """The CPU default: float32 on every CPU, measured (docs/PERFORMANCE.md). The exact split
+    keeps scores within the contract but did not reliably beat fp32 even on AMX: the only
+    operator torch offers converts the fp32 weight to bf16 on every call, so one split GEMM
+    runs at ~2.5-3x the fp32 rate and three parts cost three of them. ``capability`` is
+    logged so the choice can be revisited per CPU."""
+    return "float32"
 
 
 @dataclass(frozen=True)
@@ -65,25 +67,18 @@ class Plan:
 
     dtype: str | None
     parts: int = 0
-    auto: bool = False  # chosen by default: a split that would cost more falls back to fp32
 
     def apply(self, model: Any) -> None:
         """Split the decoder layers' linear layers (not the vocabulary head, whose two scored
-        rows the scorer reads in fp32). By default only over bf16-exact weights (Qwen's
-        published checkpoints): other weights would need splitting too, several times the work."""
-        if not self.parts:
-            return
-        layers = model.model.layers
-        if self.auto and not all(_bf16_exact(m.weight) for m in layers.modules() if isinstance(m, nn.Linear)):
-            log.info("weights are not bf16-exact (not a bf16 checkpoint): precision float32 instead of the split")
-            return
-        count = split_linears(layers, self.parts)
-        log.info("exact split precision: %d linear layers as %d bf16 parts", count, self.parts)
+        rows the scorer reads in fp32)."""
+        if self.parts:
+            count = split_linears(model.model.layers, self.parts)
+            log.info("exact split precision: %d linear layers as %d bf16 parts", count, self.parts)
 
 
 def resolve(precision: str | None, dtype: str | None, device: torch.device) -> Plan:
     """An explicit ``dtype`` wins over ``precision`` (and means no split); ``auto`` (or None)
-    picks by device and CPU capability, and is logged."""
+    picks by CPU capability; the choice is logged."""
     if precision is not None and precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     if dtype is not None or device.type != "cpu":
@@ -93,7 +88,7 @@ def resolve(precision: str | None, dtype: str | None, device: torch.device) -> P
     chosen = default_precision(capability) if auto else str(precision)
     log.info("CPU bf16 matrix units: %s; precision %s%s", capability, chosen, " (auto)" if auto else "")
     if chosen in SPLIT_PARTS:
-        return Plan("float32", SPLIT_PARTS[chosen], auto)
+        return Plan("float32", SPLIT_PARTS[chosen])
     return Plan(chosen)
 
 
