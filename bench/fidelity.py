@@ -91,22 +91,20 @@ def main() -> int:
     args = parser.parse_args()
     modes, scales = args.modes.split(","), [float(s) for s in args.scales.split(",")]
     results: dict[str, torch.Tensor] = {}
-    for mode in modes:
+    print(f"{args.queries} queries x {args.docs} documents (30-300 tokens); against {modes[0]}\n")
+    print("| mode | norm scale | max \\|score diff\\| | Spearman mean | Spearman worst | top-1 same | top-5 overlap |")
+    print("|---|---|---|---|---|---|---|", flush=True)
+    for mode in modes:  # each mode's rows as soon as it is done: a long run keeps what it has
         dtype = mode if mode in ("float32", "bfloat16") else None
         runner = ModelRunner.load(args.model_dir, device="cpu", dtype=dtype, precision=mode)
         work = queries(runner.builder.tokenizer, args.queries, args.docs, args.seed)
         results[mode] = logits_by_scale(runner, work, scales)
-        print(f"{mode}: done", flush=True)
         del runner
         gc.collect()
-    print(f"\n{args.queries} queries x {args.docs} documents (30-300 tokens); against {modes[0]}\n")
-    print("| mode | norm scale | max \\|score diff\\| | Spearman mean | Spearman worst | top-1 same | top-5 overlap |")
-    print("|---|---|---|---|---|---|---|")
-    for mode in modes[1:]:
-        for i, scale in enumerate(scales):
+        for i, scale in enumerate(scales if mode != modes[0] else []):
             r = compare(results[modes[0]][i], results[mode][i])
             print(f"| {mode} | {scale:g} | {r['max_score_diff']:.1e} | {r['spearman_mean']:.5f} | "
-                  f"{r['spearman_min']:.5f} | {r['top1']:.0%} | {r['top5_overlap']:.0%} |")
+                  f"{r['spearman_min']:.5f} | {r['top1']:.0%} | {r['top5_overlap']:.0%} |", flush=True)
     return 0
 
 
