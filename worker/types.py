@@ -41,6 +41,9 @@ class Device(enum.StrEnum):
     CUDA = "cuda"
 
 
+PRECISIONS = ("auto", "float32", "bfloat16", "exact-bf16x2", "exact-bf16x3")  # ``--precision``: worker/precision.py
+
+
 class Truncation(enum.Enum):
     """What to do with a document too long for ``max_length``."""
 

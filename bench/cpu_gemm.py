@@ -1,0 +1,79 @@
+"""GEMM rates on this CPU for the 0.6B MLP shape: fp32, bf16, and the exact split modes.
+
+    python bench/cpu_gemm.py [--rows 64,512,2048] [--k 1024] [--n 3072] [--reps 10]
+
+One process, side by side, each shape timed for every path in turn (so load drift on a
+shared machine hits all paths alike). The weight is bf16-representable, as in Qwen3's
+published bf16 checkpoints. ``max rel err`` is against a float64 product of the same fp32
+activations: what each path loses compared with exact arithmetic (plain fp32 loses ~1e-6).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from worker.precision import SplitLinear, bf16_matmul, cpu_capability  # noqa: E402
+
+
+def timed(fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tensor]:
+    out = fn()
+    fn()
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - started) / reps, out
+
+
+def paths(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, Callable[[], torch.Tensor]]:
+    xb, wb = x.bfloat16(), linear.weight.bfloat16()
+    split2, split3 = SplitLinear(linear, 2), SplitLinear(linear, 3)
+
+    def rounded() -> torch.Tensor:
+        with bf16_matmul():
+            return F.linear(x, linear.weight)
+
+    return {"fp32": lambda: F.linear(x, linear.weight), "bf16 (in and out)": lambda: F.linear(xb, wb),
+            "fp32, mkldnn bf16 precision (x rounded)": rounded,
+            "exact-bf16x2": lambda: split2(x), "exact-bf16x3": lambda: split3(x)}
+
+
+@torch.inference_mode()
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default="64,512,2048")
+    parser.add_argument("--k", type=int, default=1024)
+    parser.add_argument("--n", type=int, default=3072)
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, bf16 units: {cpu_capability()}")
+    linear = torch.nn.Linear(args.k, args.n, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(linear.weight.bfloat16().float())
+    print("| rows | path | ms | GFLOP/s | vs fp32 | max rel err |")
+    print("|---|---|---|---|---|---|")
+    for rows in map(int, args.rows.split(",")):
+        x = torch.randn(rows, args.k)
+        exact = F.linear(x.double(), linear.weight.double())
+        base = None
+        for name, fn in paths(x, linear).items():
+            seconds, out = timed(fn, args.reps)
+            base = base or seconds
+            err = float((out.double() - exact).abs().max() / exact.abs().max())
+            gflops = 2 * rows * args.k * args.n / seconds / 1e9
+            print(f"| {rows} | {name} | {1e3 * seconds:.2f} | {gflops:.0f} | {base / seconds:.2f}x | {err:.1e} |",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
