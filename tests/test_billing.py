@@ -352,14 +352,21 @@ async def test_failed_calls_write_nothing(stack: Stack) -> None:
     assert await code_of(stack.core.rerank(call(key, query="   "))) is Code.INVALID_ARGUMENT
     assert await code_of(stack.core.rerank(call(key, 0))) is Code.INVALID_ARGUMENT
     assert await code_of(stack.core.rerank(call(key, 2000))) is Code.INVALID_ARGUMENT
-    assert await code_of(stack.core.rerank(call(key, 300))) is Code.OVERLOADED  # queue holds 256
+    # the queue holds 256 documents; a key's first call is taken whatever its size (or one
+    # key's flood would lock every other out), so the refused one comes while alice has a call
+    stack.runner.gate.clear()
+    blocker = asyncio.create_task(stack.core.rerank(call(key, 1, idem="blocker")))
+    await held(stack.runner)
+    assert await code_of(stack.core.rerank(call(key, 300))) is Code.OVERLOADED
+    stack.runner.gate.set()
+    await blocker
     assert await code_of(stack.core.rerank(call(key, idem="has space"))) is Code.INVALID_ARGUMENT
     bad_model = RerankCall(call(key).queries, api_key=key, model="gpt-5")
     assert await code_of(stack.core.rerank(bad_model)) is Code.NOT_FOUND
     stack.runner.fail_next = True
     assert await code_of(stack.core.rerank(call(key))) is Code.INTERNAL
     assert await code_of(stack.core.rerank(call(None))) is Code.UNAUTHENTICATED
-    assert await stack.ledger.records() == []
+    assert [r.idempotency_key for r in await stack.ledger.records()] == ["blocker"]
 
 
 async def test_cancelled_call_writes_nothing(stack: Stack) -> None:
