@@ -33,13 +33,14 @@ from service import wire
 from service.config import TlsFiles
 from service.core import Limits, RerankCall, RerankCore, RerankReply
 from service.edge import GrpcLimits
-from service.errors import ServiceError
+from service.errors import Code, ServiceError
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
 access_log = logging.getLogger("rerank.access")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankService"].full_name
+CUT_MARGIN_S = 2.0  # after the grace period, time to answer cut calls before grpcio cancels them
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
 # Room for the reply's own fields on top of echoed documents (return_documents).
 _REPLY_OVERHEAD_PER_DOC = 64
@@ -60,6 +61,19 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     def __init__(self, core: RerankCore, metrics: Metrics) -> None:
         self.core = core
         self.metrics = metrics
+        self.running: set[asyncio.Task[Any]] = set()  # the handlers of calls in progress
+        self.cutting = False  # set when shutdown's grace has run out: running calls are cut
+
+    async def cut(self) -> None:
+        """End the calls still running when the grace period is over, each with UNAVAILABLE and
+        a retry hint (their work is dropped and nothing is billed), instead of leaving them to
+        grpcio's bare "Cancelling all calls"."""
+        self.cutting = True
+        running = list(self.running)
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.wait(running, timeout=CUT_MARGIN_S)
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         async with self._track("Rerank", context) as record:
@@ -85,20 +99,33 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     async def _track(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[_CallRecord]:
         """Map errors to statuses, and log and count every call exactly once."""
         record = _CallRecord(method, context.peer())
+        task = asyncio.current_task()
+        if task is not None:
+            self.running.add(task)
         try:
             yield record
         except ServiceError as exc:
             self._finish(record, exc.code.grpc_status, exc.message)
             await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, _retry_metadata(exc))
-        except asyncio.CancelledError:  # the caller went away or its deadline passed
-            self._finish(record, "CANCELLED", "caller cancelled or deadline passed; work dropped")
-            raise
+        except asyncio.CancelledError:  # the caller went away, its deadline passed, or shutdown cut it
+            if not self.cutting or task is None:
+                self._finish(record, "CANCELLED", "caller cancelled or deadline passed; work dropped")
+                raise
+            task.uncancel()  # cut by ``cut``: answered here, with a hint, rather than dropped
+            cut = ServiceError(Code.UNAVAILABLE, "the server is shutting down and cut this call before it "
+                               "finished; retry (with the same request_id it is billed at most once)",
+                               retry_after_s=1.0)
+            self._finish(record, cut.code.grpc_status, cut.message)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cut.message, _retry_metadata(cut))
         except Exception:
             log.exception("%s failed", method)
             self._finish(record, "INTERNAL", "unexpected error")
             await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the server log")
         else:
             self._finish(record, "OK", "")
+        finally:
+            if task is not None:
+                self.running.discard(task)
 
     def _finish(self, record: _CallRecord, code: str, message: str) -> None:
         seconds = time.perf_counter() - record.started
@@ -298,7 +325,8 @@ class GrpcServer:
         # past maximum_concurrent_rpcs grpcio answers RESOURCE_EXHAUSTED itself, before the handler
         self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=options,
                                       maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-        pb_grpc.add_RerankServiceServicer_to_server(RerankServicer(core, metrics), self.server)
+        self.servicer = RerankServicer(core, metrics)
+        pb_grpc.add_RerankServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             [SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
@@ -327,4 +355,10 @@ class GrpcServer:
         """Refuse new calls, let in-flight ones finish for ``grace_s``, then cancel them."""
         await self.drain()
         self.stopping = True
-        await self.server.stop(grace_s)
+        # grpcio refuses new calls at once; the margin lets ``cut`` answer the calls still
+        # running at the end of the grace period before grpcio cancels them bare
+        stopped = asyncio.ensure_future(self.server.stop(grace_s + CUT_MARGIN_S))
+        done, _ = await asyncio.wait([stopped], timeout=grace_s)
+        if not done:
+            await self.servicer.cut()
+        await stopped

@@ -136,6 +136,25 @@ async def test_a_call_cut_at_the_end_of_the_grace_period_is_retryable() -> None:
     assert code is grpc.StatusCode.UNAVAILABLE, (code, details)
 
 
+async def test_a_cut_call_says_why_and_when_to_retry() -> None:
+    """Like HTTP's JSON 503 with Retry-After: the cut call is told the server is shutting down
+    and given a retry hint, not grpcio's bare "Cancelling all calls"; its work is not billed."""
+    from clients import AsyncRerankClient, RerankError
+
+    runner = FakeRunner()
+    async with running_app(runner) as app, AsyncRerankClient(target(app), retries=0) as client:
+        runner.gate.clear()
+        call = asyncio.create_task(client.rerank("q", ["a"]))
+        await asyncio.to_thread(runner.entered.wait, 5)
+        stopping = asyncio.create_task(app.stop(grace_s=0.5))
+        with pytest.raises(RerankError) as cut:
+            await call
+        runner.gate.set()
+        await stopping
+    assert cut.value.code is grpc.StatusCode.UNAVAILABLE
+    assert "shutting down" in cut.value.details and cut.value.retry_after_s == 1.0
+
+
 # -- the server's limits (--grpc-*: docs/SECURITY.md) ----------------------------------------
 async def test_calls_past_the_concurrent_rpc_cap_are_resource_exhausted() -> None:
     runner = FakeRunner()
