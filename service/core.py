@@ -28,7 +28,6 @@ its reservation is released.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import logging
@@ -155,10 +154,10 @@ class RerankReply:
             return q.documents[index] if q is not None and q.return_documents else None
 
         qs: Sequence[RerankQuery | None] = [None] * len(self.outcomes) if queries is None else queries
-        outcomes = [dataclasses.replace(o, results=[dataclasses.replace(r, document=text(q, r.index))
+        outcomes = [replace(o, results=[replace(r, document=text(q, r.index))
                                                     for r in o.results])
                     for q, o in zip(qs, self.outcomes, strict=True)]
-        return dataclasses.replace(self, outcomes=outcomes)
+        return replace(self, outcomes=outcomes)
 
     @classmethod
     def from_json(cls, text: str) -> RerankReply:
@@ -316,7 +315,7 @@ class RerankCore:
         if not shared:
             return reply
         await self.limiter.admit(principal, 0)  # a shared reply is a replay: free, but a request
-        return dataclasses.replace(reply, replayed=True)
+        return replace(reply, replayed=True)
 
     async def _replay_or_run(self, principal: Principal, call: RerankCall, idempotency_key: str,
                              fingerprint: str, started: float) -> RerankReply:

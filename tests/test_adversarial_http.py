@@ -390,9 +390,8 @@ async def test_a_call_cut_at_the_end_of_the_grace_period_gets_a_json_503(caplog:
     assert "Exception in ASGI application" not in caplog.text and "Traceback" not in caplog.text
 
 
-def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checked before the body, the key is not read from the key table a second time by the core."""
-    key_id, secret = gw.create_key()
+def count_lookups(gw: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> list[str | None]:
+    """The keys the key table is asked for from now on, in order."""
     lookups: list[str | None] = []
     authenticate = gw.keys.authenticate
 
@@ -401,6 +400,13 @@ def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest
         return await authenticate(api_key)
 
     monkeypatch.setattr(gw.keys, "authenticate", counted)
+    return lookups
+
+
+def test_the_key_is_looked_up_once_per_call(gw: LiveGateway, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked before the body, the key is not read from the key table a second time by the core."""
+    key_id, secret = gw.create_key()
+    lookups = count_lookups(gw, monkeypatch)
     for _ in range(3):
         assert exchange(gw, request(key=secret, body=BODY)).status == 200
     assert lookups == [secret] * 3
@@ -414,14 +420,7 @@ def test_the_http_front_leaves_the_shared_core_unchanged(gw: LiveGateway, monkey
     create_app(gw.core)  # a second front on the same core changes nothing either
     assert gw.core.auth is gw.keys
     key_id, secret = gw.create_key()
-    lookups: list[str | None] = []
-    authenticate = gw.keys.authenticate
-
-    async def counted(api_key: str | None) -> object:
-        lookups.append(api_key)
-        return await authenticate(api_key)
-
-    monkeypatch.setattr(gw.keys, "authenticate", counted)
+    lookups = count_lookups(gw, monkeypatch)
     gw.call(gw.core.rerank(RerankCall([RerankQuery("q", ["a"])], api_key=secret)))
     assert exchange(gw, request(key=secret, body=BODY)).status == 200
     assert lookups == [secret, secret]  # once per call, on either front
