@@ -402,3 +402,20 @@ async def test_a_full_queue_still_takes_one_call_of_a_key_with_nothing_in_flight
         await batcher.score(ScoreRequest("q", ["e"] * 2, tenant="quiet"))  # its first is still queued
     runner.gate.set()
     await asyncio.gather(first, flood, quiet)
+
+
+async def test_first_calls_of_many_tenants_stop_at_twice_the_limit(blocked) -> None:  # type: ignore[no-untyped-def]
+    """Each tenant's first call passes a full queue, but not past twice its limit: a caller
+    that can name many tenants cannot grow the queue without bound."""
+    batcher, runner, _ = blocked  # max_queued_docs=20
+    first = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"], tenant="t-0")))
+    await entered(runner)
+    taken = [asyncio.ensure_future(batcher.score(ScoreRequest("q", ["d"] * 5, tenant=f"t-{n}")))
+             for n in range(1, 9)]  # 8 tenants x 5 = 40 documents queued: twice the limit
+    while batcher.queued_docs < 40:
+        await asyncio.sleep(0)
+    with pytest.raises(Overloaded):
+        # a new tenant, past twice the limit: refused at once (admitted, it would wait on the gate)
+        await asyncio.wait_for(batcher.score(ScoreRequest("q", ["d"], tenant="t-9")), 5)
+    runner.gate.set()
+    await asyncio.gather(first, *taken)

@@ -224,21 +224,23 @@ class Batcher:
         """Refuse work past either limit: documents, or tokens (what the model must run). A call
         alone in an empty queue is admitted whatever its size, or it could never run; and so is
         the one call of a tenant with nothing in flight, or one tenant's flood would lock every
-        other out (the scheduler then gives it its share)."""
+        other out (the scheduler then gives it its share), up to twice the limits: many
+        tenants (keys, or names a trusted front passes on) cannot grow the queue without bound."""
         if self._closed:
             raise ShuttingDown("the server is shutting down; retry on another replica")
         if self._over(docs, tokens):
             self.queue.drop_cancelled()
-        if self._over(docs, tokens) and any(g.tenant == tenant and not g.cancelled for g in self._in_flight):
+        if self._over(docs, tokens) and (self._over(docs, tokens, factor=2) or any(
+                g.tenant == tenant and not g.cancelled for g in self._in_flight)):
             wait = max(0.05, self.queue.queued_tokens * self._seconds_per_token)
             raise Overloaded(f"{len(self.queue)} documents, {self.queue.queued_tokens} tokens queued (limits "
                              f"{self.config.max_queued_docs}, {self.config.max_queued_tokens}); retry in "
                              f"{wait:.2f}s", wait)
 
-    def _over(self, docs: int, tokens: int) -> bool:
+    def _over(self, docs: int, tokens: int, factor: int = 1) -> bool:
         queued = self.queue.queued_tokens
-        return (len(self.queue) + docs > self.config.max_queued_docs
-                or (queued > 0 and queued + tokens > self.config.max_queued_tokens))
+        return (len(self.queue) + docs > factor * self.config.max_queued_docs
+                or (queued > 0 and queued + tokens > factor * self.config.max_queued_tokens))
 
     # -- the loop's side -----------------------------------------------------------------
     async def _run(self) -> None:
