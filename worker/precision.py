@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import logging
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -60,7 +60,8 @@ _HIGH_16_BITS = -65536  # 0xFFFF0000 as int32: sign, exponent and the top 7 mant
 # accumulation of exact products is ~1e-7 (three parts) to ~5e-6 (two); an output rounded to
 # bf16 anywhere (a fallback to eager, an unfused cast) is ~1e-3.
 TEMPLATE_TOLERANCE = 1e-4
-_TEMPLATE_OPTIONS: dict[str, str | int | bool] = {"max_autotune": True, "max_autotune_gemm_backends": "CPP"}
+_TEMPLATE_OPTIONS: dict[str, str | int | bool | Callable[..., Any]] = {
+    "max_autotune": True, "max_autotune_gemm_backends": "CPP"}
 
 
 def cpu_capability() -> Capability:
