@@ -103,6 +103,6 @@ def _score_result(reply: RerankResult, documents: int) -> ScoreResult:
     scores = sorted(reply.results, key=lambda r: r.index)
     if [r.index for r in scores] != list(range(documents)):
         raise ServiceError(Code.INTERNAL, f"a backend answered {len(scores)} of {documents} documents")
-    return ScoreResult([DocScore(r.index, r.score, r.logit, 0, r.truncated) for r in scores],
+    return ScoreResult([DocScore(r.index, r.score, r.logit, r.truncated) for r in scores],
                        prompt_tokens=reply.usage.prompt_tokens, computed_tokens=reply.usage.computed_tokens,
                        timings_ms={"queue_and_model": reply.total_ms})

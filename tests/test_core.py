@@ -80,7 +80,7 @@ class SpyEngine:
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         self.requests.append(request)
-        return ScoreResult([DocScore(i, 0.5, 0.0, 1, False) for i in range(len(request.documents))], 1)
+        return ScoreResult([DocScore(i, 0.5, 0.0, False) for i in range(len(request.documents))], 1)
 
     def info(self) -> ModelInfo:
         return ModelInfo("spy", 64, DType.FLOAT32, Device.CPU)
