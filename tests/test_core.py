@@ -145,6 +145,19 @@ async def test_only_a_keyed_call_is_fingerprinted(monkeypatch: pytest.MonkeyPatc
     assert seen == ["retry-1"]
 
 
+def test_the_fingerprint_of_a_body_never_changes() -> None:
+    """Idempotency records outlive releases: a retry after an upgrade must hash to what the
+    stored record holds, so these digests are pinned, not recomputed."""
+    plain = RerankCall([RerankQuery(query="q", documents=["a", "b"])])
+    full = RerankCall([RerankQuery(query="what is a panda", documents=["bears", "bamboo \u00e9"],
+                                   instruction="Judge relevance", top_n=2, return_documents=True,
+                                   truncation=Truncation.NONE, max_document_tokens=16),
+                       RerankQuery(query="p", documents=("c",))],
+                      model="m", priority=5, request_id="r", idempotency_key="k")
+    assert plain.fingerprint() == "3450fbae8c53efdf996fec08c499b7d575b03a63d7a0802baabf6466deae926b"
+    assert full.fingerprint() == "c7455dd10abf61092ffb48ef02e8f96466b9b94b4c6737e47e4dead4b169fd17"
+
+
 @pytest.mark.parametrize(("auth", "tenant"), [
     (None, "key_a"),  # no keys here: the front that called names whose share it spends
     (OneKey(), "key-7"),  # a keyed caller is its own tenant, whatever it claims
