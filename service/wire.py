@@ -100,8 +100,11 @@ def _query(query: str, documents: Sequence[str], instruction: str | None, top_n:
     if truncation not in _TRUNCATION:
         raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
                                                   "TRUNCATION_END or TRUNCATION_NONE")
-    return RerankQuery(query, list(documents), instruction, top_n or None, return_documents,
-                       _TRUNCATION[truncation], max_document_tokens)
+    # list(): a repeated field decodes a new str at every read, and the core reads each
+    # document several times (validate, estimate, tokenize): decode them once, here
+    return RerankQuery(query=query, documents=list(documents), instruction=instruction, top_n=top_n or None,
+                       return_documents=return_documents, truncation=_TRUNCATION[truncation],
+                       max_document_tokens=max_document_tokens)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:
