@@ -100,9 +100,10 @@ async def test_tenant_and_priority_reach_every_query(auth: OneKey | None, priori
                                                      expected: int) -> None:
     engine = SpyEngine()
     core = RerankCore(engine, model_name="spy", auth=auth)
-    reply = await core.rerank(RerankCall([RerankQuery("q", ["a"]), RerankQuery("p", ["b", "c"])],
-                                         priority=priority))
+    call = RerankCall([RerankQuery("q", ["a"]), RerankQuery("p", ["b", "c"])], priority=priority)
+    reply = await core.rerank(call)
     assert [(r.tenant, r.priority) for r in engine.requests] == [(tenant, expected)] * 2
+    assert all(r.documents is q.documents for r, q in zip(engine.requests, call.queries))  # never copied
     assert reply.warnings == []
 
 
