@@ -30,17 +30,11 @@ _TRUNCATION = {
 
 
 def call_from_request(req: pb.RerankRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
-                   req.top_n, req.return_documents, req.truncation,
-                   req.max_tokens_per_doc if req.HasField("max_tokens_per_doc") else None)
-    return _call([query], req.model, req.request_id, api_key, _priority(req), on_behalf_of)
+    return _call([_query(req)], req, api_key, on_behalf_of)
 
 
 def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
-                      q.top_n, q.return_documents, q.truncation,
-                      q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None) for q in req.queries]
-    return _call(queries, req.model, req.request_id, api_key, _priority(req), on_behalf_of)
+    return _call([_query(q) for q in req.queries], req, api_key, on_behalf_of)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -74,11 +68,12 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
     return None
 
 
-def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None,
-          priority: int | None, on_behalf_of: str | None) -> RerankCall:
+def _call(queries: list[RerankQuery], req: pb.RerankRequest | pb.RerankBatchRequest, api_key: str | None,
+          on_behalf_of: str | None) -> RerankCall:
     # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
-    return RerankCall(queries, api_key=api_key, model=model or None, request_id=request_id or None,
-                      idempotency_key=request_id or None, priority=priority, on_behalf_of=on_behalf_of)
+    return RerankCall(queries, api_key=api_key, model=req.model or None, request_id=req.request_id or None,
+                      idempotency_key=req.request_id or None, on_behalf_of=on_behalf_of,
+                      priority=req.priority if req.HasField("priority") else None)  # the core checks the range
 
 
 def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
@@ -90,21 +85,17 @@ def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def _priority(req: pb.RerankRequest | pb.RerankBatchRequest) -> int | None:
-    return req.priority if req.HasField("priority") else None  # the core checks the range
-
-
-def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,
-           return_documents: bool, truncation: pb.Truncation.ValueType,
-           max_document_tokens: int | None) -> RerankQuery:
-    if truncation not in _TRUNCATION:
-        raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
+def _query(q: pb.RerankRequest | pb.BatchQuery) -> RerankQuery:
+    """One query's fields, which a Rerank request and a batch's query spell alike."""
+    if q.truncation not in _TRUNCATION:
+        raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {q.truncation}: use "
                                                   "TRUNCATION_END or TRUNCATION_NONE")
     # list(): a repeated field decodes a new str at every read, and the core reads each
     # document several times (validate, estimate, tokenize): decode them once, here
-    return RerankQuery(query=query, documents=list(documents), instruction=instruction, top_n=top_n or None,
-                       return_documents=return_documents, truncation=_TRUNCATION[truncation],
-                       max_document_tokens=max_document_tokens)
+    return RerankQuery(query=q.query, documents=list(q.documents),
+                       instruction=q.instruction if q.HasField("instruction") else None, top_n=q.top_n or None,
+                       return_documents=q.return_documents, truncation=_TRUNCATION[q.truncation],
+                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:
