@@ -21,6 +21,7 @@ from worker.types import Truncation
 # request metadata: the tenant a trusted front calls for (clients.client sends it)
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
 ON_BEHALF_OF = re.compile(r"[\x21-\x7e]{1,255}")
+Metadata = Sequence[tuple[str, str | bytes]] | None  # a call's invocation metadata
 
 _TRUNCATION = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.END,
@@ -29,12 +30,12 @@ _TRUNCATION = {
 }
 
 
-def call_from_request(req: pb.RerankRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    return _call([_query(req)], req, api_key, on_behalf_of)
+def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
+    return _call([_query(req)], req, metadata)
 
 
-def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    return _call([_query(q) for q in req.queries], req, api_key, on_behalf_of)
+def call_from_batch(req: pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
+    return _call([_query(q) for q in req.queries], req, metadata)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -58,7 +59,7 @@ def model_info_message(info: ModelInfo, lim: Limits) -> pb.ModelInfo:
                         device=info.device.value, limits=pb.Limits(**asdict(lim)))
 
 
-def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_key(metadata: Metadata) -> str | None:
     """The key of ``authorization: Bearer <key>``, by the rule HTTP applies too
     (``service.edge.bearer_token``): no header is None, anything but ``Bearer <key>`` is
     UNAUTHENTICATED, saying what was wrong."""
@@ -68,15 +69,15 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
     return None
 
 
-def _call(queries: list[RerankQuery], req: pb.RerankRequest | pb.RerankBatchRequest, api_key: str | None,
-          on_behalf_of: str | None) -> RerankCall:
+def _call(queries: list[RerankQuery], req: pb.RerankRequest | pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
     # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
-    return RerankCall(queries, api_key=api_key, model=req.model or None, request_id=req.request_id or None,
-                      idempotency_key=req.request_id or None, on_behalf_of=on_behalf_of,
+    return RerankCall(queries, api_key=bearer_key(metadata), model=req.model or None,
+                      request_id=req.request_id or None, idempotency_key=req.request_id or None,
+                      on_behalf_of=on_behalf_of(metadata),
                       priority=req.priority if req.HasField("priority") else None)  # the core checks the range
 
 
-def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def on_behalf_of(metadata: Metadata) -> str | None:
     """The tenant a trusted front names in ``x-rerank-on-behalf-of`` (honoured by the core only
     without keys); anything but 1-255 visible ASCII characters is ignored."""
     for key, value in metadata or ():
