@@ -12,12 +12,12 @@ from typing import Any
 
 import grpc
 import pytest
-from serving import running_app, target
+from serving import create_schema, running_app, target
 
 from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
 from service.core import ANONYMOUS, Principal, RerankCall, RerankReply
-from service.db import create_schema, open_engine
+from service.db import open_engine
 from service.errors import Code, ServiceError
 from service.ledger import SqlLedger
 from service.remote import RemoteEngine
