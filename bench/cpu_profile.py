@@ -4,7 +4,7 @@
         [--dtype bfloat16 | --precision exact-bf16x3] [--workloads short,mixed] [--ops 12]
 
 Runs each workload (bench/engine.py's seeded ones) through the serving runner in the batches
-the real queue forms (``TokenBudgetQueue`` with the CPU defaults, shared prefix reused), once
+the real queue forms (``FairQueue`` with the CPU defaults, shared prefix reused), once
 unprofiled (the wall time) and once under ``torch.profiler``, and prints:
 
 * a table by part: linear layers, attention (the SDPA call), RMS norms, SiLU, and the rest
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.engine import build_workloads, gemm_gflops, linear_flops_per_token  # noqa: E402
 from worker.batcher import BatcherConfig  # noqa: E402
 from worker.precision import SplitLinear  # noqa: E402
-from worker.queue import Entry, TokenBudgetQueue  # noqa: E402
+from worker.queue import Entry, FairQueue  # noqa: E402
 from worker.runner import Item, ModelRunner, PrefixCache  # noqa: E402
 
 PARTS = ("linear", "attention", "norm", "silu")
@@ -70,7 +70,7 @@ def mark_parts(model: nn.Module) -> None:
 def batches(runner: ModelRunner, request: Any, config: BatcherConfig) -> Iterator[list[Item]]:
     """The batches the serving queue forms for one request (prefix reuse on)."""
     prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
-    queue = TokenBudgetQueue(config.max_batch_tokens, config.max_batch_size)
+    queue = FairQueue(config.max_batch_tokens, config.max_batch_size)
     queue.append(Entry(ids, prompts.shared_len, _Owner(), i) for i, ids in enumerate(prompts.sequences))
     while batch := queue.next_batch():
         yield [Item(e.ids, e.prefix_len) for e in batch]

@@ -6,7 +6,8 @@ The generated stubs stay behind these classes. What they add over a bare stub:
 * retries on UNAVAILABLE (the model still loading, a replica draining) by gRPC's own retry
   policy in the channel's service config, with exponential backoff, inside the deadline;
 * a request id on every call, made here when the caller gives none: the server treats it as
-  the idempotency key, so a call that gRPC retries is billed once;
+  the idempotency key, so a call that gRPC retries is billed once (``idempotent=False``: none
+  made, for a front that dedupes and bills its calls itself);
 * the API key as ``authorization: Bearer <key>``: call credentials on a TLS channel,
   plain metadata on a plaintext one (gRPC sends call credentials over TLS only);
 * ``RerankError`` for every failure, carrying the status code and the server's retry hint;
@@ -175,10 +176,10 @@ def _truncation(truncate: bool) -> pb.Truncation.ValueType:
 def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | None, top_n: int | None,
                     return_documents: bool, truncate: bool, model: str | None,
                     request_id: str | None, max_tokens_per_doc: int | None = None,
-                    priority: int | None = None) -> pb.RerankRequest:
+                    priority: int | None = None, idempotent: bool = True) -> pb.RerankRequest:
     return pb.RerankRequest(model=model or "", query=query, documents=list(documents), instruction=instruction,
-                            top_n=top_n or 0, return_documents=return_documents,
-                            truncation=_truncation(truncate), request_id=request_id or uuid.uuid4().hex,
+                            top_n=top_n or 0, return_documents=return_documents, truncation=_truncation(truncate),
+                            request_id=request_id or (uuid.uuid4().hex if idempotent else ""),
                             max_tokens_per_doc=max_tokens_per_doc, priority=priority)
 
 
@@ -266,13 +267,16 @@ class RerankClient:
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
                priority: int | None = None, timeout_s: float | None = None,
-               on_behalf_of: str | None = None) -> RerankResult:
+               on_behalf_of: str | None = None, idempotent: bool = True) -> RerankResult:
         """Score ``documents`` against ``query``; best first, cut to ``top_n``. ``priority``: 0
         (first) to 999; None: the key's default. ``on_behalf_of``: for a front calling a server
-        without keys, the caller it serves (the server shares its model fairly between them)."""
+        without keys, the caller it serves (the server shares its model fairly between them).
+        ``idempotent=False`` with no ``request_id``: send none, so the server neither hashes
+        nor remembers the call (nor replays a retry of it)."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
+                         idempotent=idempotent)
         return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
@@ -330,10 +334,12 @@ class AsyncRerankClient:
                      top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                      model: str | None = None, request_id: str | None = None,
                      max_tokens_per_doc: int | None = None, priority: int | None = None,
-                     timeout_s: float | None = None, on_behalf_of: str | None = None) -> RerankResult:
+                     timeout_s: float | None = None, on_behalf_of: str | None = None,
+                     idempotent: bool = True) -> RerankResult:
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
-                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority)
+                         request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
+                         idempotent=idempotent)
         return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,

@@ -137,7 +137,7 @@ class App:
         batcher.start()
         await batcher.warmup()
         self.metrics.watch_queue(lambda: batcher.queued_docs)
-        self.engine.attach(batcher)
+        self.engine.batcher = batcher
         self.metrics.ready.set(1)
         await self.grpc.set_serving(True)
         log.info("ready: %s", info)

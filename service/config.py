@@ -208,8 +208,8 @@ class GatewayConfig(FrontConfig):
     backend_rps: float | None = knob(None, "pace calls to each backend to X requests/s (the client's Pacing)",
                                      unset="unpaced")
     backend_dps: float | None = knob(None, "pace each backend to X documents/s", unset="unpaced")
-    backend_retries: int = knob(0, "retry a backend's RESOURCE_EXHAUSTED up to N times after its retry-after-ms, "
-                                   "with the same request id (replayed, never billed twice); 0: answer 429 at once")
+    backend_retries: int = knob(0, "retry a backend's RESOURCE_EXHAUSTED up to N times after its retry-after-ms "
+                                   "(a refused call was not scored); 0: answer 429 at once")
 
 
 # -- flags and environment -------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Protocol
 from service.errors import Code, ServiceError
 from service.flight import SingleFlight
 from worker.prompt import PREFIX, SUFFIX, format_body
-from worker.types import Device, DType, ScoreRequest, ScoreResult, Truncation
+from worker.types import Device, DType, ScoreRequest, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +71,15 @@ MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
-@dataclass(frozen=True, slots=True)
-class RerankQuery:
-    query: str
-    documents: Sequence[str]
-    instruction: str | None = None
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RerankQuery(ScoreRequest):
+    """One query as a front sends it: the worker's request, which the core hands the engine
+    as it is (with the call's ``tenant`` and ``priority`` set: ``_score_all``; the front's are
+    ignored), and what only the reply needs. ``max_document_tokens`` is Cohere's
+    ``max_tokens_per_doc``."""
+
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
-    truncation: Truncation = Truncation.END
-    max_document_tokens: int | None = None  # cut each document to this many tokens (Cohere's max_tokens_per_doc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,7 +439,7 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str
                      priority: int) -> list[ScoreResult]:
     """Every query's scores; when one query fails, the others are cancelled, not left running."""
     several = len(queries) > 1
-    tasks = [asyncio.ensure_future(_score(engine, _to_request(q, tenant, priority),
+    tasks = [asyncio.ensure_future(_score(engine, replace(q, tenant=tenant, priority=priority),
                                           f"queries[{n}]: " if several else ""))
              for n, q in enumerate(queries)]
     try:
@@ -497,11 +497,6 @@ async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResu
         if where and exc.code is Code.INVALID_ARGUMENT:
             raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc
         raise
-
-
-def _to_request(q: RerankQuery, tenant: str, priority: int) -> ScoreRequest:
-    return ScoreRequest(q.query, list(q.documents), q.instruction, q.truncation,
-                        max_document_tokens=q.max_document_tokens, tenant=tenant, priority=priority)
 
 
 def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:

@@ -167,13 +167,6 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
-async def create_schema(engine: AsyncEngine) -> None:
-    """Create missing tables (idempotent; there is no migration history yet)."""
-    with unavailable("creating the schema"):
-        async with engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
-
-
 @contextlib.contextmanager
 def unavailable(action: str) -> Iterator[None]:
     """Turn a database failure into UNAVAILABLE: retryable, and never billed."""

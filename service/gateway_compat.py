@@ -56,7 +56,7 @@ class TeiRequest(_Body):
         if self.truncate and self.truncation_direction == "Left":
             raise ServiceError(Code.INVALID_ARGUMENT, "truncation_direction 'Left' is not supported: a long "
                                "document loses its end ('Right'), never the query")
-        query = RerankQuery(self.query, self.texts, None, None, False, _truncation(self.truncate))
+        query = RerankQuery(query=self.query, documents=self.texts, truncation=_truncation(self.truncate))
         return RerankCall([query], api_key=api_key, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: str) -> list[TeiResult]:
@@ -82,8 +82,8 @@ class VoyageRequest(_Body):
                              "false: such a call is 400.")
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
-        query = RerankQuery(self.query, self.documents, None, self.top_k, bool(self.return_documents),
-                            _truncation(self.truncation))
+        query = RerankQuery(query=self.query, documents=self.documents, top_n=self.top_k,
+                            return_documents=bool(self.return_documents), truncation=_truncation(self.truncation))
         return RerankCall([query], api_key=api_key, model=self.model or None, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: str) -> VoyageResponse:

@@ -114,9 +114,10 @@ class RerankRequest(BaseModel):
         "(meta.warnings says so). Outside the range or not an integer: 400.")
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
-        query = RerankQuery(self.query, self.texts(), self.instruction, self.top_n,
-                            bool(self.return_documents), Truncation(self.truncation or "end"),
-                            self.max_tokens_per_doc)
+        query = RerankQuery(query=self.query, documents=self.texts(), instruction=self.instruction,
+                            top_n=self.top_n, return_documents=bool(self.return_documents),
+                            truncation=Truncation(self.truncation or "end"),
+                            max_document_tokens=self.max_tokens_per_doc)
         return RerankCall([query], api_key=api_key, model=self.model or None,
                           idempotency_key=idempotency_key,  # "" is refused by the core
                           priority=_priority(self.priority))  # its range too

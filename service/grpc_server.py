@@ -77,16 +77,14 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
 
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         async with self._track("Rerank", context) as record:
-            record.call = wire.call_from_request(request, _api_key(context),
-                                                 wire.on_behalf_of(context.invocation_metadata()))
+            record.call = wire.call_from_request(request, context.invocation_metadata())
             record.reply = await self.core.rerank(record.call)
             return wire.response_from_reply(record.reply)
 
     async def RerankBatch(self, request: pb.RerankBatchRequest,
                           context: grpc.aio.ServicerContext) -> pb.RerankBatchResponse:
         async with self._track("RerankBatch", context) as record:
-            record.call = wire.call_from_batch(request, _api_key(context),
-                                               wire.on_behalf_of(context.invocation_metadata()))
+            record.call = wire.call_from_batch(request, context.invocation_metadata())
             record.reply = await self.core.rerank(record.call)
             return wire.batch_response_from_reply(record.reply)
 
@@ -131,10 +129,6 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
         seconds = time.perf_counter() - record.started
         self.metrics.observe_request(record.method, code, seconds)
         access_log.info("%s", _access_line(record, code, message, seconds))
-
-
-def _api_key(context: grpc.aio.ServicerContext) -> str | None:
-    return wire.bearer_key(context.invocation_metadata())
 
 
 def _retry_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ import json
 import re
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -184,10 +184,6 @@ def _record(row: Any) -> KeyRecord:
 
 
 def _columns(record: KeyRecord) -> dict[str, Any]:
-    return {"key_id": record.key_id, "name": record.name, "display_prefix": record.display_prefix,
-            "created_at": record.created_at, "revoked_at": record.revoked_at,
-            "rate_limit_rps": record.rate_limit_rps, "rate_limit_dps": record.rate_limit_dps,
-            "rate_limit_tpm": record.rate_limit_tpm, "default_priority": record.default_priority,
-            "best_priority": record.best_priority,
-            "quota_documents": record.quota_documents,
-            "models": None if record.models is None else json.dumps(sorted(record.models))}
+    """The row of ``record``: every field is a column of the same name (``_record`` reads it back)."""
+    models = None if record.models is None else json.dumps(sorted(record.models))
+    return {**asdict(record), "models": models}

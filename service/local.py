@@ -13,10 +13,7 @@ class BatcherEngine:
     batcher is attached (the model is loading), UNAVAILABLE."""
 
     def __init__(self, batcher: Batcher | None = None) -> None:
-        self.batcher = batcher
-
-    def attach(self, batcher: Batcher) -> None:
-        self.batcher = batcher
+        self.batcher = batcher  # set by the app once the model is warm
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         batcher = self._ready()

@@ -6,6 +6,11 @@ backends only score: run them with ``--no-auth`` on a private network (or give t
 backend key). Each call goes to the next backend in turn; a backend that is UNAVAILABLE
 (loading, draining, gone) passes the call to the next one, which is safe because nothing
 is billed until the gateway's ledger records the reply.
+
+A backend is asked for nothing the gateway's core does again or drops: no request id (the
+gateway's core dedupes and bills; a backend's refusal, retried by ``pacing``, was never
+scored, so it needs no idempotency key, and the backend hashes nothing), no ``top_n``, no
+echoed text. It still validates the call and ranks it: it is a server of its own.
 """
 
 from __future__ import annotations
@@ -67,12 +72,12 @@ class RemoteEngine:
         start, self._next = self._next, (self._next + 1) % len(self.clients)
         for attempt in range(len(self.clients)):
             client = self.clients[(start + attempt) % len(self.clients)]
-            try:
+            try:  # scores only: every document (no top_n), no text echoed, no request id (see above)
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
                                             truncate=request.truncation is Truncation.END,
                                             max_tokens_per_doc=request.max_document_tokens,
-                                            priority=request.priority,
-                                            on_behalf_of=request.tenant or None)
+                                            priority=request.priority, on_behalf_of=request.tenant or None,
+                                            idempotent=False)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue
@@ -103,6 +108,6 @@ def _score_result(reply: RerankResult, documents: int) -> ScoreResult:
     scores = sorted(reply.results, key=lambda r: r.index)
     if [r.index for r in scores] != list(range(documents)):
         raise ServiceError(Code.INTERNAL, f"a backend answered {len(scores)} of {documents} documents")
-    return ScoreResult([DocScore(r.index, r.score, r.logit, 0, r.truncated) for r in scores],
+    return ScoreResult([DocScore(r.index, r.score, r.logit, r.truncated) for r in scores],
                        prompt_tokens=reply.usage.prompt_tokens, computed_tokens=reply.usage.computed_tokens,
                        timings_ms={"queue_and_model": reply.total_ms})

@@ -21,6 +21,7 @@ from worker.types import Truncation
 # request metadata: the tenant a trusted front calls for (clients.client sends it)
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
 ON_BEHALF_OF = re.compile(r"[\x21-\x7e]{1,255}")
+Metadata = Sequence[tuple[str, str | bytes]] | None  # a call's invocation metadata
 
 _TRUNCATION = {
     pb.TRUNCATION_UNSPECIFIED: Truncation.END,
@@ -29,18 +30,12 @@ _TRUNCATION = {
 }
 
 
-def call_from_request(req: pb.RerankRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    query = _query(req.query, req.documents, req.instruction if req.HasField("instruction") else None,
-                   req.top_n, req.return_documents, req.truncation,
-                   req.max_tokens_per_doc if req.HasField("max_tokens_per_doc") else None)
-    return _call([query], req.model, req.request_id, api_key, _priority(req), on_behalf_of)
+def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
+    return _call([_query(req)], req, metadata)
 
 
-def call_from_batch(req: pb.RerankBatchRequest, api_key: str | None, on_behalf_of: str | None = None) -> RerankCall:
-    queries = [_query(q.query, q.documents, q.instruction if q.HasField("instruction") else None,
-                      q.top_n, q.return_documents, q.truncation,
-                      q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None) for q in req.queries]
-    return _call(queries, req.model, req.request_id, api_key, _priority(req), on_behalf_of)
+def call_from_batch(req: pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
+    return _call([_query(q) for q in req.queries], req, metadata)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -64,7 +59,7 @@ def model_info_message(info: ModelInfo, lim: Limits) -> pb.ModelInfo:
                         device=info.device.value, limits=pb.Limits(**asdict(lim)))
 
 
-def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_key(metadata: Metadata) -> str | None:
     """The key of ``authorization: Bearer <key>``, by the rule HTTP applies too
     (``service.edge.bearer_token``): no header is None, anything but ``Bearer <key>`` is
     UNAUTHENTICATED, saying what was wrong."""
@@ -74,14 +69,15 @@ def bearer_key(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None
     return None
 
 
-def _call(queries: list[RerankQuery], model: str, request_id: str, api_key: str | None,
-          priority: int | None, on_behalf_of: str | None) -> RerankCall:
+def _call(queries: list[RerankQuery], req: pb.RerankRequest | pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
     # On gRPC the request id doubles as the idempotency key: a retried call carries the same id
-    return RerankCall(queries, api_key=api_key, model=model or None, request_id=request_id or None,
-                      idempotency_key=request_id or None, priority=priority, on_behalf_of=on_behalf_of)
+    return RerankCall(queries, api_key=bearer_key(metadata), model=req.model or None,
+                      request_id=req.request_id or None, idempotency_key=req.request_id or None,
+                      on_behalf_of=on_behalf_of(metadata),
+                      priority=req.priority if req.HasField("priority") else None)  # the core checks the range
 
 
-def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def on_behalf_of(metadata: Metadata) -> str | None:
     """The tenant a trusted front names in ``x-rerank-on-behalf-of`` (honoured by the core only
     without keys); anything but 1-255 visible ASCII characters is ignored."""
     for key, value in metadata or ():
@@ -90,18 +86,17 @@ def on_behalf_of(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def _priority(req: pb.RerankRequest | pb.RerankBatchRequest) -> int | None:
-    return req.priority if req.HasField("priority") else None  # the core checks the range
-
-
-def _query(query: str, documents: Sequence[str], instruction: str | None, top_n: int,
-           return_documents: bool, truncation: pb.Truncation.ValueType,
-           max_document_tokens: int | None) -> RerankQuery:
-    if truncation not in _TRUNCATION:
-        raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {truncation}: use "
+def _query(q: pb.RerankRequest | pb.BatchQuery) -> RerankQuery:
+    """One query's fields, which a Rerank request and a batch's query spell alike."""
+    if q.truncation not in _TRUNCATION:
+        raise ServiceError(Code.INVALID_ARGUMENT, f"unknown truncation value {q.truncation}: use "
                                                   "TRUNCATION_END or TRUNCATION_NONE")
-    return RerankQuery(query, list(documents), instruction, top_n or None, return_documents,
-                       _TRUNCATION[truncation], max_document_tokens)
+    # list(): a repeated field decodes a new str at every read, and the core reads each
+    # document several times (validate, estimate, tokenize): decode them once, here
+    return RerankQuery(query=q.query, documents=list(q.documents),
+                       instruction=q.instruction if q.HasField("instruction") else None, top_n=q.top_n or None,
+                       return_documents=q.return_documents, truncation=_TRUNCATION[q.truncation],
+                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:

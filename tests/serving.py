@@ -8,7 +8,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from service.app import App, CoreParts
+from service.billing import prepare_schema
 from service.config import ServeConfig
 from worker.fake import FakeRunner
 from worker.types import Runner
@@ -31,6 +34,12 @@ async def running_app(runner: Runner | None = None, *, parts: CoreParts | None =
         if isinstance(runner, FakeRunner):
             runner.gate.set()  # never leave the model thread blocked: close() joins it
         await app.stop(grace_s=0)
+
+
+async def create_schema(engine: AsyncEngine) -> None:
+    """The ledger's schema on a test's database, made the way a server makes it at start
+    (``service.billing.prepare_schema``: tables, later columns, indexes)."""
+    await asyncio.to_thread(prepare_schema, engine.url.render_as_string(hide_password=False))
 
 
 def target(app: App) -> str:

@@ -15,10 +15,11 @@ from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from serving import create_schema
 from sqlalchemy import insert, select, text, update
 
 from service.core import RerankCall, RerankCore, RerankQuery
-from service.db import api_keys, create_schema, idempotency_records, open_engine, usage_records
+from service.db import api_keys, idempotency_records, open_engine, usage_records
 from service.errors import Code, ServiceError
 from service.keys import KEY_PREFIX, KeyStore, hash_key
 from service.ledger import SqlLedger

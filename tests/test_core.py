@@ -80,7 +80,7 @@ class SpyEngine:
 
     async def score(self, request: ScoreRequest) -> ScoreResult:
         self.requests.append(request)
-        return ScoreResult([DocScore(i, 0.5, 0.0, 1, False) for i in range(len(request.documents))], 1)
+        return ScoreResult([DocScore(i, 0.5, 0.0, False) for i in range(len(request.documents))], 1)
 
     def info(self) -> ModelInfo:
         return ModelInfo("spy", 64, DType.FLOAT32, Device.CPU)
@@ -100,9 +100,10 @@ async def test_tenant_and_priority_reach_every_query(auth: OneKey | None, priori
                                                      expected: int) -> None:
     engine = SpyEngine()
     core = RerankCore(engine, model_name="spy", auth=auth)
-    reply = await core.rerank(RerankCall([RerankQuery("q", ["a"]), RerankQuery("p", ["b", "c"])],
-                                         priority=priority))
+    call = RerankCall([RerankQuery("q", ["a"]), RerankQuery("p", ["b", "c"])], priority=priority)
+    reply = await core.rerank(call)
     assert [(r.tenant, r.priority) for r in engine.requests] == [(tenant, expected)] * 2
+    assert all(r.documents is q.documents for r, q in zip(engine.requests, call.queries))  # never copied
     assert reply.warnings == []
 
 
@@ -143,6 +144,19 @@ async def test_only_a_keyed_call_is_fingerprinted(monkeypatch: pytest.MonkeyPatc
     finally:
         await batcher.close()
     assert seen == ["retry-1"]
+
+
+def test_the_fingerprint_of_a_body_never_changes() -> None:
+    """Idempotency records outlive releases: a retry after an upgrade must hash to what the
+    stored record holds, so these digests are pinned, not recomputed."""
+    plain = RerankCall([RerankQuery(query="q", documents=["a", "b"])])
+    full = RerankCall([RerankQuery(query="what is a panda", documents=["bears", "bamboo \u00e9"],
+                                   instruction="Judge relevance", top_n=2, return_documents=True,
+                                   truncation=Truncation.NONE, max_document_tokens=16),
+                       RerankQuery(query="p", documents=("c",))],
+                      model="m", priority=5, request_id="r", idempotency_key="k")
+    assert plain.fingerprint() == "3450fbae8c53efdf996fec08c499b7d575b03a63d7a0802baabf6466deae926b"
+    assert full.fingerprint() == "c7455dd10abf61092ffb48ef02e8f96466b9b94b4c6737e47e4dead4b169fd17"
 
 
 @pytest.mark.parametrize(("auth", "tenant"), [

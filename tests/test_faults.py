@@ -19,11 +19,11 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving import eventually, running_app, target
+from serving import create_schema, eventually, running_app, target
 
 from clients import AsyncRerankClient, RerankError
 from service.app import App, CoreParts
-from service.db import create_schema, open_engine
+from service.db import open_engine
 from service.http_server import HttpServer
 from service.ledger import SqlLedger
 from worker.batcher import Group

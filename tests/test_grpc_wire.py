@@ -53,8 +53,10 @@ def test_empty_fields_mean_absent_and_the_request_id_is_the_idempotency_key() ->
     assert (bare.model, bare.request_id, bare.idempotency_key) == (None, None, None)
     assert (bare.queries[0].instruction, bare.queries[0].top_n) == (None, None)
     full = wire.call_from_request(pb.RerankRequest(model="m", query="q", documents=["a"], instruction="",
-                                                   top_n=3, return_documents=True, request_id="r1"), "sk")
+                                                   top_n=3, return_documents=True, request_id="r1"),
+                                  [("authorization", "Bearer sk"), ("x-rerank-on-behalf-of", "key_a")])
     assert (full.model, full.request_id, full.idempotency_key, full.api_key) == ("m", "r1", "r1", "sk")
+    assert (bare.on_behalf_of, full.on_behalf_of) == (None, "key_a")
     assert full.queries[0].instruction == ""  # set but empty is not the default instruction
     assert (full.queries[0].top_n, full.queries[0].return_documents) == (3, True)
 

@@ -10,10 +10,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from serving import create_schema
 from sqlalchemy import insert
 
 from service.cli import main
-from service.db import SQLITE_FILE, create_schema, idempotency_records, open_engine, unavailable
+from service.db import SQLITE_FILE, idempotency_records, open_engine, unavailable
 from service.errors import ServiceError
 
 

@@ -20,10 +20,11 @@ from pathlib import Path
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from serving import create_schema
 from sqlalchemy import insert, select
 
 from service.core import Principal, RerankCall, RerankCore, RerankQuery
-from service.db import create_schema, open_engine, quota_reservations, usage_records
+from service.db import open_engine, quota_reservations, usage_records
 from service.errors import Code, ServiceError
 from service.keys import KeyStore
 from service.ledger import SqlLedger

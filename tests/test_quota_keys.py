@@ -10,9 +10,10 @@ import httpx
 import pytest
 from gateway_support import LiveGateway
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from serving import create_schema
 
 from service import cli
-from service.db import create_schema, open_engine
+from service.db import open_engine
 from service.keys import KeyStore
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
+from serving import create_schema
 from test_core import SpyEngine
 
 from service.core import (
@@ -17,7 +18,7 @@ from service.core import (
     RerankQuery,
     effective_priority,
 )
-from service.db import create_schema, open_engine
+from service.db import open_engine
 from service.keys import KeyStore
 
 

@@ -8,15 +8,16 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from serving import running_app, target
+from serving import create_schema, running_app, target
 
 from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
-from service.core import ANONYMOUS, Principal
-from service.db import create_schema, open_engine
+from service.core import ANONYMOUS, Principal, RerankCall, RerankReply
+from service.db import open_engine
 from service.errors import Code, ServiceError
 from service.ledger import SqlLedger
 from service.remote import RemoteEngine
@@ -166,3 +167,32 @@ async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None
     assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
     # a backend without keys shares its model by the gateway's callers, not as one tenant
     assert [r.tenant for r in seen] == ["key_a", ANONYMOUS.key_id]
+
+
+async def test_gateway_asks_the_backend_only_for_scores_and_keeps_them_whole() -> None:
+    """The gateway's own core validates, dedupes, ranks and bills: a backend is asked for no
+    request id (so it fingerprints and remembers nothing), every document (no top_n) and no
+    echoed text; every per-document fact and token count the core uses comes back intact."""
+    async with running_app(FakeRunner(max_length=64)) as app:
+        calls: list[tuple[RerankCall, RerankReply]] = []
+        rerank = app.core.rerank
+
+        async def spy(call: RerankCall, **kw: Any) -> RerankReply:
+            reply = await rerank(call, **kw)
+            calls.append((call, reply))
+            return reply
+
+        app.core.rerank = spy  # type: ignore[method-assign]
+        request = ScoreRequest("bears", [*DOCS, "word " * 100])  # the last one is cut to max_length
+        engine = RemoteEngine([target(app)])
+        try:
+            await engine.connect(timeout_s=5)
+            remote = await engine.score(request)
+        finally:
+            await engine.close()
+        local = await app.engine.score(request)
+    ((call, reply),) = calls
+    assert (call.idempotency_key, call.queries[0].top_n, call.queries[0].return_documents) == (None, None, False)
+    assert remote.scores == local.scores and remote.scores[-1].truncated
+    assert (remote.prompt_tokens, remote.computed_tokens) == (reply.prompt_tokens, reply.computed_tokens)
+    assert remote.prompt_tokens == local.prompt_tokens and remote.computed_tokens > 0

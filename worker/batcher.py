@@ -111,9 +111,8 @@ class Group:
 
     def result(self) -> ScoreResult:
         scores = [
-            DocScore(index=i, score=_sigmoid(logit), logit=logit, tokens=len(ids), truncated=cut)
-            for i, (logit, ids, cut) in enumerate(
-                zip(self.logits, self.prompts.sequences, self.prompts.truncated))
+            DocScore(index=i, score=_sigmoid(logit), logit=logit, truncated=cut)
+            for i, (logit, cut) in enumerate(zip(self.logits, self.prompts.truncated, strict=True))
             if logit is not None
         ]
         if len(scores) != len(self.logits):

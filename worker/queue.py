@@ -125,10 +125,6 @@ class _QueueBase:
         self.queued_tokens = 0
         self._count = 0
 
-    @property
-    def max_batch_tokens(self) -> int:
-        return self.budget.max_batch_tokens
-
     def __len__(self) -> int:
         """Queued entries, cancelled ones not yet dropped included."""
         return self._count
@@ -249,7 +245,7 @@ class FairQueue(_QueueBase):
             first: tuple[int, int, int] | None = None  # the tier head's tenant, start and cost
             for entry, start, tenant in itertools.islice(self._fair_order(cls), self.window - len(candidates)):
                 first = first or (tenant, start, entry.cost)
-                if tenant != first[0] and start > first[1] + self.max_batch_tokens:
+                if tenant != first[0] and start > first[1] + self.budget.max_batch_tokens:
                     continue  # another tenant's row, far ahead of its fair turn
                 candidates.append(entry)
                 tiers.append(tier)
@@ -340,5 +336,3 @@ def make_queue(policy: str, max_batch_tokens: int, max_batch_size: int, window: 
         return FifoQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
     raise ValueError(f"unknown scheduler {policy!r}: use one of {', '.join(POLICIES)}")
 
-
-TokenBudgetQueue = FairQueue  # the name the batcher and older callers know

@@ -91,7 +91,6 @@ class DocScore:
     index: int  # position in the request's documents
     score: float  # P(yes) = sigmoid(logit)
     logit: float  # raw log-odds: logit_yes - logit_no
-    tokens: int  # length of the pair's full prompt
     truncated: bool
 
 

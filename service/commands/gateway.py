@@ -12,11 +12,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import signal
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from service import config as knobs
+from service.commands.serve import Stops
 
 if TYPE_CHECKING:
     from clients import Pacing
@@ -98,11 +98,7 @@ async def _main(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await Stops.install().first.wait()  # a second signal changes nothing here
     log.info("draining: up to %.1fs for in-flight calls", args.grace_s)
     await gateway.stop(args.grace_s)
     log.info("stopped")

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 HELP = "rerank documents against a query on a running server and print them best first"
@@ -50,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"rerank score: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(_as_json(result), indent=2))
+        print(json.dumps(asdict(result), indent=2))
         return 0
     for rank, r in enumerate(result.results, 1):
         cut = " (truncated)" if r.truncated else ""
@@ -68,9 +69,3 @@ def _read_documents(path: Path | None) -> list[str]:
 def _preview(text: str, width: int = 70) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def _as_json(result: object) -> dict[str, object]:
-    from dataclasses import asdict
-
-    return asdict(result)  # type: ignore[call-overload, no-any-return]

@@ -89,7 +89,7 @@ async def serve(config: serve_config.ServeConfig) -> int:
         log.error("cannot start: %s", exc)
         await app.stop(grace_s=0)
         return 2
-    stops = _Stops.install()
+    stops = Stops.install()
     if not await _ready_unless_stopped(app, stops):
         await app.stop(grace_s=0)
         return 1
@@ -99,7 +99,7 @@ async def serve(config: serve_config.ServeConfig) -> int:
     return 0
 
 
-async def _ready_unless_stopped(app: App, stops: _Stops) -> bool:
+async def _ready_unless_stopped(app: App, stops: Stops) -> bool:
     """False if the model failed to load; True once warm, or once asked to stop."""
     ready = asyncio.ensure_future(app.wait_ready())
     stopped = asyncio.ensure_future(stops.first.wait())
@@ -117,7 +117,7 @@ async def _ready_unless_stopped(app: App, stops: _Stops) -> bool:
     return True
 
 
-async def _shut_down(app: App, config: serve_config.ServeConfig, stops: _Stops) -> None:
+async def _shut_down(app: App, config: serve_config.ServeConfig, stops: Stops) -> None:
     """NOT_SERVING, the drain delay, then stop within the grace period; a second signal
     skips what is left of both."""
     log.info("draining: NOT_SERVING for %.1fs, then up to %.1fs for in-flight calls",
@@ -140,15 +140,16 @@ async def _first(aws: list[Awaitable[object]]) -> None:
         task.cancel()
 
 
-class _Stops:
-    """SIGTERM/SIGINT: the first starts a graceful shutdown, the second hurries it."""
+class Stops:
+    """SIGTERM/SIGINT: the first starts a graceful shutdown, the second hurries it (``rerank
+    serve``; ``rerank gateway`` waits for the first only)."""
 
     def __init__(self) -> None:
         self.first = asyncio.Event()
         self.second = asyncio.Event()
 
     @classmethod
-    def install(cls) -> _Stops:
+    def install(cls) -> Stops:
         stops = cls()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
