@@ -6,6 +6,12 @@ One process, side by side, each shape timed for every path in turn (so load drif
 shared machine hits all paths alike). The weight is bf16-representable, as in Qwen3's
 published bf16 checkpoints. ``max rel err`` is against a float64 product of the same fp32
 activations: what each path loses compared with exact arithmetic (plain fp32 loses ~1e-6).
+
+The ``template`` rows are the other operator that reaches the matrix units with fp32
+accumulation: inductor's CPU GEMM template (AMX micro-kernel), compiled with the weight frozen
+as a constant, whose fused ``.float()`` epilogue writes the fp32 accumulator out unrounded.
+The split parts sit side by side along K against the weight repeated, so one GEMM sums them.
+It was tried as the exact modes' kernel and taken back out: docs/PERFORMANCE.md says why.
 """
 
 from __future__ import annotations
@@ -33,9 +39,39 @@ def timed(fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tenso
     return (time.perf_counter() - started) / reps, out
 
 
+class TemplateSplit(torch.nn.Module):
+    """fp32 rows split into ``parts`` bf16 parts (exact bit masks), side by side along K,
+    times the bf16 weight repeated ``parts`` times: one GEMM, fp32 out."""
+
+    def __init__(self, weight: torch.Tensor, parts: int) -> None:
+        super().__init__()
+        self.parts = parts
+        self.weight = torch.nn.Parameter(torch.cat([weight] * parts, dim=1).bfloat16(), requires_grad=False)
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        pieces, rest = [], rows
+        for _ in range(self.parts - 1):
+            high = (rest.view(torch.int32) & -65536).view(torch.float32)
+            pieces.append(high)
+            rest = rest - high
+        pieces.append(rest)
+        return F.linear(torch.cat(pieces, dim=1).to(torch.bfloat16), self.weight).float()
+
+
+def template(linear: torch.nn.Linear, parts: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    import torch._inductor.config as inductor_config
+
+    inductor_config.freezing = True  # the template needs the weight as a constant (this process only)
+    return torch.compile(TemplateSplit(linear.weight.detach(), parts), dynamic=True,  # type: ignore[return-value]
+                         options={"max_autotune": True, "max_autotune_gemm_backends": "CPP"})
+
+
 def paths(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, Callable[[], torch.Tensor]]:
     xb, wb = x.bfloat16(), linear.weight.bfloat16()
     split2, split3 = SplitLinear(linear, 2), SplitLinear(linear, 3)
+    global _templates
+    _templates = _templates or (template(linear, 2), template(linear, 3))
+    template2, template3 = _templates
 
     def rounded() -> torch.Tensor:
         with bf16_matmul():
@@ -43,10 +79,14 @@ def paths(x: torch.Tensor, linear: torch.nn.Linear) -> dict[str, Callable[[], to
 
     return {"fp32": lambda: F.linear(x, linear.weight), "bf16 (in and out)": lambda: F.linear(xb, wb),
             "fp32, mkldnn bf16 precision (x rounded)": rounded,
-            "exact-bf16x2": lambda: split2(x), "exact-bf16x3": lambda: split3(x)}
+            "exact-bf16x2": lambda: split2(x), "exact-bf16x3": lambda: split3(x),
+            "exact-bf16x2, template": lambda: template2(x), "exact-bf16x3, template": lambda: template3(x)}
 
 
-@torch.inference_mode()
+_templates: tuple[Callable[[torch.Tensor], torch.Tensor], ...] = ()
+
+
+@torch.inference_mode()  # no grad: inductor freezes constants only then
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="64,512,2048")

@@ -78,14 +78,13 @@ def test_the_bf16_matmul_setting_is_restored_even_on_error() -> None:
 
 def test_resolve_dtype_overrides_and_auto_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert resolve("exact-bf16x3", "bfloat16", CPU) == Plan("bfloat16")  # --dtype wins
-    kernel = precision.default_kernel(precision.cpu_capability())
-    assert resolve("exact-bf16x2", None, CPU) == Plan("float32", 2, kernel)
+    assert resolve("exact-bf16x2", None, CPU) == Plan("float32", 2)
     assert resolve("bfloat16", None, CPU) == Plan("bfloat16")
     assert resolve("exact-bf16x3", None, torch.device("meta")) == Plan(None)  # CPU only
     with caplog.at_level(logging.INFO, logger="worker.precision"):
         plan = resolve(None, None, CPU)
     chosen = precision.default_precision(precision.cpu_capability())
-    assert plan == (Plan("float32", precision.SPLIT_PARTS[chosen], kernel) if chosen in precision.SPLIT_PARTS
+    assert plan == (Plan("float32", precision.SPLIT_PARTS[chosen]) if chosen in precision.SPLIT_PARTS
                     else Plan(chosen))
     assert "CPU bf16 matrix units:" in caplog.text and "(auto)" in caplog.text
     with pytest.raises(ValueError, match="unknown precision"):
@@ -127,22 +126,13 @@ def bf16_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_random_reranker(tmp_path_factory.mktemp("models") / "tiny-bf16", "tiny", seed=5, dtype="bfloat16")
 
 
-@pytest.mark.parametrize(("mode", "kernel"), [
-    ("exact-bf16x3", "fpmath"), ("exact-bf16x2", "fpmath"),
-    pytest.param("exact-bf16x3", "template", marks=pytest.mark.slow),
-    pytest.param("exact-bf16x2", "template", marks=pytest.mark.slow)])
-def test_exact_modes_score_like_the_fp32_reference(bf16_model_dir: Path, mode: str, kernel: precision.Kernel,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """Both kernels on any CPU (the template runs its non-AMX micro-kernels where AMX is
-    missing: slower, as exact). The tiny checkpoint has 14 linear layers, more than dynamo's
-    8 graphs per code object: shared code would send the 9th onwards to eager, rounded."""
+@pytest.mark.parametrize("mode", ["exact-bf16x3", "exact-bf16x2"])
+def test_exact_modes_score_like_the_fp32_reference(bf16_model_dir: Path, mode: str) -> None:
     from transformers import AutoModelForCausalLM
 
-    monkeypatch.setattr(precision, "default_kernel", lambda capability: kernel)
     reference = AutoModelForCausalLM.from_pretrained(bf16_model_dir, dtype=torch.float32).eval()
     runner = ModelRunner.load(str(bf16_model_dir), device="cpu", precision=mode, max_length=512)
-    down = runner.model.model.layers[0].mlp.down_proj
-    assert isinstance(down, SplitLinear) and down.kernel == kernel
+    assert isinstance(runner.model.model.layers[0].mlp.down_proj, SplitLinear)
     docs = ["Paris is the capital of France.", "Bananas are yellow.", "rivers " * 120, ""]
     prompts = runner.builder.build("capital of France", docs, None, Truncation.NONE)
     out = runner.score_rows([Item(ids, prompts.shared_len) for ids in prompts.sequences])
@@ -152,56 +142,3 @@ def test_exact_modes_score_like_the_fp32_reference(bf16_model_dir: Path, mode: s
             ref_logit = float(ref[9693] - ref[2152])
             assert abs(torch.sigmoid(torch.tensor(logit)) - torch.sigmoid(torch.tensor(ref_logit))) <= 1e-5
             assert logit == pytest.approx(ref_logit, abs=1e-4)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(("parts", "bf16_weight", "tol"), [(3, True, 2e-6), (3, False, 2e-6), (2, True, 2e-5)])
-@torch.inference_mode()
-def test_the_template_kernel_matches_exact_arithmetic(parts: int, bf16_weight: bool, tol: float) -> None:
-    """Inductor's GEMM template, one row (padded to two) and many, against float64."""
-    gen = torch.Generator().manual_seed(4)
-    linear = torch.nn.Linear(256, 96, bias=True)
-    linear.weight.copy_(torch.randn(96, 256, generator=gen))
-    if bf16_weight:
-        linear.weight.copy_(linear.weight.bfloat16().float())
-    split = SplitLinear(linear, parts, "template")
-    for shape in ((1, 256), (5, 7, 256), (300, 256)):
-        x = torch.randn(*shape, generator=gen)
-        exact = F.linear(x.double(), linear.weight.double(), linear.bias.double())
-        out = split(x)
-        assert out.shape == exact.shape and out.dtype == torch.float32
-        assert float((out.double() - exact).abs().max() / exact.abs().max()) < tol
-
-
-@torch.inference_mode()
-def test_a_template_kernel_that_rounds_falls_back_before_any_score(caplog: pytest.LogCaptureFixture) -> None:
-    """The first call of each compiled layer is checked: a rounded output (what an eager
-    fallback would give) sends that layer to the fpmath kernel, exact, and says so."""
-    class Rounded(torch.nn.Module):
-        def forward(self, rows: torch.Tensor) -> torch.Tensor:
-            return F.linear(rows.bfloat16(), linear.weight.bfloat16()).float()
-
-    linear = torch.nn.Linear(64, 32, bias=False)
-    linear.weight.copy_(linear.weight.bfloat16().float())
-    split = SplitLinear(linear, 3, "template")
-    split._gemm = Rounded()
-    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(6))
-    exact = F.linear(x.double(), linear.weight.double())
-    with caplog.at_level(logging.WARNING, logger="worker.precision"):
-        out = split(x)
-    assert split.kernel == "fpmath" and "falls back to the fpmath kernel" in caplog.text
-    assert "off exact arithmetic" in caplog.text
-    for result in (out, split(x)):  # the checked call itself, and the next
-        assert float((result.double() - exact).abs().max() / exact.abs().max()) < 2e-6
-
-
-def test_each_compiled_layer_has_code_of_its_own() -> None:
-    """dynamo keys its graphs by code object: one shared by every layer would search all the
-    layers' guards on each call, and stop compiling past ``recompile_limit``."""
-    a, b = (SplitLinear(torch.nn.Linear(16, 8), 2, "template") for _ in range(2))
-    assert a._gemm._orig_mod.forward.__code__ is not b._gemm._orig_mod.forward.__code__
-
-
-def test_compile_is_refused_with_an_exact_split(tiny_model_dir: Path) -> None:
-    with pytest.raises(ValueError, match="drop --compile"):
-        ModelRunner.load(str(tiny_model_dir), device="cpu", precision="exact-bf16x3", compile=True)

@@ -106,9 +106,6 @@ class ModelRunner:  # implements worker.types.Runner
         torch_dtype = pick_dtype(plan.dtype, dev)
         if compile is None:
             compile = dev.type == Device.CUDA
-        if compile and plan.parts:
-            raise ValueError("the exact split precisions compile their own GEMMs: drop --compile, or use "
-                             "--precision float32 or bfloat16 with it")
         check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
