@@ -14,6 +14,8 @@ its output to bf16, which would undo the split). What it has is oneDNN's fp32 GE
 accumulation, on the AMX tiles. Rounding an operand that is already bf16-exact loses nothing,
 so that kernel computes each split product exactly. The setting is global in torch, so it is
 turned on around the split GEMMs only: attention and everything else stay plain fp32.
+(Inductor's CPU GEMM template can also write an unrounded fp32 accumulator from bf16
+operands; built in as this module's kernel it did not pay end to end: docs/PERFORMANCE.md.)
 
 Qwen3 checkpoints are published in bf16, so their weights are bf16-exact; a weight that is
 not is split too (``w = w0 + w1 (+ w2)``), at the cost of more products (``x_i @ w_j`` for
