@@ -121,7 +121,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = ModelRunner.load(args.model_dir, device="cpu", dtype=None if args.precision else args.dtype,
-                              precision=args.precision)
+                              precision=args.precision, compile=False)  # eager: the hooks see every module
     runner.warmup()
     mark_parts(runner.model)
     config = BatcherConfig.for_device("cpu")

@@ -45,7 +45,7 @@ def load_mode(model_dir: str, device: str, mode: str) -> ModelRunner:
             torch.ao.quantization.quantize_dynamic(runner.model.model.layers, {torch.nn.Linear},
                                                    dtype=torch.qint8, inplace=True)
         return runner
-    return ModelRunner.load(model_dir, device=device, dtype=mode)
+    return ModelRunner.load(model_dir, device=device, dtype=mode, compile=False)  # the dtype alone
 
 
 def main() -> int:

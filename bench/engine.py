@@ -288,7 +288,7 @@ def main() -> int:
     parser.add_argument("--no-card", action="store_true", help="skip the model-card baseline")
     parser.add_argument("--prefix-reuse", choices=["on", "off"], default="on")
     parser.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
-                        help="torch.compile the per-token layer work (auto: on for cuda, as served)")
+                        help="torch.compile the per-token layer work (auto: as served: on for cuda and for cpu bf16)")
     parser.add_argument("--attention", choices=["padded", "varlen"], default="padded",
                         help="attention kernel (varlen: FlashAttention variable-length, CUDA + bf16 only)")
     parser.add_argument("--check-alone", type=int, default=4,

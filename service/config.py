@@ -124,8 +124,9 @@ class ServeConfig(FrontConfig):
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
-                                "the MLP gate); adds ~20-30 s to warm-up, 1.3-1.5x on a GPU "
-                                "(docs/PERFORMANCE.md)", unset="on for cuda, off for cpu")
+                                "the MLP gate); adds ~20-60 s to warm-up, 1.3-1.5x on a GPU, 1.2-1.4x for bf16 "
+                                "on a CPU (docs/PERFORMANCE.md); falls back to eager if it cannot build",
+                                unset="on for cuda and for bfloat16 on cpu, off for float32 on cpu")
     attention: Attention = knob(Attention.PADDED, "attention kernel: padded (masked SDPA over padded rows; "
                                 "every device) or varlen (FlashAttention's variable-length kernel: no padding, "
                                 "no mask; CUDA with bf16/fp16 only; experimental: checked against the reference "

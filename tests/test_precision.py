@@ -142,3 +142,32 @@ def test_exact_modes_score_like_the_fp32_reference(bf16_model_dir: Path, mode: s
             ref_logit = float(ref[9693] - ref[2152])
             assert abs(torch.sigmoid(torch.tensor(logit)) - torch.sigmoid(torch.tensor(ref_logit))) <= 1e-5
             assert logit == pytest.approx(ref_logit, abs=1e-4)
+
+
+@pytest.mark.parametrize(("dtype", "compiled"), [("bfloat16", True), ("float32", False)])
+def test_compile_defaults_on_for_bf16_on_the_cpu(tiny_model_dir: Path, dtype: str, compiled: bool) -> None:
+    """Measured to pay for bf16 on the CPU (1.2-1.4x, docs/PERFORMANCE.md), not for fp32."""
+    runner = ModelRunner.load(str(tiny_model_dir), device="cpu", dtype=dtype, max_length=512)
+    assert runner.scorer.compiled is compiled
+    assert ModelRunner.load(str(tiny_model_dir), device="cpu", dtype=dtype, max_length=512,
+                            compile=False).scorer.compiled is False  # --no-compile wins
+
+
+def test_a_compile_that_cannot_build_falls_back_to_eager(tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """No C++ compiler on the host, say: the warm-up logs it and serves eager, exact."""
+    def no_compiler(fn: object, **kwargs: object) -> object:
+        def fail(*args: object, **kw: object) -> object:
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return fail
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    runner = ModelRunner.load(str(tiny_model_dir), device="cpu", dtype="float32", max_length=512, compile=True)
+    assert runner.scorer.compiled
+    with caplog.at_level(logging.WARNING, logger="worker.runner"):
+        runner.warmup()
+    assert not runner.scorer.compiled and "No working C++ compiler" in caplog.text
+    eager = ModelRunner.load(str(tiny_model_dir), device="cpu", dtype="float32", max_length=512, compile=False)
+    prompts = runner.builder.build("capital of France", ["Paris.", "Bananas are yellow."], None, Truncation.END)
+    items = [Item(ids, prompts.shared_len) for ids in prompts.sequences]
+    assert runner.score_rows(items).logits == eager.score_rows(items).logits

@@ -395,10 +395,19 @@ class Qwen3Scorer:
         # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
         # built for the first batch's exact size only (dynamo's default specializes first
         # and recompiles on the second size).
-        self.compiled = compile
-        self._kv_part: Any = torch.compile(_kv_part, dynamic=True) if compile else _kv_part
-        self._q_part: Any = torch.compile(_q_part, dynamic=True) if compile else _q_part
-        self._post_part: Any = torch.compile(_post_part, dynamic=True) if compile else _post_part
+        self.compiled = False
+        self._kv_part: Any = _kv_part
+        self._q_part: Any = _q_part
+        self._post_part: Any = _post_part
+        if compile:
+            self.compile()
+
+    def compile(self, on: bool = True) -> None:
+        """The three per-token parts through torch.compile (built on their first call), or back
+        to eager (``on=False``: where the compiler cannot build them)."""
+        self.compiled = on
+        self._kv_part, self._q_part, self._post_part = (
+            torch.compile(part, dynamic=True) if on else part for part in (_kv_part, _q_part, _post_part))
 
     @property
     def device(self) -> torch.device:

@@ -95,7 +95,9 @@ class ModelRunner:  # implements worker.types.Runner
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
              attention: Attention | str = Attention.PADDED, precision: str | None = None) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
-        None: on for CUDA (measured to pay there), off for the CPU (matrix-bound already).
+        None: on for CUDA and for bf16 on the CPU (measured to pay there: docs/PERFORMANCE.md),
+        off for fp32 on the CPU (matrix-bound already); a compile that fails in ``warmup``
+        falls back to eager, logged.
         ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
         variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py). ``precision``: the CPU's
         mode (worker/precision.py); an explicit ``dtype`` overrides it."""
@@ -104,8 +106,8 @@ class ModelRunner:  # implements worker.types.Runner
         dev = pick_device(device)
         plan = cpu_precision.resolve(precision, dtype, dev)
         torch_dtype = pick_dtype(plan.dtype, dev)
-        if compile is None:
-            compile = dev.type == Device.CUDA
+        if compile is None:  # where it was measured to pay: a GPU, and the CPU's bf16 path (1.2-1.4x)
+            compile = dev.type == Device.CUDA or torch_dtype == torch.bfloat16
         check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
@@ -139,7 +141,16 @@ class ModelRunner:  # implements worker.types.Runner
                                      None, Truncation.END)
         items = [Item(ids, prompts.shared_len) for ids in prompts.sequences]
         lone = Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
-        self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
+        try:
+            self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler raises: the eager path is exact
+            if not scorer.compiled:
+                raise
+            log.warning("torch.compile could not build the layer work (%s: %s); serving it eager, which is "
+                        "correct and slower (pass --no-compile to skip the attempt)", type(exc).__name__,
+                        str(exc).splitlines()[0][:200] if str(exc) else "")
+            scorer.compile(on=False)
+            self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
         self.score_rows(items[:1])
         if self.scorer.device.type == Device.CUDA:
             for rows, length in ((8, 128), (32, 256), (64, 512)):
