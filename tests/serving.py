@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -13,8 +14,16 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from service.app import App, CoreParts
 from service.billing import prepare_schema
 from service.config import ServeConfig
+from service.core import RateLimiter, RerankCore
+from service.db import open_engine
+from service.keys import KeyStore
+from service.ledger import SqlLedger
+from service.local import BatcherEngine
+from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.types import Runner
+
+MODEL = "tiny-reranker"
 
 
 @asynccontextmanager
@@ -40,6 +49,45 @@ async def create_schema(engine: AsyncEngine) -> None:
     """The ledger's schema on a test's database, made the way a server makes it at start
     (``service.billing.prepare_schema``: tables, later columns, indexes)."""
     await asyncio.to_thread(prepare_schema, engine.url.render_as_string(hide_password=False))
+
+
+@asynccontextmanager
+async def schema_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on a test's database with the ledger's schema (``create_schema``), disposed after."""
+    engine = open_engine(url)
+    try:
+        await create_schema(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@dataclass
+class LedgerStack:
+    """A whole billed core in process, as one replica holds it: keys and ledger on ``url``'s
+    database, a batcher on a ``FakeRunner`` (its ``gate`` holds batches so calls overlap)."""
+
+    core: RerankCore
+    keys: KeyStore
+    ledger: SqlLedger
+    runner: FakeRunner
+    batcher: Batcher
+
+    @classmethod
+    async def start(cls, url: str, *, max_queued_docs: int, limiter: RateLimiter | None = None) -> LedgerStack:
+        engine = open_engine(url)
+        await create_schema(engine)
+        runner = FakeRunner()
+        batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, max_queued_docs=max_queued_docs))
+        batcher.start()
+        keys, ledger = KeyStore(engine), SqlLedger(engine)
+        core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger, limiter=limiter)
+        return cls(core, keys, ledger, runner, batcher)
+
+    async def stop(self) -> None:
+        self.runner.gate.set()  # never leave the model thread blocked: close() joins it
+        await self.batcher.close()
+        await self.ledger.close()  # also ends a background purge its calls started
 
 
 def target(app: App) -> str:

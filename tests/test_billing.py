@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from serving import create_schema
+from serving import MODEL
+from serving import LedgerStack as Stack
 from sqlalchemy import insert, select, text, update
 
 from service.core import RerankCall, RerankCore, RerankQuery
@@ -25,35 +25,14 @@ from service.keys import KEY_PREFIX, KeyStore, hash_key
 from service.ledger import SqlLedger
 from service.local import BatcherEngine
 from service.ratelimit import KeyRateLimiter
-from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
-
-MODEL = "tiny-reranker"
-
-
-@dataclass
-class Stack:
-    core: RerankCore
-    keys: KeyStore
-    ledger: SqlLedger
-    runner: FakeRunner
-    batcher: Batcher
 
 
 @pytest.fixture
 async def stack(db_url: str) -> AsyncIterator[Stack]:  # noqa: F811 - the imported fixture
-    engine = open_engine(db_url)
-    await create_schema(engine)
-    runner = FakeRunner()
-    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, max_queued_docs=256))
-    batcher.start()
-    keys, ledger = KeyStore(engine), SqlLedger(engine)
-    core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger,
-                      limiter=KeyRateLimiter())
-    yield Stack(core, keys, ledger, runner, batcher)
-    runner.gate.set()
-    await batcher.close()
-    await ledger.close()  # also ends a background purge its calls started
+    started = await Stack.start(db_url, max_queued_docs=256, limiter=KeyRateLimiter())
+    yield started
+    await started.stop()
 
 
 def call(key: str | None, docs: int = 3, query: str = "what is a reranker", *,

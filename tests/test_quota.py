@@ -14,59 +14,27 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from serving import create_schema
+from serving import MODEL
+from serving import LedgerStack as Replica
 from sqlalchemy import insert, select
 
-from service.core import Principal, RerankCall, RerankCore, RerankQuery
-from service.db import open_engine, quota_reservations, usage_records
+from service.core import Principal, RerankCall, RerankQuery
+from service.db import quota_reservations, usage_records
 from service.errors import Code, ServiceError
-from service.keys import KeyStore
 from service.ledger import SqlLedger
-from service.local import BatcherEngine
-from worker.batcher import Batcher, BatcherConfig
-from worker.fake import FakeRunner
-
-MODEL = "tiny-reranker"
-
-
-@dataclass
-class Replica:
-    core: RerankCore
-    keys: KeyStore
-    ledger: SqlLedger
-    runner: FakeRunner
-    batcher: Batcher
-
-
-async def start_replica(url: str) -> Replica:
-    engine = open_engine(url)
-    await create_schema(engine)
-    runner = FakeRunner()
-    batcher = Batcher(runner, runner.builder, BatcherConfig(max_wait_ms=0, max_queued_docs=100_000))
-    batcher.start()
-    keys, ledger = KeyStore(engine), SqlLedger(engine)
-    core = RerankCore(BatcherEngine(batcher), model_name=MODEL, auth=keys, ledger=ledger)
-    return Replica(core, keys, ledger, runner, batcher)
-
-
-async def stop_replica(replica: Replica) -> None:
-    replica.runner.gate.set()
-    await replica.batcher.close()
-    await replica.ledger.close()
 
 
 @pytest.fixture
 async def replicas(db_url: str) -> AsyncIterator[list[Replica]]:  # noqa: F811 - the imported fixture
-    started = [await start_replica(db_url) for _ in range(2)]
+    started = [await Replica.start(db_url, max_queued_docs=100_000) for _ in range(2)]
     yield started
     for replica in started:
-        await stop_replica(replica)
+        await replica.stop()
 
 
 def call(key: str, docs: int, *, idem: str | None = None) -> RerankCall:

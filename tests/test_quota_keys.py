@@ -10,17 +10,14 @@ import httpx
 import pytest
 from gateway_support import LiveGateway
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from serving import create_schema
+from serving import schema_engine
 
 from service import cli
-from service.db import open_engine
 from service.keys import KeyStore
 
 
 async def test_update_changes_limits_at_once_and_none_clears(db_url: str) -> None:  # noqa: F811
-    engine = open_engine(db_url)
-    try:
-        await create_schema(engine)
+    async with schema_engine(db_url) as engine:
         store = KeyStore(engine)
         new = await store.create("k", rate_limit_rps=5, rate_limit_tpm=1000)
         updated = await store.update(new.record.key_id, rate_limit_tpm=50_000, quota_documents=10)
@@ -35,8 +32,6 @@ async def test_update_changes_limits_at_once_and_none_clears(db_url: str) -> Non
                 await store.update(new.record.key_id, **bad)  # type: ignore[arg-type]
         assert await store.update("key_nope", rate_limit_tpm=1) is None
         assert (await store.authenticate(new.key)).rate_limit_tpm == 50_000  # nothing half-applied
-    finally:
-        await engine.dispose()
 
 
 def keys_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, list[str]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F401 - fixtures
-from serving import create_schema
+from serving import schema_engine
 from test_core import SpyEngine
 
 from service.core import (
@@ -18,7 +18,6 @@ from service.core import (
     RerankQuery,
     effective_priority,
 )
-from service.db import open_engine
 from service.keys import KeyStore
 
 
@@ -58,9 +57,7 @@ def test_effective_priority(principal: Principal, requested: int | None, runs_at
 
 
 async def test_key_priorities_are_checked_and_stored(db_url: str) -> None:  # noqa: F811
-    engine = open_engine(db_url)
-    try:
-        await create_schema(engine)
+    async with schema_engine(db_url) as engine:
         store = KeyStore(engine)
         new = await store.create("batch-job", default_priority=10, best_priority=5)
         principal = await store.authenticate(new.key)
@@ -76,8 +73,6 @@ async def test_key_priorities_are_checked_and_stored(db_url: str) -> None:  # no
         assert updated is not None and (updated.default_priority, updated.best_priority) == (None, 20)
         assert effective_priority((await store.authenticate(new.key)), 0) == (20, clamped(0, 20))
         assert [k.name for k in await store.list()] == ["batch-job"]  # the refused ones wrote nothing
-    finally:
-        await engine.dispose()
 
 
 class PolicyKey:
