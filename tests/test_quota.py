@@ -159,7 +159,8 @@ async def test_fifty_simultaneous_calls_never_overshoot(replicas: list[Replica],
 
 async def test_failed_calls_in_a_flood_bill_nothing_and_free_their_documents(replicas: list[Replica]) -> None:
     new = await replicas[0].keys.create("q", quota_documents=100)
-    replicas[1].runner.fail_next = True  # one batch on the second replica fails
+    for r in replicas:  # one batch fails on each replica that admits a call: which replica wins
+        r.runner.fail_next = True  # the ten reservations is a race (on PostgreSQL, often all the first)
     outcomes = await flood(replicas, new.key, calls=50, docs=10)
     failed = refused(outcomes).count(Code.INTERNAL)
     assert failed >= 1 and refused(outcomes).count(Code.QUOTA_EXCEEDED) == 40
