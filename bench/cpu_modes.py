@@ -7,7 +7,8 @@ Every mode is loaded once, in this process, and the workloads (bench/engine.py's
 ones, through the real ``Batcher``) run round-robin: card, then each mode, ``--rounds``
 times, so load drift on a shared machine hits every path alike; each figure is the best
 round. A mode is a ``--precision`` value, with ``+compile`` for torch.compile (inductor's
-CPU backend) of the per-token layer work. Reported per workload and mode: seconds, speedup
+CPU backend) of the per-token layer work, and ``+rows`` or ``+padded`` for an attention
+strategy other than the CPU's default (worker/qwen3.py). Reported per workload and mode: seconds, speedup
 over the card, executed GFLOP/s (linear layers, 0.88 GFLOP a computed token) as a share of
 the bf16 and the fp32 GEMM rates measured in this process (0.6B MLP shape, 2048 rows; the
 higher of the measurements at the start and at the end), and
@@ -53,9 +54,14 @@ CPU = torch.device("cpu")
 
 
 def load(model_dir: str, mode: str) -> ModelRunner:
-    precision, _, compiled = mode.partition("+")
+    precision, *flags = mode.split("+")
+    unknown = set(flags) - {"compile", "rows", "padded"}
+    if unknown:
+        raise SystemExit(f"cpu_modes: unknown mode flag(s) {sorted(unknown)} in {mode!r}: use +compile, +rows, +padded")
     dtype = precision if precision in ("float32", "bfloat16") else None
-    runner = ModelRunner.load(model_dir, device="cpu", dtype=dtype, precision=precision, compile=bool(compiled))
+    attention = next((f for f in flags if f in ("rows", "padded")), None)
+    runner = ModelRunner.load(model_dir, device="cpu", dtype=dtype, precision=precision,
+                              compile="compile" in flags, attention=attention)
     runner.warmup()
     return runner
 

@@ -127,10 +127,12 @@ class ServeConfig(FrontConfig):
                                 "the MLP gate); adds ~20-60 s to warm-up, 1.3-1.5x on a GPU, 1.2-1.4x for bf16 "
                                 "on a CPU (docs/PERFORMANCE.md); falls back to eager if it cannot build",
                                 unset="on for cuda and for bfloat16 on cpu, off for float32 on cpu")
-    attention: Attention = knob(Attention.PADDED, "attention kernel: padded (masked SDPA over padded rows; "
-                                "every device) or varlen (FlashAttention's variable-length kernel: no padding, "
-                                "no mask; CUDA with bf16/fp16 only; experimental: checked against the reference "
-                                "at warm-up, not yet measured, docs/PERFORMANCE.md)", metavar="KIND")
+    attention: Attention | None = knob(None, "attention kernel: rows (the CPU's flash kernel a row at a time, "
+                                       "nothing padded; CPU only), padded (masked SDPA over padded rows; every "
+                                       "device) or varlen (FlashAttention's variable-length kernel: no padding, "
+                                       "no mask; CUDA with bf16/fp16 only; experimental: checked against the "
+                                       "reference at warm-up, not yet measured, docs/PERFORMANCE.md)",
+                                       unset="rows on cpu, padded on cuda", metavar="KIND")
     # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
     max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
     max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")

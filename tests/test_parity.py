@@ -63,9 +63,19 @@ def varlen_runner(tiny_model_dir: Path) -> ModelRunner:
     return varlen
 
 
-@pytest.fixture(scope="module", params=["padded", "varlen"])
+@pytest.fixture(scope="module")
+def padded_runner(tiny_model_dir: Path) -> ModelRunner:
+    """Masked SDPA over padded rows: the GPU's default, run here on the CPU's kernels."""
+    return ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH, attention="padded")
+
+
+@pytest.fixture(scope="module", params=["rows", "padded", "varlen"])
 def any_runner(request: pytest.FixtureRequest, runner: ModelRunner) -> ModelRunner:
-    return runner if request.param == "padded" else request.getfixturevalue("varlen_runner")  # type: ignore[no-any-return]
+    """Each attention strategy: rows (the CPU's default, ``runner``), padded and varlen."""
+    if request.param == "rows":
+        assert runner.scorer.attention.kind == "rows"
+        return runner
+    return request.getfixturevalue(f"{request.param}_runner")  # type: ignore[no-any-return]
 
 
 @pytest.fixture(scope="module")
@@ -177,26 +187,28 @@ def test_right_padding_bug_would_be_caught(
 
 
 def test_prefix_position_bug_would_be_caught(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]],
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Power check: RoPE ignores a shift of all positions, but not document positions that
     restart at 0 after a cached prefix; the parity tolerance is far below that error."""
-    import worker.qwen3 as qwen3
+    import dataclasses
+
     from worker.runner import Item
 
-    real = qwen3.make_layout
+    runner, attention = any_runner, any_runner.scorer.attention
+    real = attention.layout
 
-    def restart_positions(lengths, past_lengths, device, fold, **kw):  # type: ignore[no-untyped-def]
-        layout = real(lengths, past_lengths, device, fold, **kw)
-        shift = torch.repeat_interleave(torch.tensor(past_lengths), torch.tensor(lengths))
-        return qwen3.Layout(**{**layout.__dict__, "positions": layout.positions - shift})
+    def restart_positions(lengths, pasts, device):  # type: ignore[no-untyped-def]
+        layout = real(lengths, pasts, device)
+        shift = torch.repeat_interleave(torch.tensor(pasts.lengths()), torch.tensor(lengths))
+        return dataclasses.replace(layout, positions=layout.positions - shift)
 
     query, instruction = QUERIES[0]
     prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
     items = [Item(s, prompts.shared_len) for s in prompts.sequences]
     runner.cache = type(runner.cache)(runner.cache.max_bytes)
-    monkeypatch.setattr(qwen3, "make_layout", restart_positions)
+    monkeypatch.setattr(attention, "layout", restart_positions)
     buggy = runner.score_rows(items).logits
     monkeypatch.undo()
     runner.cache = type(runner.cache)(runner.cache.max_bytes)  # the bug's prefixes are cached too
@@ -284,7 +296,7 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
 @pytest.mark.parametrize("kernel", ["flash", "math"])
 @pytest.mark.parametrize("folded", [False, True])
 def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
-    runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], kernel: str, folded: bool
+    padded_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], kernel: str, folded: bool
 ) -> None:
     """CUDA folds the query heads of each K/V head onto the query axis and runs another kernel
     (memory-efficient) than the CPU (flash, grouped natively). Both layouts, on two kernels
@@ -293,6 +305,7 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
 
     from worker.runner import Item
 
+    runner = padded_runner
     query, instruction = QUERIES[3]
     prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
     items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
@@ -375,8 +388,8 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     assert max(want) - min(want) > 0.5  # spread enough to tell rows apart
 
 
-@pytest.mark.slow  # nine checkpoints of their own
-@pytest.mark.parametrize("layout", ["padded", "folded", "varlen"])
+@pytest.mark.slow  # twelve checkpoints of their own
+@pytest.mark.parametrize("layout", ["rows", "padded", "folded", "varlen"])
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 1), (8, 2)])
 def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout: str) -> None:
     """Query heads per K/V head: 2 in the tiny model and 0.6B, 4 in the 4B and 8B. Grouped and
@@ -392,8 +405,10 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     model = Qwen3ForCausalLM(config).eval()
     with torch.no_grad():
         model.model.norm.weight.mul_(40.0)
-    runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH)
-    runner.scorer.attention.fold = heads // kv_heads if layout == "folded" else 1
+    runner = ModelRunner(model, build_qwen3_tokenizer(), model_id="grouped", max_length=MAX_LENGTH,
+                         attention="rows" if layout == "rows" else "padded")
+    if layout == "folded":
+        runner.scorer.attention.fold = heads // kv_heads
     if layout == "varlen":
         from worker.qwen3 import VarlenAttention, varlen_reference
 
@@ -404,3 +419,16 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     want = [reference_logit(model, s) for s in prompts.sequences]
     assert got == pytest.approx(want, abs=TOL_LOGIT)
     assert max(want) - min(want) > 0.5
+
+
+def test_the_padded_size_reported_is_what_the_attention_pads(runner: ModelRunner, padded_runner: ModelRunner) -> None:
+    """``rerank_batch_padding_ratio`` reads ``padded_tokens``: rows attention pads nothing, so
+    its padded size is the rows' own tokens; padded attention's is rows x the longest."""
+    from worker.runner import Item
+
+    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:5], QUERIES[0][1], Truncation.NONE)
+    items = [Item(s, prompts.shared_len) for s in prompts.sequences]
+    own = [len(s) - prompts.shared_len for s in prompts.sequences]
+    assert len(set(own)) > 1
+    assert runner.score_rows(items).padded_tokens == sum(own)
+    assert padded_runner.score_rows(items).padded_tokens == len(own) * max(own)

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.qwen3 import check_varlen_kernel, flash_varlen, make_varlen, varlen_reference
+from worker.qwen3 import check_attention, check_varlen_kernel, flash_varlen, make_varlen, varlen_reference
 from worker.runner import ModelRunner
+from worker.types import Attention
 
 CPU = torch.device("cpu")
 
@@ -66,12 +67,22 @@ def test_the_warm_up_check_refuses_a_kernel_that_means_something_else(wrong) -> 
         check_varlen_kernel(wrong, CPU, torch.bfloat16, heads=16, kv_heads=8, head_dim=128)
 
 
-@pytest.mark.parametrize("attention,message", [("varlen", "needs a CUDA device"), ("flash", "padded or varlen")])
+@pytest.mark.parametrize("attention,message", [("varlen", "needs a CUDA device"),
+                                               ("flash", "one of padded, varlen, rows")])
 def test_unservable_attention_choices_are_refused_before_loading(
     tiny_model_dir: Path, attention: str, message: str
 ) -> None:
     with pytest.raises(ValueError, match=message):
         ModelRunner.load(str(tiny_model_dir), device="cpu", attention=attention)
+
+
+def test_rows_attention_is_the_cpus_and_refused_elsewhere() -> None:
+    """The row strategy calls the CPU's flash kernel directly: a GPU gets padded by default,
+    and asking it for rows is refused with what to use instead."""
+    assert Attention.for_device("cpu") is Attention.ROWS
+    assert Attention.for_device("cuda") is Attention.PADDED
+    with pytest.raises(ValueError, match="needs the CPU, not cuda; use padded attention"):
+        check_attention("rows", torch.device("cuda"), torch.bfloat16)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlashAttention needs CUDA")

@@ -89,7 +89,7 @@ class BatchStats:
     rows: int
     requests: int
     computed_tokens: int  # everything the model ran: rows' own tokens plus new prefixes
-    padded_tokens: int  # rows * longest row's own tokens
+    padded_tokens: int  # rows * longest row's own tokens (their sum where attention pads nothing)
     prefill_tokens: int  # shared prefixes computed for this batch (not part of padded_tokens)
     seconds: float
     failed: bool

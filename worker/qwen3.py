@@ -8,7 +8,9 @@ numbers and skips everything a reranker does not need:
   of two strategies behind ``AttentionStrategy``: ``PaddedAttention`` (every device) pads
   rows and masks them explicitly, so neither padding side nor position ids can leak;
   ``VarlenAttention`` (CUDA, bf16/fp16) pads nothing: FlashAttention's variable-length
-  kernel over packed queries and packed [prefix; new] keys;
+  kernel over packed queries and packed [prefix; new] keys; ``RowsAttention`` (the CPU's
+  default) pads nothing either: the CPU flash kernel once a row, causal, and once a distinct
+  prefix for all its rows, the two merged by their log-sum-exp;
 * a shared prefix (system prompt + instruction + query) is computed once (``prefill``)
   and passed to ``score`` as per-layer K/V; each row's positions continue from its own
   prefix length;
@@ -132,13 +134,29 @@ def make_layout(lengths: list[int], past_lengths: list[int], device: torch.devic
     )
 
 
+@dataclass(frozen=True)
+class RowsLayout:
+    """Packed tokens and where each row and each prefix's rows sit in them (``RowsAttention``)."""
+
+    positions: torch.Tensor  # [tokens] rotary position of each packed token
+    last_index: torch.Tensor  # [rows] packed index of each row's last token
+    bounds: list[tuple[int, int]]  # each row's [start, end) in the packed tokens
+    # per ``Pasts.groups`` entry: its rows' tokens, and its rows (the last layer's queries),
+    # as a slice where they are contiguous (a view, no copy), else as an index
+    group_tokens: list[slice | torch.Tensor]
+    group_rows: list[slice | torch.Tensor]
+
+
 def check_attention(attention: Attention | str, device: torch.device, dtype: torch.dtype) -> Attention:
     """The attention kind, if it can run here; ValueError if not: FlashAttention needs CUDA
-    and 16 bits."""
+    and 16 bits, the row kernel a CPU."""
     try:
         kind = Attention(attention)
     except ValueError:
-        raise ValueError(f"attention must be {' or '.join(Attention)}, not {attention!r}") from None
+        raise ValueError(f"attention must be one of {', '.join(Attention)}, not {attention!r}") from None
+    if kind is Attention.ROWS and device.type != Device.CPU:
+        raise ValueError(f"rows attention runs the CPU's flash kernel: it needs the CPU, not {device.type}; "
+                         "use padded attention")
     if kind is Attention.VARLEN and (device.type != Device.CUDA or dtype not in (torch.bfloat16, torch.float16)):
         raise ValueError("varlen attention runs FlashAttention: it needs a CUDA device and bfloat16 or "
                          f"float16, not {device.type} {str(dtype).removeprefix('torch.')}; use padded attention")
@@ -250,26 +268,28 @@ class Pasts:
         return [0 if g < 0 else self.groups[g][0].shape[2] for g in self.row_group]
 
 
-L = TypeVar("L", Layout, VarlenLayout)
+L = TypeVar("L", Layout, VarlenLayout, RowsLayout)
+KVs = TypeVar("KVs")
+KeysValues = tuple[torch.Tensor, torch.Tensor]  # [keys, values], laid out as the strategy's kernel reads them
+RowsKeysValues = tuple[torch.Tensor, torch.Tensor, list[KeysValues]]  # own K, own V, each prefix's
 
 
-class AttentionStrategy(Protocol[L]):
+class AttentionStrategy(Protocol[L, KVs]):
     """One way to run a batch's attention: the layout of its rows, where each layer's keys
-    and values (the rows' own after their prefix's) go, and the kernel over them."""
+    and values (the rows' own and their prefix's) go, and the kernel over them."""
 
     kind: Attention
     backends: list[SDPBackend]  # what SDPA may choose from during the forward pass
 
     def layout(self, lengths: list[int], pasts: Pasts, device: torch.device) -> L: ...
 
-    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: L, pasts: Pasts,
-                    layer: int) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: L, pasts: Pasts, layer: int) -> KVs: ...
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: L,
+    def attend(self, q: torch.Tensor, kv: KVs, layout: L,
                only_last: bool) -> torch.Tensor: ...  # [tokens or rows, heads * dim]
 
 
-class PaddedAttention:  # implements AttentionStrategy[Layout]
+class PaddedAttention:  # implements AttentionStrategy[Layout, KeysValues]
     """Masked SDPA over rows padded to the longest, prefix K/V before each row's own.
 
     On CUDA, the memory-efficient kernel: it takes an arbitrary mask at a few microseconds
@@ -292,7 +312,7 @@ class PaddedAttention:  # implements AttentionStrategy[Layout]
         return make_layout(lengths, pasts.lengths(), device, self.fold)
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: Layout, pasts: Pasts,
-                    layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    layer: int) -> KeysValues:
         """K and V ``[tokens, kv_heads, dim]`` copied once into their padded slots, after each
         row's prefix: ``[rows, kv_heads, past_max + max_len, dim]`` each, views of
         sequence-major memory (the layout the attention kernels read natively)."""
@@ -304,11 +324,11 @@ class PaddedAttention:  # implements AttentionStrategy[Layout]
         keys, values = padded.transpose(2, 3)
         return keys, values
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout,
-               only_last: bool) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv: KeysValues, layout: Layout, only_last: bool) -> torch.Tensor:
         """Packed queries ``[tokens, heads, dim]`` over padded K/V, ``fold`` query heads a K/V
         head folded onto the query axis (see ``Layout.mask``); the rest, if any, grouped by
         the kernel."""
+        k, v = kv
         rows, fold, dim = layout.rows, self.fold, self.head_dim
         hq = self.heads // fold  # query heads the kernel sees
         gqa = hq != self.kv_heads
@@ -325,7 +345,7 @@ class PaddedAttention:  # implements AttentionStrategy[Layout]
         return out.transpose(1, 2).reshape(-1, self.heads * dim)
 
 
-class VarlenAttention:  # implements AttentionStrategy[VarlenLayout]
+class VarlenAttention:  # implements AttentionStrategy[VarlenLayout, KeysValues]
     """A variable-length kernel (FlashAttention's, or a stand-in) over packed queries and
     packed [prefix; new] keys: no padding, no mask, no scatter (see ``Varlen``)."""
 
@@ -343,7 +363,7 @@ class VarlenAttention:  # implements AttentionStrategy[VarlenLayout]
         return VarlenLayout(positions, last_index, make_varlen(lengths, past_lengths, pasts.row_group, device))
 
     def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout, pasts: Pasts,
-                    layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+                    layer: int) -> KeysValues:
         """K and V ``[keys, kv_heads, dim]`` with each row's prefix put before its tokens, in
         ``Varlen.cu_k`` order."""
         gather = layout.offsets.key_gather
@@ -353,12 +373,79 @@ class VarlenAttention:  # implements AttentionStrategy[VarlenLayout]
         return (torch.cat((k, *prefix_k)).index_select(0, gather),
                 torch.cat((v, *prefix_v)).index_select(0, gather))
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: VarlenLayout,
-               only_last: bool) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, kv: KeysValues, layout: VarlenLayout, only_last: bool) -> torch.Tensor:
+        k, v = kv
         o = layout.offsets
         out = (self.kernel(q, k, v, o.cu_last, o.cu_k, 1, o.max_k) if only_last
                else self.kernel(q, k, v, o.cu_q, o.cu_k, o.max_q, o.max_k))
         return out.reshape(-1, self.heads * self.head_dim)
+
+
+class RowsAttention:  # implements AttentionStrategy[RowsLayout, RowsKeysValues]
+    """The CPU flash kernel with nothing padded and no mask (the CPU has no variable-length
+    kernel, and a masked padded call computes every padded and every masked-out pair).
+
+    Attention over [prefix; own tokens] splits exactly in two: a row's queries over its own
+    keys, which is plain top-left causal attention (queries and keys are the same tokens),
+    one call a row on views of the packed tensors; and the same queries over the prefix's
+    keys, which every query sees whole, one unmasked call a distinct prefix for all the rows
+    that continue it (no K/V copied out per row). Each call also returns its log-sum-exp, and
+    the two softmax halves merge exactly: ``own + sigmoid(lse_prefix - lse_own) * (prefix -
+    own)``, in fp32. The per-row calls cost ~10 us of host time each, a few ms a batch."""
+
+    kind = Attention.ROWS
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        self.heads, self.head_dim = heads, head_dim
+        self.backends = [SDPBackend.FLASH_ATTENTION]  # the op is called directly; SDPA is not
+
+    def layout(self, lengths: list[int], pasts: Pasts, device: torch.device) -> RowsLayout:
+        lens, past, row_of, starts, offset = _token_map(lengths, pasts.lengths())
+        small = to_device(torch.cat((past[row_of] + offset, starts + lens - 1)), device)
+        positions, last_index = torch.split(small, [len(offset), len(lengths)])
+        bounds = [(s, s + n) for s, n in zip(starts.tolist(), lengths)]
+        group_tokens: list[slice | torch.Tensor] = []
+        group_rows: list[slice | torch.Tensor] = []
+        for group in range(len(pasts.groups)):
+            rows = [r for r, g in enumerate(pasts.row_group) if g == group]
+            if rows == list(range(rows[0], rows[-1] + 1)):
+                group_tokens.append(slice(bounds[rows[0]][0], bounds[rows[-1]][1]))
+                group_rows.append(slice(rows[0], rows[-1] + 1))
+            else:
+                group_tokens.append(to_device(torch.cat([torch.arange(*bounds[r]) for r in rows]), device))
+                group_rows.append(pasts.groups[group][1])
+        return RowsLayout(positions, last_index, bounds, group_tokens, group_rows)
+
+    def keys_values(self, k: torch.Tensor, v: torch.Tensor, layout: RowsLayout, pasts: Pasts,
+                    layer: int) -> RowsKeysValues:
+        """The rows' own K and V as computed (packed ``[tokens, kv_heads, dim]``), and each
+        prefix's for this layer as ``[1, kv_heads, length, dim]`` views: nothing copied."""
+        return k, v, [(kv[layer, 0].transpose(0, 1)[None], kv[layer, 1].transpose(0, 1)[None])
+                      for kv, _ in pasts.groups]
+
+    def attend(self, q: torch.Tensor, kv: RowsKeysValues, layout: RowsLayout, only_last: bool) -> torch.Tensor:
+        k, v, prefixes = kv
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        outs, lses = [], []
+        for row, (start, end) in enumerate(layout.bounds):
+            keys, values = (t[start:end].transpose(0, 1)[None] for t in (k, v))
+            # the last layer: one query a row, its last token, which sees all its own keys
+            queries = q[row:row + 1] if only_last else q[start:end]
+            out, lse = flash(queries.transpose(0, 1)[None], keys, values, 0.0, not only_last)
+            outs.append(out[0].transpose(0, 1))  # [queries, heads, dim]
+            lses.append(lse[0].transpose(0, 1))  # [queries, heads], fp32
+        own = torch.cat(outs)
+        if prefixes:
+            own_lse = torch.cat(lses)
+            for (keys, values), sel in zip(prefixes, layout.group_rows if only_last else layout.group_tokens):
+                out, lse = flash(q[sel].transpose(0, 1)[None], keys, values, 0.0, False)
+                # the prefix's share of each query's softmax mass, from the two log-sum-exps
+                weight = torch.sigmoid(lse[0].transpose(0, 1) - own_lse[sel]).to(own.dtype)[..., None]
+                if isinstance(sel, slice):  # a view: blended in place, one pass
+                    own[sel].lerp_(out[0].transpose(0, 1), weight)
+                else:
+                    own[sel] = own[sel].lerp_(out[0].transpose(0, 1), weight)
+        return own.reshape(-1, self.heads * self.head_dim)
 
 
 class Qwen3Scorer:
@@ -383,9 +470,10 @@ class Qwen3Scorer:
         # ``varlen_kernel`` replaces FlashAttention (tests run ``varlen_reference`` on the CPU)
         if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
             check_attention(attention, self.device, head.dtype)
-        self.attention: AttentionStrategy[Any] = (
-            VarlenAttention(varlen_kernel or flash_varlen, self.heads, self.head_dim)
-            if Attention(attention) is Attention.VARLEN
+        kind = Attention(attention)
+        self.attention: AttentionStrategy[Any, Any] = (
+            VarlenAttention(varlen_kernel or flash_varlen, self.heads, self.head_dim) if kind is Attention.VARLEN
+            else RowsAttention(self.heads, self.head_dim) if kind is Attention.ROWS
             else PaddedAttention(self.heads, self.kv_heads, self.head_dim, self.device))
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
         # runs as three functions of (layer, tensors). With ``compile`` they go through
@@ -458,11 +546,11 @@ class Qwen3Scorer:
                         only_last: bool) -> torch.Tensor:
         """The rest of one decoder layer after its K/V: queries, attention, the MLP. With
         ``only_last``, for each row's last position only (all the head reads)."""
-        k, v = self.attention.keys_values(k, v, layout, pasts, index)
+        kv = self.attention.keys_values(k, v, layout, pasts, index)
         if only_last:
             x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
         q = self._q_part(layer, h, cos, sin, self.heads, self.head_dim)
-        x_next: torch.Tensor = self._post_part(layer, x, self.attention.attend(q, k, v, layout, only_last))
+        x_next: torch.Tensor = self._post_part(layer, x, self.attention.attend(q, kv, layout, only_last))
         return x_next
 
     def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

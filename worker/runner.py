@@ -78,28 +78,31 @@ class ModelRunner:  # implements worker.types.Runner
 
     def __init__(self, model: Any, tokenizer: Any, *, model_id: str,
                  max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool = False,
-                 attention: Attention | str = Attention.PADDED) -> None:
+                 attention: Attention | str | None = None) -> None:
         limit = int(getattr(model.config, "max_position_embeddings", 32768))
         if not 1 <= max_length <= limit:
             raise ValueError(f"max_length {max_length} outside 1..{limit} for {model_id}")
         self.model_id = model_id
         self.builder = PromptBuilder(tokenizer, max_length)
         self.model = model  # the full Qwen3ForCausalLM (benchmarks run the card's loop on it)
+        device = next(model.parameters()).device
         self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile,
-                                  attention=attention)
+                                  attention=attention or Attention.for_device(device.type))
         self.cache = PrefixCache(prefix_cache_mb * 2**20)
         self.dtype = next(model.parameters()).dtype
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: DType | str | None = None,
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
-             attention: Attention | str = Attention.PADDED, precision: str | None = None) -> ModelRunner:
+             attention: Attention | str | None = None, precision: str | None = None) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
         None: on for CUDA and for bf16 on the CPU (measured to pay there: docs/PERFORMANCE.md),
         off for fp32 on the CPU (matrix-bound already); a compile that fails in ``warmup``
         falls back to eager, logged.
-        ``attention``: "padded" (masked SDPA, every device) or "varlen" (FlashAttention's
-        variable-length kernel: CUDA, bf16/fp16; see worker/qwen3.py). ``precision``: the CPU's
+        ``attention``: "rows" (the CPU's flash kernel a row at a time, nothing padded: the CPU's
+        default), "padded" (masked SDPA over padded rows, every device: the GPU's default) or
+        "varlen" (FlashAttention's variable-length kernel: CUDA, bf16/fp16); see
+        worker/qwen3.py. ``precision``: the CPU's
         mode (worker/precision.py); an explicit ``dtype`` overrides it."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -108,7 +111,8 @@ class ModelRunner:  # implements worker.types.Runner
         torch_dtype = pick_dtype(plan.dtype, dev)
         if compile is None:  # where it was measured to pay: a GPU, and the CPU's bf16 path (1.2-1.4x)
             compile = dev.type == Device.CUDA or torch_dtype == torch.bfloat16
-        check_attention(attention, dev, torch_dtype)  # before minutes of loading, not after
+        attention = check_attention(attention or Attention.for_device(dev.type), dev,
+                                    torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
         tokenizer = AutoTokenizer.from_pretrained(model_id)
         model: Any = AutoModelForCausalLM.from_pretrained(model_id, dtype=torch_dtype, attn_implementation="sdpa")
@@ -176,7 +180,9 @@ class ModelRunner:  # implements worker.types.Runner
         for p, tokens in enumerate(spent):  # a prefix computed now counts once, on its first row
             computed[first_row.get(p, 0)] += tokens
         logits = self.scorer.score(tails, kvs, [row.prefix for row in batch.rows]).tolist()
-        return BatchScores(logits, computed, len(tails) * max(map(len, tails)), prefill_tokens=sum(spent))
+        lengths = [len(t) for t in tails]
+        padded = len(tails) * max(lengths) if self.scorer.attention.kind is Attention.PADDED else sum(lengths)
+        return BatchScores(logits, computed, padded, prefill_tokens=sum(spent))
 
     def score_rows(self, items: Sequence[Item]) -> BatchScores:
         """Score rows given as (ids, prefix length), without a batcher (benchmarks, tests):

@@ -20,6 +20,12 @@ class Attention(enum.StrEnum):
 
     PADDED = "padded"  # masked SDPA over padded rows; every device
     VARLEN = "varlen"  # FlashAttention's variable-length kernel: CUDA, 16-bit only
+    ROWS = "rows"  # the CPU flash kernel row by row, prefixes merged by log-sum-exp: CPU only
+
+    @classmethod
+    def for_device(cls, device: str) -> Attention:
+        """The default: no padding on the CPU (rows), masked padded rows on a GPU."""
+        return cls.ROWS if device == "cpu" else cls.PADDED
 
 
 class DType(enum.StrEnum):
@@ -146,7 +152,9 @@ class RunnerInfo:
 class BatchScores:
     logits: list[float]  # logit_yes - logit_no per row, in the batch's order
     computed: list[int]  # tokens each row made the model run (a new prefix counts once)
-    padded_tokens: int  # rows * longest row of new (non-prefix) tokens: the attention's padded size
+    # the attention's padded size: rows * longest row of new (non-prefix) tokens, or the rows'
+    # own tokens where the attention pads nothing (rows, varlen)
+    padded_tokens: int
     prefill_tokens: int = 0  # of ``computed``, the tokens of shared prefixes computed in this batch
 
 
