@@ -1,7 +1,8 @@
 """Where the CPU serving path spends its time, by part of the model, under torch's profiler.
 
     python bench/cpu_profile.py --model-dir /work/models/qwen3-reranker-0.6b-random \
-        [--dtype bfloat16 | --precision exact-bf16x3] [--workloads short,mixed] [--ops 12]
+        [--dtype bfloat16 [--compile] | --precision exact-bf16x3] [--attention padded] \
+        [--workloads short,mixed] [--ops 12]
 
 Runs each workload (bench/engine.py's seeded ones) through the serving runner in the batches
 the real queue forms (``FairQueue`` with the CPU defaults, shared prefix reused), once
@@ -15,6 +16,10 @@ unprofiled (the wall time) and once under ``torch.profiler``, and prints:
 
 The parts are marked with module hooks (``record_function`` around each ``nn.Linear``,
 RMSNorm and activation module), so the model code is profiled as served, unmodified.
+``--compile`` profiles the compiled path as served (bf16's default), where hooks cannot
+see inside inductor's graphs: the parts are then told apart by operator (the GEMMs, the
+attention kernel, inductor's fused kernels, the attention's merge and copies, the rest).
+``--attention`` picks a strategy other than the CPU's default (rows).
 """
 
 from __future__ import annotations
@@ -40,6 +45,16 @@ from worker.runner import Item, ModelRunner, PrefixCache  # noqa: E402
 
 PARTS = ("linear", "attention", "norm", "silu")
 ATTENTION_OP = "aten::scaled_dot_product_attention"
+FLASH_OP = "aten::_scaled_dot_product_flash_attention_for_cpu"  # what rows attention calls directly
+# The compiled path's parts, by operator (self time): hooks do not run inside inductor's graphs
+OP_PARTS = {
+    "linear layers (aten::mm, addmm)": ("aten::mm", "aten::addmm"),
+    "attention (the CPU flash kernel)": (FLASH_OP,),
+    "inductor's fused kernels (norms, rotary, gate, residuals)": ("## Call CompiledFxGraph",),
+    "attention merge and copies (lerp, cat, copy, fill, index)": (
+        "aten::lerp_", "aten::cat", "aten::copy_", "aten::fill_", "aten::index_copy_", "aten::index_select",
+        "aten::_index_put_impl_", "aten::where"),
+}
 
 
 class _Owner:
@@ -84,16 +99,34 @@ def run(runner: ModelRunner, work: list[list[Item]]) -> tuple[float, int]:
     return time.perf_counter() - started, computed
 
 
+def by_hooks(prof: Any, profiled: float) -> dict[str, float]:
+    """Seconds by part, from the module hooks' ranges (eager)."""
+    totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
+    spent = {part: totals.get(f"part:{part}", 0.0) for part in PARTS}
+    spent["attention"] = totals.get(ATTENTION_OP, 0.0) or totals.get(FLASH_OP, 0.0)
+    spent["other (rotary, gate product, K/V copies, embedding, Python)"] = profiled - sum(spent.values())
+    return spent
+
+
+def by_operator(prof: Any, profiled: float) -> dict[str, float]:
+    """Seconds by part, from operators' self time (compiled: no hooks inside the graphs)."""
+    spent = dict.fromkeys(OP_PARTS, 0.0)
+    for event in prof.key_averages():
+        part = next((p for p, names in OP_PARTS.items() if event.key.startswith(names)), None)
+        if part is not None:
+            spent[part] += event.self_cpu_time_total / 1e6
+    spent["other (Python, dynamo guards, embedding, rotary tables)"] = profiled - sum(spent.values())
+    return spent
+
+
 def profile_workload(runner: ModelRunner, work: list[list[Item]], flops_tok: float,
                      rates: dict[str, float], ops: int) -> None:
     wall, computed = run(runner, work)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         profiled, _ = run(runner, work)
-    totals = {e.key: e.cpu_time_total / 1e6 for e in prof.key_averages()}
-    spent = {part: totals.get(f"part:{part}", 0.0) for part in PARTS}
-    spent["attention"] = totals.get(ATTENTION_OP, 0.0)
-    spent["other (rotary, gate product, K/V copies, embedding, Python)"] = profiled - sum(spent.values())
-    linear_gflops = computed * flops_tok / spent["linear"] / 1e9
+    spent = (by_operator if runner.scorer.compiled else by_hooks)(prof, profiled)
+    linear = next(iter(spent))  # the linear layers come first in both tables
+    linear_gflops = computed * flops_tok / spent[linear] / 1e9
     print(f"\n{computed} tokens computed in {len(work)} batches; {wall:.2f} s unprofiled, {profiled:.2f} s "
           f"profiled; whole pass {computed * flops_tok / wall / 1e9:.0f} GFLOP/s executed "
           f"({computed * flops_tok / wall / 1e9 / rates['bf16']:.0%} of the bf16 GEMM rate)\n")
@@ -114,6 +147,8 @@ def main() -> int:
     parser.add_argument("--workloads", default="short,mixed")
     parser.add_argument("--docs", type=int, default=16)
     parser.add_argument("--ops", type=int, default=12, help="aten ops listed per workload")
+    parser.add_argument("--compile", action="store_true", help="profile the compiled path (parts by operator)")
+    parser.add_argument("--attention", default=None, help="rows (the CPU's default) or padded")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (1 on an oversubscribed machine: no parallel region then "
                              "waits on a descheduled peer, which inflates short elementwise ops)")
@@ -121,15 +156,17 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runner = ModelRunner.load(args.model_dir, device="cpu", dtype=None if args.precision else args.dtype,
-                              precision=args.precision, compile=False)  # eager: the hooks see every module
+                              precision=args.precision, compile=args.compile, attention=args.attention)
     runner.warmup()
-    mark_parts(runner.model)
+    if not runner.scorer.compiled:  # eager: the hooks see every module
+        mark_parts(runner.model)
     config = BatcherConfig.for_device("cpu")
     workloads = build_workloads(runner.builder.tokenizer, argparse.Namespace(
         seed=1234, docs=args.docs, doc_tokens=256, concurrent=8, fixed_requests=1))
     rates = {"bf16": gemm_gflops(torch.device("cpu"), torch.bfloat16),
              "fp32": gemm_gflops(torch.device("cpu"), torch.float32)}
-    print(f"{args.precision or args.dtype}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+    print(f"{args.precision or args.dtype}{' compiled' if runner.scorer.compiled else ''}, "
+          f"{runner.scorer.attention.kind} attention; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"GEMM (2048x1024x3072): bf16 {rates['bf16']:.0f} GFLOP/s, fp32 {rates['fp32']:.0f} GFLOP/s")
     flops_tok = linear_flops_per_token(runner.model.config)
     for name in args.workloads.split(","):

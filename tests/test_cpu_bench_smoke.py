@@ -51,6 +51,18 @@ def test_cpu_profile_names_the_parts(bf16_dir: Path) -> None:
         assert re.search(rf"^\| {part}.* \| \d+% \|$", stdout, re.M), part
 
 
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                    reason="torch.compile on the CPU needs a C++ compiler (apt-get install g++)")
+def test_cpu_profile_of_the_compiled_path_names_the_parts_by_operator(bf16_dir: Path) -> None:
+    stdout = run_script("bench/cpu_profile.py", "--model-dir", str(bf16_dir), "--workloads", "short", "--docs", "2",
+                        "--compile")
+    assert "compiled, rows attention" in stdout
+    shares = {m[0]: float(m[1]) for m in re.findall(r"^\| (.+?) \| [\d.]+ \| (\d+)% \|$", stdout, re.M)}
+    assert {"linear layers (aten::mm, addmm)", "attention (the CPU flash kernel)",
+            "inductor's fused kernels (norms, rotary, gate, residuals)"} <= set(shares)
+    assert shares["inductor's fused kernels (norms, rotary, gate, residuals)"] > 0  # the graphs really ran
+
+
 def test_cpu_gemm_compares_the_paths() -> None:
     stdout = run_script("bench/cpu_gemm.py", "--rows", "16", "--k", "64", "--n", "32", "--reps", "1")
     rows = {line.split(" | ")[1]: float(line.split(" | ")[-1].rstrip(" |")) for line in stdout.splitlines()
