@@ -432,3 +432,19 @@ def test_the_padded_size_reported_is_what_the_attention_pads(runner: ModelRunner
     assert len(set(own)) > 1
     assert runner.score_rows(items).padded_tokens == sum(own)
     assert padded_runner.score_rows(items).padded_tokens == len(own) * max(own)
+
+
+@pytest.mark.parametrize("strategy", ["rows", "padded"])
+def test_a_prefix_that_no_row_continues_changes_nothing(
+    request: pytest.FixtureRequest, expected: dict[tuple[int, int], tuple[float, float]], strategy: str
+) -> None:
+    """A batch's prefix list may hold one that none of its rows reads: no row may attend to it."""
+    runner: ModelRunner = request.getfixturevalue("runner" if strategy == "rows" else "padded_runner")
+    query, instruction = QUERIES[0]
+    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
+    other = runner.builder.build(QUERIES[1][0], DOCUMENTS[:1], QUERIES[1][1], Truncation.NONE)
+    shared = prompts.shared_len
+    with torch.inference_mode():
+        kv, stray = runner.scorer.prefill([prompts.sequences[0][:shared], other.sequences[0][:other.shared_len]])
+        got = runner.scorer.score([s[shared:] for s in prompts.sequences], [stray, kv], [1, 1, 1]).tolist()
+    assert got == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)

@@ -142,9 +142,9 @@ class RowsLayout:
     last_index: torch.Tensor  # [rows] packed index of each row's last token
     bounds: list[tuple[int, int]]  # each row's [start, end) in the packed tokens
     # per ``Pasts.groups`` entry: its rows' tokens, and its rows (the last layer's queries),
-    # as a slice where they are contiguous (a view, no copy), else as an index
-    group_tokens: list[slice | torch.Tensor]
-    group_rows: list[slice | torch.Tensor]
+    # as a slice where they are contiguous (a view, no copy), else as an index; None: no rows
+    group_tokens: list[slice | torch.Tensor | None]
+    group_rows: list[slice | torch.Tensor | None]
 
 
 def check_attention(attention: Attention | str, device: torch.device, dtype: torch.dtype) -> Attention:
@@ -262,7 +262,8 @@ class Pasts:
         for row, group in enumerate(row_group):
             if group >= 0:
                 rows[group].append(row)
-        return cls([(kv, to_device(torch.tensor(r), device)) for kv, r in zip(prefixes, rows)], list(row_group))
+        indices = [to_device(torch.tensor(r, dtype=torch.long), device) for r in rows]  # long: also when empty
+        return cls(list(zip(prefixes, indices)), list(row_group))
 
     def lengths(self) -> list[int]:
         return [0 if g < 0 else self.groups[g][0].shape[2] for g in self.row_group]
@@ -391,7 +392,8 @@ class RowsAttention:  # implements AttentionStrategy[RowsLayout, RowsKeysValues]
     keys, which every query sees whole, one unmasked call a distinct prefix for all the rows
     that continue it (no K/V copied out per row). Each call also returns its log-sum-exp, and
     the two softmax halves merge exactly: ``own + sigmoid(lse_prefix - lse_own) * (prefix -
-    own)``, in fp32. The per-row calls cost ~10 us of host time each, a few ms a batch."""
+    own)``, in place, in the activations' dtype. Each call costs ~0.1 ms of kernel set-up in
+    bf16, so short rows of even length run a little faster padded (docs/PERFORMANCE.md)."""
 
     kind = Attention.ROWS
 
@@ -404,11 +406,14 @@ class RowsAttention:  # implements AttentionStrategy[RowsLayout, RowsKeysValues]
         small = to_device(torch.cat((past[row_of] + offset, starts + lens - 1)), device)
         positions, last_index = torch.split(small, [len(offset), len(lengths)])
         bounds = [(s, s + n) for s, n in zip(starts.tolist(), lengths)]
-        group_tokens: list[slice | torch.Tensor] = []
-        group_rows: list[slice | torch.Tensor] = []
+        group_tokens: list[slice | torch.Tensor | None] = []
+        group_rows: list[slice | torch.Tensor | None] = []
         for group in range(len(pasts.groups)):
             rows = [r for r, g in enumerate(pasts.row_group) if g == group]
-            if rows == list(range(rows[0], rows[-1] + 1)):
+            if not rows:
+                group_tokens.append(None)
+                group_rows.append(None)
+            elif rows == list(range(rows[0], rows[-1] + 1)):
                 group_tokens.append(slice(bounds[rows[0]][0], bounds[rows[-1]][1]))
                 group_rows.append(slice(rows[0], rows[-1] + 1))
             else:
@@ -438,6 +443,8 @@ class RowsAttention:  # implements AttentionStrategy[RowsLayout, RowsKeysValues]
         if prefixes:
             own_lse = torch.cat(lses)
             for (keys, values), sel in zip(prefixes, layout.group_rows if only_last else layout.group_tokens):
+                if sel is None:
+                    continue
                 out, lse = flash(q[sel].transpose(0, 1)[None], keys, values, 0.0, False)
                 # the prefix's share of each query's softmax mass, from the two log-sum-exps
                 weight = torch.sigmoid(lse[0].transpose(0, 1) - own_lse[sel]).to(own.dtype)[..., None]
