@@ -63,6 +63,14 @@ def test_cpu_profile_of_the_compiled_path_names_the_parts_by_operator(bf16_dir: 
     assert shares["inductor's fused kernels (norms, rotary, gate, residuals)"] > 0  # the graphs really ran
 
 
+def test_cpu_attention_compares_the_strategies_per_batch_shape(bf16_dir: Path) -> None:
+    stdout = run_script("bench/cpu_attention.py", "--model-dir", str(bf16_dir), "--dtype", "float32",
+                        "--rounds", "1", "--scale", "0.1")
+    rows = re.findall(r"^\| (\w+): .* \| ([\d.]+)x \| (\S+) \|$", stdout, re.M)
+    assert [name for name, _, _ in rows] == ["tiny", "even", "mixed"]
+    assert all(float(ratio) > 0 and float(diff) < 1e-4 for _, ratio, diff in rows)  # fp32: the same log-odds
+
+
 def test_cpu_gemm_compares_the_paths() -> None:
     stdout = run_script("bench/cpu_gemm.py", "--rows", "16", "--k", "64", "--n", "32", "--reps", "1")
     rows = {line.split(" | ")[1]: float(line.split(" | ")[-1].rstrip(" |")) for line in stdout.splitlines()
