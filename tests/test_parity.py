@@ -326,8 +326,9 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
 async def test_compiled_path_matches_reference(
     tiny_model_dir: Path, expected: dict[tuple[int, int], tuple[float, float]]
 ) -> None:
-    """``--compile`` (torch.compile of the per-token parts, as a GPU would use it) gives the
-    reference's scores on every path: prefill, prefix rows, plain rows, the one-row graph."""
+    """``--compile`` (torch.compile of the per-token parts, as a GPU and bf16 on a CPU use it;
+    fp32 with rows attention here, the exact opt-in) gives the reference's log-odds and scores
+    within the contract on every path: prefill, prefix rows, plain rows, the one-row graph."""
     from torch._dynamo.utils import counters
 
     counters.clear()
@@ -346,6 +347,7 @@ async def test_compiled_path_matches_reference(
     for qn, result in enumerate(results):
         for dn, s in enumerate(result.scores):
             assert s.logit == pytest.approx(expected[qn % len(QUERIES), dn][1], abs=TOL_LOGIT), (qn, dn)
+            assert s.score == pytest.approx(expected[qn % len(QUERIES), dn][0], abs=TOL_SCORE), (qn, dn)
     # Traffic after the warm-up brings new batch shapes, never a new graph: a recompile would
     # stall its batch for seconds, and past dynamo's recompile limit fall back to eager.
     from worker.runner import Item

@@ -96,9 +96,10 @@ class ModelRunner:  # implements worker.types.Runner
              max_length: int = 8192, prefix_cache_mb: int = 512, compile: bool | None = None,
              attention: Attention | str | None = None, precision: str | None = None) -> ModelRunner:
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
-        None: on for CUDA and for bf16 on the CPU (measured to pay there: docs/PERFORMANCE.md),
-        off for fp32 on the CPU (matrix-bound already); a compile that fails in ``warmup``
-        falls back to eager, logged.
+        None: on, where it was measured to pay (docs/PERFORMANCE.md: a GPU, bf16 on the CPU
+        1.24-1.38x, fp32 on the CPU 1.07-1.13x, as close to the reference as eager), except for
+        the exact split modes, whose GEMMs switch a oneDNN setting around each call; a compile
+        that fails in ``warmup`` falls back to eager, logged.
         ``attention``: "rows" (the CPU's flash kernel a row at a time, nothing padded: the CPU's
         default), "padded" (masked SDPA over padded rows, every device: the GPU's default) or
         "varlen" (FlashAttention's variable-length kernel: CUDA, bf16/fp16); see
@@ -109,8 +110,8 @@ class ModelRunner:  # implements worker.types.Runner
         dev = pick_device(device)
         plan = cpu_precision.resolve(precision, dtype, dev)
         torch_dtype = pick_dtype(plan.dtype, dev)
-        if compile is None:  # where it was measured to pay: a GPU, and the CPU's bf16 path (1.2-1.4x)
-            compile = dev.type == Device.CUDA or torch_dtype == torch.bfloat16
+        if compile is None:
+            compile = not plan.parts
         attention = check_attention(attention or Attention.for_device(dev.type), dev,
                                     torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
