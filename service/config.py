@@ -126,7 +126,8 @@ class ServeConfig(FrontConfig):
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
                                 "the MLP gate); adds ~15-60 s to warm-up, 1.3-1.5x on a GPU, 1.2-1.4x for bf16 "
                                 "and 1.07-1.13x for float32 on a CPU (docs/PERFORMANCE.md); falls back to eager "
-                                "if it cannot build", unset="on, except for the exact-bf16 split precisions")
+                                "if it cannot build",
+                                unset="on, except for the exact-bf16 split precisions and a CPU host without g++")
     attention: Attention | None = knob(None, "attention kernel: rows (the CPU's flash kernel a row at a time, "
                                        "nothing padded; CPU only), padded (masked SDPA over padded rows; every "
                                        "device) or varlen (FlashAttention's variable-length kernel: no padding, "

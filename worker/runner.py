@@ -98,7 +98,8 @@ class ModelRunner:  # implements worker.types.Runner
         """Load by hub id or local directory, the normal ``from_pretrained`` way. ``compile``
         None: on, where it was measured to pay (docs/PERFORMANCE.md: a GPU, bf16 on the CPU
         1.24-1.38x, fp32 on the CPU 1.07-1.13x, as close to the reference as eager), except for
-        the exact split modes, whose GEMMs switch a oneDNN setting around each call; a compile
+        the exact split modes, whose GEMMs switch a oneDNN setting around each call, and for a
+        CPU host without the C++ compiler inductor builds its kernels with (logged); a compile
         that fails in ``warmup`` falls back to eager, logged.
         ``attention``: "rows" (the CPU's flash kernel a row at a time, nothing padded: the CPU's
         default), "padded" (masked SDPA over padded rows, every device: the GPU's default) or
@@ -111,7 +112,7 @@ class ModelRunner:  # implements worker.types.Runner
         plan = cpu_precision.resolve(precision, dtype, dev)
         torch_dtype = pick_dtype(plan.dtype, dev)
         if compile is None:
-            compile = not plan.parts
+            compile = not plan.parts and (dev.type != Device.CPU or _cpu_compiler_found())
         attention = check_attention(attention or Attention.for_device(dev.type), dev,
                                     torch_dtype)  # before minutes of loading, not after
         started = time.perf_counter()
@@ -250,3 +251,18 @@ class Item:
     ids: list[int]
     prefix_len: int
 
+
+def _cpu_compiler_found() -> bool:
+    """Whether inductor finds the C++ compiler it builds CPU kernels with (g++ unless its
+    config names another). Without one a default compile would only fail in the warm-up, with
+    a warning on every start; asked first, it is one clear line and no wasted seconds."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+    except Exception as exc:  # noqa: BLE001 - InvalidCxxCompiler, or an inductor that moved it
+        log.info("no C++ compiler for torch.compile's CPU kernels (%s): the layer work runs eager, "
+                 "exact and 1.07-1.38x slower; install g++ to compile it (docs/OPERATIONS.md)",
+                 type(exc).__name__)
+        return False
+    return True
