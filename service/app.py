@@ -75,8 +75,8 @@ def http_components(config: ServeConfig, app: App) -> list[Component]:
     """The HTTP gateway on ``--http-port``: the same core as gRPC, in process."""
     if config.http_port is None:
         return []
-    from service.gateway import create_app  # fastapi and uvicorn: only when serving
-    from service.http_server import HttpServer
+    from service.http.app import create_app  # fastapi and uvicorn: only when serving
+    from service.http.server import HttpServer
 
     # /ready says 503 from the drain on; calls are taken until the servers stop, as on gRPC
     gateway = create_app(app.core, metrics=app.metrics, edge=config.edge_limits(),

@@ -1,7 +1,7 @@
 """What the public edge enforces before a call reaches the core: the bearer rule both fronts
 share, and the HTTP and gRPC servers' resource limits. Light imports only (``service.config``
-reads the limits' defaults); the HTTP machinery that applies them is in ``service.gateway``
-(``EdgeGuard``) and ``service.http_server`` (``EdgeProtocol``), gRPC's are grpcio's own
+reads the limits' defaults); the HTTP machinery that applies them is in ``service.http.edge``
+(``EdgeGuard``) and ``service.http.server`` (``EdgeProtocol``), gRPC's are grpcio's own
 (``service.grpc_server``). docs/SECURITY.md lists each
 limit, its flag and the test that proves it.
 """

@@ -22,7 +22,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _servers_bind_free_ports(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every HTTP server a test starts binds port 0: a fixed port (the default 8080) fails
     whenever anything else on the host holds it, a server started the README's way included."""
-    from service.http_server import HttpServer
+    from service.http.server import HttpServer
 
     start = HttpServer.start
 

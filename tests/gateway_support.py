@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 from service.app import CoreParts
 from service.core import Limits
 from service.edge import EdgeLimits
-from service.gateway import create_app
-from service.http_server import HttpServer
+from service.http.app import create_app
+from service.http.server import HttpServer
 from service.ledger import UsageRecord
 from service.local import BatcherEngine
 from worker.batcher import Batcher

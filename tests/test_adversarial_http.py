@@ -25,7 +25,7 @@ from gateway_support import LiveGateway, Options
 
 from service.core import Limits, RerankCall, RerankQuery
 from service.edge import EdgeLimits
-from service.gateway import create_app
+from service.http.app import create_app
 from service.lograte import FloodFilter
 
 LIMITS = Limits(max_documents=100, max_request_bytes=2**20)
@@ -365,7 +365,7 @@ async def test_a_call_cut_at_the_end_of_the_grace_period_gets_a_json_503(caplog:
 
     from service.app import App, CoreParts
     from service.config import ServeConfig
-    from service.http_server import HttpServer
+    from service.http.server import HttpServer
     from worker.fake import FakeRunner
 
     runner = FakeRunner()

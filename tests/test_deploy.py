@@ -133,7 +133,7 @@ def test_hadolint_passes() -> None:
 
 def gateway_paths() -> set[str]:
     from service.core import RerankCore
-    from service.gateway import create_app
+    from service.http.app import create_app
 
     app = create_app(RerankCore(engine=None, model_name="deploy-check"))  # type: ignore[arg-type]
     return {getattr(route, "path", "") for route in app.routes}

@@ -10,7 +10,8 @@ import dataclasses
 from rerank.v1 import rerank_pb2 as pb
 
 from clients import client
-from service import gateway_schema, wire
+from service import wire
+from service.http import schema as gateway_schema
 from service.config import ServeConfig
 from service.core import Limits, ModelInfo, UsageTotals
 from worker.types import Device, DType

@@ -24,7 +24,7 @@ from serving import create_schema, eventually, running_app, target
 from clients import AsyncRerankClient, RerankError
 from service.app import App, CoreParts
 from service.db import open_engine
-from service.http_server import HttpServer
+from service.http.server import HttpServer
 from service.ledger import SqlLedger
 from worker.batcher import Group
 from worker.fake import FakeRunner

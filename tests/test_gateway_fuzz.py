@@ -31,7 +31,7 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from service.core import ID_PATTERN, Limits, RerankCore
-from service.gateway import create_app
+from service.http.app import create_app
 
 LIMITS = Limits(max_documents=20, max_query_chars=200, max_instruction_chars=200, max_document_chars=500,
                 max_request_bytes=64 * 1024)

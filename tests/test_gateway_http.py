@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -368,7 +370,7 @@ def test_models_health_metrics(gw: LiveGateway) -> None:
 
 
 def test_openapi_publishes_what_is_accepted(gw: LiveGateway) -> None:
-    from service.gateway_schema import RerankRequest
+    from service.http.schema import RerankRequest
 
     doc = httpx.get(gw.url + "/openapi.json").json()
     assert {"/v1/rerank", "/v2/rerank", "/v1/models", "/v1/usage", "/health", "/ready", "/metrics"} <= set(doc["paths"])
@@ -405,3 +407,19 @@ async def test_client_that_goes_away_mid_scoring_is_not_billed(gw: LiveGateway, 
     assert dropped() == before + 1
     assert post(gw, {"query": "q", "documents": ["c"]}, key[1]).status_code == 200
     assert [r.documents for r in gw.records(key[0])] == [1]
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank"])
+def test_every_rerank_path_writes_an_access_line(gw: LiveGateway, key: tuple[str, str], path: str,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="rerank.access"):
+        reply = post(gw, {"model": MODEL, "query": QUERY, "documents": DOCS}, key[1], path=path)
+        assert reply.status_code == 200
+        wanted = f"http=POST {path} status=200"
+        for _ in range(200):  # the line is written as the reply's last byte leaves: wait for it, briefly
+            lines = [r.getMessage() for r in caplog.records if r.name == "rerank.access"]
+            if any(wanted in line for line in lines):
+                break
+            time.sleep(0.01)
+    (line,) = [line for line in lines if wanted in line]
+    assert f"request_id={reply.headers['X-Request-Id']} documents={len(DOCS)}" in line

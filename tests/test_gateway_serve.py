@@ -15,7 +15,7 @@ from clients import AsyncRerankClient, RerankError
 from service import cli
 from service.app import App
 from service.config import ServeConfig
-from service.http_server import HttpServer
+from service.http.server import HttpServer
 from service.ledger import SqlLedger
 from worker.fake import FakeRunner
 

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from serving import running_app
 
-from service.http_server import HttpServer
+from service.http.server import HttpServer
 
 ROOT = Path(__file__).resolve().parents[1]
 

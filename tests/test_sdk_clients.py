@@ -19,8 +19,8 @@ import requests
 from test_serve_cli import Server
 
 from clients import Query, RerankClient
-from service.gateway_compat import convention
-from service.gateway_schema import RerankRequest
+from service.http.compat import convention
+from service.http.schema import RerankRequest
 
 MODEL = "Qwen/Qwen3-Reranker-0.6B"  # the name the docs send; the tiny model stands in for it
 QUERY = "which city is the capital of France?"

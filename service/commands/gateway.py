@@ -21,7 +21,7 @@ from service.commands.serve import Stops
 if TYPE_CHECKING:
     from clients import Pacing
     from service.billing import Billing
-    from service.http_server import HttpServer
+    from service.http.server import HttpServer
     from service.remote import RemoteEngine
 
 HELP = ("run the billed HTTP gateway alone, in front of remote gRPC Rerank servers (every knob also reads "
@@ -61,8 +61,8 @@ async def start(args: argparse.Namespace) -> Gateway:
     """Open the ledger, find the backends' model, serve HTTP; raises OSError/ValueError."""
     from service.app import CoreParts, build_core
     from service.core import Limits
-    from service.gateway import create_app
-    from service.http_server import HttpServer
+    from service.http.app import create_app
+    from service.http.server import HttpServer
     from service.remote import RemoteEngine
 
     config = knobs.config_from_args(args, knobs.GatewayConfig)

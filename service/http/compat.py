@@ -1,4 +1,4 @@
-"""The other rerank conventions on one gateway: Jina and vLLM, TEI, and Voyage.
+"""The other rerank conventions on one HTTP API: Jina and vLLM, TEI, and Voyage.
 
 Every convention runs the same ``RerankCall`` through the same core (auth, limits, idempotent
 replay, billing), so the scores for the same (query, document) pairs are the same whichever
@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
 from service.core import RerankCall, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
-from service.gateway_schema import JsonInt, RerankRequest, RerankResponse, only_outcome
+from service.http.schema import JsonInt, RerankRequest, RerankResponse, Version, only_outcome
 from worker.types import Truncation
 
 
@@ -59,7 +59,7 @@ class TeiRequest(_Body):
         query = RerankQuery(query=self.query, documents=self.texts, truncation=_truncation(self.truncate))
         return RerankCall([query], api_key=api_key, idempotency_key=idempotency_key)
 
-    def response(self, reply: RerankReply, api_version: str) -> list[TeiResult]:
+    def response(self, reply: RerankReply, api_version: Version) -> list[TeiResult]:
         return [TeiResult(index=r.index, score=r.logit if self.raw_scores else r.score,
                           text=self.texts[r.index] if self.return_text else None)
                 for r in only_outcome(reply).results]
@@ -86,7 +86,7 @@ class VoyageRequest(_Body):
                             return_documents=bool(self.return_documents), truncation=_truncation(self.truncation))
         return RerankCall([query], api_key=api_key, model=self.model or None, idempotency_key=idempotency_key)
 
-    def response(self, reply: RerankReply, api_version: str) -> VoyageResponse:
+    def response(self, reply: RerankReply, api_version: Version) -> VoyageResponse:
         data = [VoyageResult(index=r.index, relevance_score=r.score, document=r.document)
                 for r in only_outcome(reply).results]
         return VoyageResponse(data=data, model=reply.model, usage=VoyageUsage(total_tokens=reply.prompt_tokens))
@@ -131,4 +131,4 @@ class RerankBody(Protocol):
     """What a rerank route needs of a parsed body, whatever its convention."""
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall: ...
-    def response(self, reply: RerankReply, api_version: str) -> Any: ...
+    def response(self, reply: RerankReply, api_version: Version) -> Any: ...

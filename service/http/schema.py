@@ -1,4 +1,4 @@
-"""The HTTP/JSON shapes of the gateway: what a request may contain, and what comes back.
+"""The HTTP/JSON shapes of the API: what a request may contain, and what comes back.
 
 Request models check types and shape only (strict: no coercion of ``"5"`` to 5, unknown
 fields refused), so pydantic and the OpenAPI document agree on what parses. What a call may
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from datetime import date
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -137,7 +138,7 @@ class RerankRequest(BaseModel):
             notes.append(f"documents {missing[:10]} have none of the rank_fields: ranked on their text")
         return notes
 
-    def response(self, reply: RerankReply, api_version: str) -> RerankResponse:
+    def response(self, reply: RerankReply, api_version: Version) -> RerankResponse:
         echo = self.documents if self.return_documents else None
         return RerankResponse.from_reply(reply, api_version, echo, self.warnings())
 
@@ -174,6 +175,13 @@ class RerankResult(BaseModel):
 
 def result_document(sent: Document) -> ResultDocument:
     return ResultDocument(text=sent) if isinstance(sent, str) else ResultDocument(**sent.fields())
+
+
+class Version(StrEnum):
+    """The API version a rerank path answers as (``meta.api_version.version``)."""
+
+    V1 = "1"
+    V2 = "2"
 
 
 class ApiVersion(BaseModel):
@@ -220,7 +228,7 @@ class RerankResponse(BaseModel):
     timings_ms: dict[str, float] = Field(description="Server-side timing of the original call.")
 
     @classmethod
-    def from_reply(cls, reply: RerankReply, api_version: str, sent: list[Document] | None = None,
+    def from_reply(cls, reply: RerankReply, api_version: Version, sent: list[Document] | None = None,
                    warnings: list[str] | None = None) -> RerankResponse:
         """``sent``: the documents as sent, to echo (objects whole); None echoes none."""
         docs = reply.billed_documents
@@ -231,7 +239,7 @@ class RerankResponse(BaseModel):
         notes = [*reply.warnings, *(warnings or [])]
         return cls(
             id=reply.request_id, model=reply.model, results=results,
-            meta=Meta(api_version=ApiVersion(version=api_version),
+            meta=Meta(api_version=ApiVersion(version=api_version.value),
                       billed_units=BilledUnits(documents=billed,
                                                search_units=math.ceil(billed / SEARCH_UNIT_DOCUMENTS)),
                       tokens=TokenCounts(input_tokens=reply.prompt_tokens, output_tokens=0),

@@ -1,4 +1,4 @@
-"""The gateway's HTTP server: uvicorn on the app's event loop, as a start/stop component.
+"""The HTTP server: uvicorn on the app's event loop, as a start/stop component.
 
 It runs on the same loop as the gRPC server and the batcher (one process, one core), binds
 its own socket (so port 0 works and the real port is known before the first request), and
@@ -8,7 +8,7 @@ that should drain the whole server.
 ``EdgeProtocol`` is uvicorn's h11 protocol with the limits uvicorn lacks or answers in plain
 text (``service.edge.EdgeLimits``): a deadline for the request head (uvicorn has none, so a
 connection that sends nothing, or a byte a minute, is held forever), a connection cap whose
-refusal is the API's JSON 503 (``gateway.EdgeGuard`` answers it), and JSON for the errors
+refusal is the API's JSON 503 (``edge.EdgeGuard`` answers it), and JSON for the errors
 the server answers itself (a malformed request, a head over ``--http-max-header-bytes``).
 uvicorn's per-request warnings (one per malformed request) are rate-limited while the
 server runs (``service.lograte.FloodFilter`` on the ``uvicorn.error`` logger).
@@ -28,7 +28,7 @@ from starlette.types import ASGIApp
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from service.edge import EdgeLimits
-from service.gateway import OVER_CAPACITY, error_response
+from service.http.edge import OVER_CAPACITY, error_response
 from service.lograte import FloodFilter
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class HttpServer:
             self._server.config.timeout_graceful_shutdown = max(1, round(grace_s))
         self._server.should_exit = True
         await self._task
-        # calls cut at the end of the grace period answer 503 (gateway.EdgeGuard) as they unwind
+        # calls cut at the end of the grace period answer 503 (edge.EdgeGuard) as they unwind
         tasks = self._server.server_state.tasks
         deadline = asyncio.get_running_loop().time() + _CUT_FLUSH_S
         while tasks and asyncio.get_running_loop().time() < deadline:
