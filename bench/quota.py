@@ -24,9 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.billing import prepare_schema  # noqa: E402
 from service.core import Principal, QueryOutcome, RankedDoc, RerankReply  # noqa: E402
-from service.db import database_url, open_engine  # noqa: E402
-from service.keys import KeyStore  # noqa: E402
-from service.ledger import SqlLedger  # noqa: E402
+from service.billing.db import database_url, open_engine  # noqa: E402
+from service.billing.keys import KeyStore  # noqa: E402
+from service.billing.ledger import SqlLedger  # noqa: E402
 
 
 def reply(n: int) -> RerankReply:

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from service.config import FrontConfig, ServeConfig
 from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
@@ -25,6 +25,9 @@ from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
 from worker.queue import POLICIES
 from worker.types import PRECISIONS, LoadedModel
+
+if TYPE_CHECKING:
+    from service.billing import Billing
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,18 @@ class CoreParts:
     ledger: UsageLedger | None = None
 
 
+def open_front_billing(config: FrontConfig) -> Billing:
+    """The key store, rate limiter and usage ledger on ``--db``, its schema prepared."""
+    from service.billing import open_billing  # sqlalchemy: only when serving
+
+    return open_billing(config.db_url, config.data_dir, require_keys=config.auth, replicas=config.replicas,
+                        default_rps=config.rate_limit_rps, default_dps=config.rate_limit_dps,
+                        idempotency_ttl_h=config.idempotency_ttl_h)
+
+
 def billing_parts(config: FrontConfig) -> CoreParts:
     """The key store, rate limiter and usage ledger on ``--db`` (``service.billing``)."""
-    billing = config.open_billing()
+    billing = open_front_billing(config)
     return CoreParts(auth=billing.auth, limiter=billing.limiter, ledger=billing.ledger)
 
 
@@ -157,9 +169,7 @@ class App:
             self._warming.cancel()  # a load still running in its thread finishes unobserved
             await asyncio.gather(self._warming, return_exceptions=True)
         if self.batcher is not None:
-            # the servers have finished or cancelled every call, so nothing is left to wait
-            # for; a positive timeout because the batcher reads 0 as "wait forever"
-            await self.batcher.close(grace_s=0.001)
-        close_ledger = getattr(self.core.ledger, "close", None)  # last: calls bill until the servers stop
-        if close_ledger is not None:
-            await close_ledger()
+            # the servers have finished or cancelled every call: nothing is left to wait for
+            await self.batcher.close()
+        if self.core.ledger is not None:  # last: calls bill until the servers stop
+            await self.core.ledger.close()

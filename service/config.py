@@ -17,15 +17,12 @@ import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from service.core import Limits
 from service.edge import EdgeLimits, GrpcLimits
 from worker.batcher import BatcherConfig
 from worker.types import Attention, Device, DType
-
-if TYPE_CHECKING:
-    from service.billing import Billing
 
 ENV_PREFIX = "RERANK_"
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -92,14 +89,6 @@ class FrontConfig:
     def edge_limits(self) -> EdgeLimits:
         """The HTTP edge's limits: the ``http_*`` knobs, EdgeLimits' fields with a prefix."""
         return EdgeLimits(**{f.name: getattr(self, "http_" + f.name) for f in dataclasses.fields(EdgeLimits)})
-
-    def open_billing(self) -> Billing:
-        """The key store, rate limiter and usage ledger on ``--db``, its schema prepared."""
-        from service.billing import open_billing  # sqlalchemy: only when serving
-
-        return open_billing(self.db_url, self.data_dir, require_keys=self.auth, replicas=self.replicas,
-                            default_rps=self.rate_limit_rps, default_dps=self.rate_limit_dps,
-                            idempotency_ttl_h=self.idempotency_ttl_h)
 
 
 @dataclass(frozen=True)

@@ -260,6 +260,9 @@ class UsageLedger(Protocol):
     async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
         """What ``key_id`` was billed, by UTC day, ``since`` and ``until`` inclusive."""
 
+    async def close(self) -> None:
+        """Let go of the database and any background work; the server's last step."""
+
 
 class OpenAccess:
     """Auth switched off (trusted networks only): every caller is ``ANONYMOUS``."""

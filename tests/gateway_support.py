@@ -19,7 +19,7 @@ from service.core import Limits
 from service.edge import EdgeLimits
 from service.http.app import create_app
 from service.http.server import HttpServer
-from service.ledger import UsageRecord
+from service.billing.ledger import UsageRecord
 from service.local import BatcherEngine
 from worker.batcher import Batcher
 from worker.fake import FakeRunner
@@ -71,13 +71,13 @@ class LiveGateway:
     # -- the stack -------------------------------------------------------------------------
     async def _start(self) -> None:
         """Production's wiring (schema preparation, billing, core) on a fake model."""
-        from service.app import build_core
+        from service.app import build_core, open_front_billing
         from service.config import FrontConfig
         from worker.batcher import BatcherConfig
 
         opts = self.options
-        billing = FrontConfig(db_url=self.db_url, auth=opts.auth, rate_limit_rps=opts.default_rps,
-                              rate_limit_dps=opts.default_dps).open_billing()
+        billing = open_front_billing(FrontConfig(db_url=self.db_url, auth=opts.auth, rate_limit_rps=opts.default_rps,
+                                                 rate_limit_dps=opts.default_dps))
         self.engine, self.keys, self.ledger = billing.engine, billing.keys, billing.ledger
         self.batcher = Batcher(self.runner, self.runner.builder,
                                BatcherConfig(max_wait_ms=0, max_queued_docs=opts.max_queued_docs))

@@ -15,9 +15,9 @@ from service.app import App, CoreParts
 from service.billing import prepare_schema
 from service.config import ServeConfig
 from service.core import RateLimiter, RerankCore
-from service.db import open_engine
-from service.keys import KeyStore
-from service.ledger import SqlLedger
+from service.billing.db import open_engine
+from service.billing.keys import KeyStore
+from service.billing.ledger import SqlLedger
 from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner

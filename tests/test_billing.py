@@ -19,12 +19,12 @@ from serving import LedgerStack as Stack
 from sqlalchemy import insert, select, text, update
 
 from service.core import RerankCall, RerankCore, RerankQuery
-from service.db import api_keys, idempotency_records, open_engine, usage_records
+from service.billing.db import api_keys, idempotency_records, open_engine, usage_records
 from service.errors import Code, ServiceError
-from service.keys import KEY_PREFIX, KeyStore, hash_key
-from service.ledger import SqlLedger
+from service.billing.keys import KEY_PREFIX, KeyStore, hash_key
+from service.billing.ledger import SqlLedger
 from service.local import BatcherEngine
-from service.ratelimit import KeyRateLimiter
+from service.billing.ratelimit import KeyRateLimiter
 from worker.fake import FakeRunner
 
 

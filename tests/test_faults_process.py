@@ -90,7 +90,7 @@ async def ledger_intact(db_url: str) -> bool:
     """Usage records and stored replies are written in one transaction: every keyed usage
     record has its idempotency record and the other way round, once each. SQLite's own
     integrity check too, for the file a killed writer could have torn."""
-    from service.db import idempotency_records, open_engine, usage_records
+    from service.billing.db import idempotency_records, open_engine, usage_records
 
     engine = open_engine(db_url)
     try:

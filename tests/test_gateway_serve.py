@@ -16,7 +16,7 @@ from service import cli
 from service.app import App
 from service.config import ServeConfig
 from service.http.server import HttpServer
-from service.ledger import SqlLedger
+from service.billing.ledger import SqlLedger
 from worker.fake import FakeRunner
 
 

@@ -14,7 +14,7 @@ from serving import create_schema
 from sqlalchemy import insert
 
 from service.cli import main
-from service.db import SQLITE_FILE, idempotency_records, open_engine, unavailable
+from service.billing.db import SQLITE_FILE, idempotency_records, open_engine, unavailable
 from service.errors import ServiceError
 
 
@@ -67,7 +67,7 @@ async def test_a_failing_query_logs_no_parameters(tmp_path: Path, caplog: pytest
     engine = open_engine(str(tmp_path / "ledger.sqlite3"))  # no schema: the insert fails
     secret = "document text that must stay out of logs"
     try:
-        with caplog.at_level(logging.ERROR, logger="service.db"), pytest.raises(ServiceError), \
+        with caplog.at_level(logging.ERROR, logger="service.billing.db"), pytest.raises(ServiceError), \
                 unavailable("writing a reply"):
             async with engine.begin() as conn:
                 await conn.execute(insert(idempotency_records).values(

@@ -12,8 +12,8 @@ from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from service.billing import prepare_schema
-from service.db import database_url, open_engine
-from service.keys import KeyStore
+from service.billing.db import database_url, open_engine
+from service.billing.keys import KeyStore
 
 
 def test_current_schema_is_created_and_accepted(tmp_path: Path) -> None:

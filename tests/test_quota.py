@@ -24,9 +24,9 @@ from serving import LedgerStack as Replica
 from sqlalchemy import insert, select
 
 from service.core import Principal, RerankCall, RerankQuery
-from service.db import quota_reservations, usage_records
+from service.billing.db import quota_reservations, usage_records
 from service.errors import Code, ServiceError
-from service.ledger import SqlLedger
+from service.billing.ledger import SqlLedger
 
 
 @pytest.fixture

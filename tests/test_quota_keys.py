@@ -13,7 +13,7 @@ from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F
 from serving import schema_engine
 
 from service import cli
-from service.keys import KeyStore
+from service.billing.keys import KeyStore
 
 
 async def test_update_changes_limits_at_once_and_none_clears(db_url: str) -> None:  # noqa: F811

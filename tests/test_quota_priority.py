@@ -18,7 +18,7 @@ from service.core import (
     RerankQuery,
     effective_priority,
 )
-from service.keys import KeyStore
+from service.billing.keys import KeyStore
 
 
 def key(default: int | None = None, best: int | None = None) -> Principal:

@@ -18,7 +18,7 @@ from sqlalchemy import func, select
 
 from bench.load.reconcile import read_records
 from bench.load.servers import create_api_key, replicas_sharing
-from service.db import open_engine, quota_reservations
+from service.billing.db import open_engine, quota_reservations
 
 pytestmark = [pytest.mark.slow, pytest.mark.postgres]
 

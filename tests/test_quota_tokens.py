@@ -12,7 +12,7 @@ import pytest
 from service.core import Principal, RerankCall, RerankCore, RerankQuery, estimate_prompt_tokens
 from service.errors import Code, ServiceError
 from service.local import BatcherEngine
-from service.ratelimit import KeyRateLimiter
+from service.billing.ratelimit import KeyRateLimiter
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.prompt import PromptBuilder

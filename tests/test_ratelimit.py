@@ -6,7 +6,7 @@ import pytest
 
 from service.core import Principal
 from service.errors import Code, ServiceError
-from service.ratelimit import KeyRateLimiter, TokenBucket
+from service.billing.ratelimit import KeyRateLimiter, TokenBucket
 
 
 class Clock:

@@ -17,9 +17,9 @@ from serving import create_schema, running_app, target
 from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
 from service.core import ANONYMOUS, Principal, RerankCall, RerankReply
-from service.db import open_engine
+from service.billing.db import open_engine
 from service.errors import Code, ServiceError
-from service.ledger import SqlLedger
+from service.billing.ledger import SqlLedger
 from service.remote import RemoteEngine
 from worker.fake import FakeRunner
 from worker.types import ScoreRequest

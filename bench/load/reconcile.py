@@ -15,7 +15,7 @@ from bench.load.driver import Outcome, Verdict
 
 
 class BilledRecord(Protocol):
-    """A usage record as ``service.ledger.SqlLedger.records`` returns it."""
+    """A usage record as ``service.billing.ledger.SqlLedger.records`` returns it."""
 
     @property
     def idempotency_key(self) -> str | None: ...
@@ -80,8 +80,8 @@ def _billed_to_client(outcome: Outcome) -> int:
 
 async def read_records(db_url: str, key_id: str | None = None) -> list[BilledRecord]:
     """Every usage record in the ledger at ``db_url`` (of one API key), via the service's ledger."""
-    from service.db import open_engine
-    from service.ledger import SqlLedger
+    from service.billing.db import open_engine
+    from service.billing.ledger import SqlLedger
 
     engine = open_engine(db_url)
     try:

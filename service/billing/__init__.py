@@ -19,10 +19,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.core import Authenticator, OpenAccess
-from service.db import api_keys, database_url, describe_url, metadata, open_engine
-from service.keys import KeyStore
-from service.ledger import DEFAULT_IDEMPOTENCY_TTL, SqlLedger
-from service.ratelimit import KeyRateLimiter
+from service.billing.db import api_keys, database_url, describe_url, metadata, open_engine
+from service.billing.keys import KeyStore
+from service.billing.ledger import DEFAULT_IDEMPOTENCY_TTL, SqlLedger
+from service.billing.ratelimit import KeyRateLimiter
 
 log = logging.getLogger("rerank.billing")
 

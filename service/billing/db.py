@@ -11,7 +11,7 @@ Tables
 * ``idempotency_records``: the stored reply of a call made with an idempotency key. Its
   primary key (caller, idempotency key) is what decides a race between duplicates: the row
   and its usage record are written in one transaction, so either both exist or neither does.
-  Rows expire (``service.ledger``): the table holds about a day of keyed calls, not all of them.
+  Rows expire (``service.billing.ledger``): the table holds about a day of keyed calls, not all of them.
 * ``quota_reservations``: documents promised to calls in flight on a key with a quota. A call
   reserves at admission, in a transaction that holds the key's lock; billing deletes the row
   in the transaction that writes the usage record; a failed call deletes it. Rows of a

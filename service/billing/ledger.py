@@ -42,7 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
-from service.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
+from service.billing.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
 from service.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)

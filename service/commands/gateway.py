@@ -59,7 +59,7 @@ def backend_pacing(config: knobs.GatewayConfig) -> Pacing | None:
 
 async def start(args: argparse.Namespace) -> Gateway:
     """Open the ledger, find the backends' model, serve HTTP; raises OSError/ValueError."""
-    from service.app import CoreParts, build_core
+    from service.app import CoreParts, build_core, open_front_billing
     from service.core import Limits
     from service.http.app import create_app
     from service.http.server import HttpServer
@@ -68,7 +68,7 @@ async def start(args: argparse.Namespace) -> Gateway:
     config = knobs.config_from_args(args, knobs.GatewayConfig)
     if not config.backend or config.http_port is None:
         raise ValueError("no backend or no HTTP port: pass --backend HOST:PORT and --http-port N")
-    billing = config.open_billing()
+    billing = open_front_billing(config)
     engine = RemoteEngine(list(config.backend), api_key=config.backend_api_key, tls=config.backend_tls,
                           timeout_s=config.timeout_s, pacing=backend_pacing(config))
     try:

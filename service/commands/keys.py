@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:  # imported when run: `rerank --help` stays light
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from service.keys import KeyRecord, KeyStore
-    from service.ledger import SqlLedger
+    from service.billing.keys import KeyRecord, KeyStore
+    from service.billing.ledger import SqlLedger
 
 HELP = "create, list, update and revoke API keys (stored in the usage ledger database)"
 
@@ -94,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _dispatch(args: argparse.Namespace, engine: AsyncEngine, where: str) -> int:
-    from service.keys import KeyStore
-    from service.ledger import SqlLedger
+    from service.billing.keys import KeyStore
+    from service.billing.ledger import SqlLedger
 
     store = KeyStore(engine)
     if args.keys_command == "create":
@@ -131,7 +131,7 @@ async def _on_ledger(args: argparse.Namespace, action: Callable[[AsyncEngine, st
 async def _ledger_database(args: argparse.Namespace) -> AsyncIterator[tuple[AsyncEngine, str]]:
     """The ``--db`` / ``--data-dir`` database, schema ensured, and how to name it in output."""
     from service.billing import prepare_schema
-    from service.db import database_url, describe_url, open_engine
+    from service.billing.db import database_url, describe_url, open_engine
 
     url = database_url(args.db, args.data_dir)
     await asyncio.to_thread(prepare_schema, url)  # an older ledger is migrated here too

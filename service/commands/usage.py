@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _show(args: argparse.Namespace, engine: AsyncEngine) -> int:
-    from service.ledger import SqlLedger
+    from service.billing.ledger import SqlLedger
 
     ledger = SqlLedger(engine)
     if args.key_id is None:
