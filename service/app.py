@@ -23,8 +23,9 @@ from service.grpc_server import GrpcServer
 from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
+from worker.prompt import LoadedModel
 from worker.queue import POLICIES
-from worker.types import PRECISIONS, LoadedModel
+from worker.types import PRECISIONS
 
 if TYPE_CHECKING:
     from service.billing import Billing

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from worker.types import InvalidInput, Prefix, Truncation
+from worker.types import InvalidInput, Prefix, Runner, Truncation
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -115,3 +115,10 @@ def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
         if a[i] != b[i]:
             return i
     return n
+
+
+class LoadedModel(Runner, Protocol):
+    """What a model loader returns: the runner, and the prompt builder for its tokenizer,
+    which the composition root hands to the batcher (the runner never builds prompts)."""
+
+    builder: PromptBuilder

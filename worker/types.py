@@ -9,10 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
-
-if TYPE_CHECKING:
-    from worker.prompt import PromptBuilder
+from typing import Protocol
 
 
 class Attention(enum.StrEnum):
@@ -166,10 +163,3 @@ class Runner(Protocol):
     def score(self, batch: Batch) -> BatchScores: ...
     def warmup(self) -> None: ...
     def info(self) -> RunnerInfo: ...
-
-
-class LoadedModel(Runner, Protocol):
-    """What a model loader returns: the runner, and the prompt builder for its tokenizer,
-    which the composition root hands to the batcher (the runner never builds prompts)."""
-
-    builder: PromptBuilder
