@@ -28,7 +28,6 @@ from service.app import CoreParts, billing_parts  # noqa: E402
 from service.config import ServeConfig  # noqa: E402
 from service.core import RerankCall, RerankQuery  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
-from worker.types import ScoreRequest  # noqa: E402
 
 DOCS = ["river city capital " * 10] * 4
 
@@ -39,7 +38,7 @@ async def measure(runner: ModelRunner, parts: CoreParts, requests: int) -> dict[
         await client.rerank("warm up", DOCS)
         for i in range(requests):  # interleaved, so drift hits every layer alike
             # a fresh query per call and layer: no layer may find its prefix already cached
-            calls = {"engine": app.engine.score(ScoreRequest(f"engine {i}", DOCS)),
+            calls = {"engine": app.engine.score(RerankQuery(f"engine {i}", DOCS), "", 0),
                      "core": app.core.rerank(RerankCall([RerankQuery(f"core {i}", DOCS)])),
                      "grpc": client.rerank(f"grpc {i}", DOCS)}
             for layer, call in calls.items():

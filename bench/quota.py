@@ -23,10 +23,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from service.billing import prepare_schema  # noqa: E402
-from service.core import Principal, QueryOutcome, RankedDoc, RerankReply  # noqa: E402
 from service.billing.db import database_url, open_engine  # noqa: E402
 from service.billing.keys import KeyStore  # noqa: E402
 from service.billing.ledger import SqlLedger  # noqa: E402
+from service.core import Principal, QueryOutcome, RankedDoc, RerankReply  # noqa: E402
 
 
 def reply(n: int) -> RerankReply:

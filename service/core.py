@@ -41,8 +41,8 @@ from typing import Protocol
 
 from service.errors import Code, ServiceError
 from service.flight import SingleFlight
-from worker.prompt import PREFIX, SUFFIX, format_body
-from worker.types import Device, DType, ScoreRequest, ScoreResult
+from worker.types import Device, DType, ScoreResult
+from worker.types import Truncation as Truncation  # the core's word too: the fronts take it from here
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +71,16 @@ MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class RerankQuery(ScoreRequest):
-    """One query as a front sends it: the worker's request, which the core hands the engine
-    as it is (with the call's ``tenant`` and ``priority`` set: ``_score_all``; the front's are
-    ignored), and what only the reply needs. ``max_document_tokens`` is Cohere's
-    ``max_tokens_per_doc``."""
+@dataclass(frozen=True, slots=True)
+class RerankQuery:
+    """One query as a front sends it. The engine is handed it with the call's tenant and
+    priority (``Engine.score``); ``top_n`` and ``return_documents`` are the reply's alone."""
 
+    query: str
+    documents: Sequence[str]
+    instruction: str | None = None  # None: the model's default instruction
+    truncation: Truncation = Truncation.END
+    max_document_tokens: int | None = None  # Cohere's max_tokens_per_doc; None: no cut
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
 
@@ -223,10 +226,12 @@ class ModelInfo:
 
 # -- seams ------------------------------------------------------------------------------
 class Engine(Protocol):
-    """Scores one query's documents; raises ServiceError."""
+    """Scores one query's documents for a tenant at a priority; raises ServiceError."""
 
-    async def score(self, request: ScoreRequest) -> ScoreResult: ...
+    async def score(self, query: RerankQuery, tenant: str, priority: int) -> ScoreResult: ...
     def info(self) -> ModelInfo: ...
+    def estimate_tokens(self, queries: Sequence[RerankQuery]) -> int:
+        """An upper bound of the queries' prompt tokens, before anything is tokenized."""
 
 
 class Authenticator(Protocol):
@@ -335,7 +340,7 @@ class RerankCore:
     async def _admit_score_bill(self, principal: Principal, call: RerankCall, fingerprint: str,
                                 started: float) -> RerankReply:
         documents = sum(len(q.documents) for q in call.queries)
-        tokens = estimate_prompt_tokens(call.queries, self.engine.info().max_length)
+        tokens = self.engine.estimate_tokens(call.queries)
         await self.limiter.admit(principal, documents, tokens)
         if self.ledger is None:
             return await self._score_call(principal, call, tokens, started)
@@ -442,8 +447,7 @@ async def _score_all(engine: Engine, queries: Sequence[RerankQuery], tenant: str
                      priority: int) -> list[ScoreResult]:
     """Every query's scores; when one query fails, the others are cancelled, not left running."""
     several = len(queries) > 1
-    tasks = [asyncio.ensure_future(_score(engine, replace(q, tenant=tenant, priority=priority),
-                                          f"queries[{n}]: " if several else ""))
+    tasks = [asyncio.ensure_future(_score(engine, q, tenant, priority, f"queries[{n}]: " if several else ""))
              for n, q in enumerate(queries)]
     try:
         return list(await asyncio.gather(*tasks))
@@ -477,25 +481,10 @@ def _tenant(principal: Principal, call: RerankCall) -> str:
     return principal.key_id
 
 
-def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:
-    """An upper bound of the call's prompt tokens, before anything is tokenized: each prompt's
-    UTF-8 bytes (a byte-level BPE token, like every Qwen3 token but the special ones, which
-    are longer, covers at least one byte), capped at ``max_length`` (longer prompts are cut
-    or refused). Measured on Qwen3's tokenizer: 3.8x the real count on English prose, 4.2x on
-    code, 4.6x on Japanese, 4.8x on one-sentence documents; the limiter refunds the difference."""
-    total = 0
-    for q in queries:
-        fixed = len((PREFIX + format_body(q.query, "", q.instruction) + SUFFIX).encode())
-        cut = q.max_document_tokens  # a document cut to N tokens has at most N, whatever its bytes
-        total += sum(min(max_length, fixed + min(len(doc.encode()), cut or len(doc.encode())))
-                     for doc in q.documents)
-    return total
-
-
-async def _score(engine: Engine, request: ScoreRequest, where: str) -> ScoreResult:
+async def _score(engine: Engine, query: RerankQuery, tenant: str, priority: int, where: str) -> ScoreResult:
     """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
     try:
-        return await engine.score(request)
+        return await engine.score(query, tenant, priority)
     except ServiceError as exc:
         if where and exc.code is Code.INVALID_ARGUMENT:
             raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc

@@ -24,9 +24,10 @@ import grpc
 
 from clients import AsyncRerankClient, Pacing, RerankError, RerankResult
 from clients import ModelInfo as BackendModel
-from service.core import ModelInfo
+from service.core import ModelInfo, RerankQuery, Truncation
 from service.errors import Code, ServiceError
-from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation
+from service.local import estimate_prompt_tokens
+from worker.types import Device, DocScore, DType, ScoreResult
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class RemoteEngine:
                 raise ConnectionError(f"no backend answered within {timeout_s:.0f}s: {', '.join(self.targets)}")
             await asyncio.sleep(1.0)  # start-up only: backends load their model for minutes
 
-    async def score(self, request: ScoreRequest) -> ScoreResult:
+    async def score(self, request: RerankQuery, tenant: str, priority: int) -> ScoreResult:
         start, self._next = self._next, (self._next + 1) % len(self.clients)
         for attempt in range(len(self.clients)):
             client = self.clients[(start + attempt) % len(self.clients)]
@@ -76,7 +77,7 @@ class RemoteEngine:
                 reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
                                             truncate=request.truncation is Truncation.END,
                                             max_tokens_per_doc=request.max_document_tokens,
-                                            priority=request.priority, on_behalf_of=request.tenant or None,
+                                            priority=priority, on_behalf_of=tenant or None,
                                             idempotent=False)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
@@ -90,6 +91,9 @@ class RemoteEngine:
             raise ServiceError(Code.UNAVAILABLE, "no backend has answered yet; retry shortly", retry_after_s=1.0)
         m = self.model
         return ModelInfo(m.model, m.max_length, DType(m.dtype), Device(m.device))
+
+    def estimate_tokens(self, queries: Sequence[RerankQuery]) -> int:
+        return estimate_prompt_tokens(queries, self.info().max_length)
 
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self.clients))

@@ -7,20 +7,27 @@ and HTTP fronts cannot disagree on it.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.core import Limits, ModelInfo, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply
+from service.core import (
+    ID_PATTERN,
+    Limits,
+    ModelInfo,
+    QueryOutcome,
+    RankedDoc,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+    Truncation,
+)
 from service.edge import bearer_token
 from service.errors import Code, ServiceError
-from worker.types import Truncation
 
 # request metadata: the tenant a trusted front calls for (clients.client sends it)
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
-ON_BEHALF_OF = re.compile(r"[\x21-\x7e]{1,255}")
 Metadata = Sequence[tuple[str, str | bytes]] | None  # a call's invocation metadata
 
 _TRUNCATION = {
@@ -81,7 +88,7 @@ def on_behalf_of(metadata: Metadata) -> str | None:
     """The tenant a trusted front names in ``x-rerank-on-behalf-of`` (honoured by the core only
     without keys); anything but 1-255 visible ASCII characters is ignored."""
     for key, value in metadata or ():
-        if key == ON_BEHALF_OF_KEY and isinstance(value, str) and ON_BEHALF_OF.fullmatch(value):
+        if key == ON_BEHALF_OF_KEY and isinstance(value, str) and ID_PATTERN.fullmatch(value):
             return value
     return None
 

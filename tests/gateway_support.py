@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from service.app import CoreParts
+from service.billing.ledger import UsageRecord
 from service.core import Limits
 from service.edge import EdgeLimits
 from service.http.app import create_app
 from service.http.server import HttpServer
-from service.billing.ledger import UsageRecord
 from service.local import BatcherEngine
 from worker.batcher import Batcher
 from worker.fake import FakeRunner

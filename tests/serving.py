@@ -13,11 +13,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.app import App, CoreParts
 from service.billing import prepare_schema
-from service.config import ServeConfig
-from service.core import RateLimiter, RerankCore
 from service.billing.db import open_engine
 from service.billing.keys import KeyStore
 from service.billing.ledger import SqlLedger
+from service.config import ServeConfig
+from service.core import RateLimiter, RerankCore
 from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner

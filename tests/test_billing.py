@@ -18,13 +18,13 @@ from serving import MODEL
 from serving import LedgerStack as Stack
 from sqlalchemy import insert, select, text, update
 
-from service.core import RerankCall, RerankCore, RerankQuery
 from service.billing.db import api_keys, idempotency_records, open_engine, usage_records
-from service.errors import Code, ServiceError
 from service.billing.keys import KEY_PREFIX, KeyStore, hash_key
 from service.billing.ledger import SqlLedger
-from service.local import BatcherEngine
 from service.billing.ratelimit import KeyRateLimiter
+from service.core import RerankCall, RerankCore, RerankQuery
+from service.errors import Code, ServiceError
+from service.local import BatcherEngine
 from worker.fake import FakeRunner
 
 

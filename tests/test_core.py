@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
 from service.core import ANONYMOUS, ModelInfo, Principal, RerankCall, RerankCore, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
-from service.local import BatcherEngine
+from service.local import BatcherEngine, score_request
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation
@@ -78,12 +79,15 @@ class SpyEngine:
     def __init__(self) -> None:
         self.requests: list[ScoreRequest] = []
 
-    async def score(self, request: ScoreRequest) -> ScoreResult:
-        self.requests.append(request)
-        return ScoreResult([DocScore(i, 0.5, 0.0, False) for i in range(len(request.documents))], 1)
+    async def score(self, query: RerankQuery, tenant: str, priority: int) -> ScoreResult:
+        self.requests.append(score_request(query, tenant, priority))  # as the worker would be asked
+        return ScoreResult([DocScore(i, 0.5, 0.0, False) for i in range(len(query.documents))], 1)
 
     def info(self) -> ModelInfo:
         return ModelInfo("spy", 64, DType.FLOAT32, Device.CPU)
+
+    def estimate_tokens(self, queries: Sequence[RerankQuery]) -> int:
+        return 0
 
 
 class OneKey:

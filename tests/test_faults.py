@@ -24,8 +24,8 @@ from serving import create_schema, eventually, running_app, target
 from clients import AsyncRerankClient, RerankError
 from service.app import App, CoreParts
 from service.billing.db import open_engine
-from service.http.server import HttpServer
 from service.billing.ledger import SqlLedger
+from service.http.server import HttpServer
 from worker.batcher import Group
 from worker.fake import FakeRunner
 

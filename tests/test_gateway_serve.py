@@ -14,9 +14,9 @@ import pytest
 from clients import AsyncRerankClient, RerankError
 from service import cli
 from service.app import App
+from service.billing.ledger import SqlLedger
 from service.config import ServeConfig
 from service.http.server import HttpServer
-from service.billing.ledger import SqlLedger
 from worker.fake import FakeRunner
 
 

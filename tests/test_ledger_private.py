@@ -13,8 +13,8 @@ import pytest
 from serving import create_schema
 from sqlalchemy import insert
 
-from service.cli import main
 from service.billing.db import SQLITE_FILE, idempotency_records, open_engine, unavailable
+from service.cli import main
 from service.errors import ServiceError
 
 

@@ -23,10 +23,10 @@ from serving import MODEL
 from serving import LedgerStack as Replica
 from sqlalchemy import insert, select
 
-from service.core import Principal, RerankCall, RerankQuery
 from service.billing.db import quota_reservations, usage_records
-from service.errors import Code, ServiceError
 from service.billing.ledger import SqlLedger
+from service.core import Principal, RerankCall, RerankQuery
+from service.errors import Code, ServiceError
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from postgres_support import db_url, postgres_admin_url, postgres_url  # noqa: F
 from serving import schema_engine
 from test_core import SpyEngine
 
+from service.billing.keys import KeyStore
 from service.core import (
     ANONYMOUS,
     DEFAULT_PRIORITY,
@@ -18,7 +19,6 @@ from service.core import (
     RerankQuery,
     effective_priority,
 )
-from service.billing.keys import KeyStore
 
 
 def key(default: int | None = None, best: int | None = None) -> Principal:

@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 
-from service.core import Principal, RerankCall, RerankCore, RerankQuery, estimate_prompt_tokens
-from service.errors import Code, ServiceError
-from service.local import BatcherEngine
 from service.billing.ratelimit import KeyRateLimiter
+from service.core import Principal, RerankCall, RerankCore, RerankQuery
+from service.errors import Code, ServiceError
+from service.local import BatcherEngine, estimate_prompt_tokens
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.prompt import PromptBuilder

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from service.billing.ratelimit import KeyRateLimiter, TokenBucket
 from service.core import Principal
 from service.errors import Code, ServiceError
-from service.billing.ratelimit import KeyRateLimiter, TokenBucket
 
 
 class Clock:

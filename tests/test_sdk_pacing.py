@@ -16,10 +16,11 @@ from serving import create_schema, running_app, target
 
 from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
-from service.core import ANONYMOUS, Principal, RerankCall, RerankReply
 from service.billing.db import open_engine
-from service.errors import Code, ServiceError
 from service.billing.ledger import SqlLedger
+from service.core import ANONYMOUS, Principal, RerankCall, RerankQuery, RerankReply
+from service.errors import Code, ServiceError
+from service.local import score_request
 from service.remote import RemoteEngine
 from worker.fake import FakeRunner
 from worker.types import ScoreRequest
@@ -139,7 +140,7 @@ async def test_gateway_backend_calls_are_paced_and_retried(tmp_path: Path) -> No
         engine = RemoteEngine([target(app)], pacing=Pacing(max_retries=1))
         try:
             await engine.connect(timeout_s=5)
-            result = await engine.score(ScoreRequest("bears", DOCS))
+            result = await engine.score(RerankQuery("bears", DOCS), "", 0)
         finally:
             await engine.close()
     assert [s.index for s in result.scores] == [0, 1, 2] and limiter.admits == 2
@@ -152,16 +153,16 @@ async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None
         seen: list[ScoreRequest] = []
         score = app.engine.score
 
-        async def spy(request: ScoreRequest) -> object:
-            seen.append(request)
-            return await score(request)
+        async def spy(query: RerankQuery, tenant: str, priority: int) -> object:
+            seen.append(score_request(query, tenant, priority))  # what the worker is asked
+            return await score(query, tenant, priority)
 
         app.engine.score = spy  # type: ignore[method-assign]
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)
-            await engine.score(ScoreRequest("bears", DOCS, priority=7, max_document_tokens=2, tenant="key_a"))
-            await engine.score(ScoreRequest("bears", DOCS, tenant=""))
+            await engine.score(RerankQuery("bears", DOCS, max_document_tokens=2), "key_a", 7)
+            await engine.score(RerankQuery("bears", DOCS), "", 0)
         finally:
             await engine.close()
     assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
@@ -183,14 +184,14 @@ async def test_gateway_asks_the_backend_only_for_scores_and_keeps_them_whole() -
             return reply
 
         app.core.rerank = spy  # type: ignore[method-assign]
-        request = ScoreRequest("bears", [*DOCS, "word " * 100])  # the last one is cut to max_length
+        request = RerankQuery("bears", [*DOCS, "word " * 100])  # the last one is cut to max_length
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)
-            remote = await engine.score(request)
+            remote = await engine.score(request, "", 0)
         finally:
             await engine.close()
-        local = await app.engine.score(request)
+        local = await app.engine.score(request, "", 0)
     ((call, reply),) = calls
     assert (call.idempotency_key, call.queries[0].top_n, call.queries[0].return_documents) == (None, None, False)
     assert remote.scores == local.scores and remote.scores[-1].truncated

@@ -18,11 +18,11 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Authenticator, OpenAccess
 from service.billing.db import api_keys, database_url, describe_url, metadata, open_engine
 from service.billing.keys import KeyStore
 from service.billing.ledger import DEFAULT_IDEMPOTENCY_TTL, SqlLedger
 from service.billing.ratelimit import KeyRateLimiter
+from service.core import Authenticator, OpenAccess
 
 log = logging.getLogger("rerank.billing")
 

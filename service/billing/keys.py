@@ -27,8 +27,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_RULE, Principal
 from service.billing.db import api_keys, unavailable
+from service.core import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_RULE, Principal
 from service.errors import Code, ServiceError
 
 KEY_PREFIX = "rk_live_"

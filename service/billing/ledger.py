@@ -41,8 +41,8 @@ from sqlalchemy import ColumnElement, DateTime, delete, func, insert, literal, s
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
 from service.billing.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
+from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
 from service.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)

@@ -37,7 +37,6 @@ from service.errors import Code, ServiceError
 from service.http.compat import AnyRerankRequest, AnyRerankResponse, RerankBody
 from service.http.edge import CheckedOnce, EdgeGuard, JsonByDefault, Observe, error_response, printable
 from service.http.schema import (
-    Version,
     ErrorBody,
     IsoDate,
     ModelCard,
@@ -49,6 +48,7 @@ from service.http.schema import (
     UsageDay,
     UsageResponse,
     UsageTotal,
+    Version,
     document_limits,
 )
 from service.metrics import Metrics

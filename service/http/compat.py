@@ -22,10 +22,9 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from service.core import RerankCall, RerankQuery, RerankReply
+from service.core import RerankCall, RerankQuery, RerankReply, Truncation
 from service.errors import Code, ServiceError
 from service.http.schema import JsonInt, RerankRequest, RerankResponse, Version, only_outcome
-from worker.types import Truncation
 
 
 class _Body(BaseModel):

@@ -34,9 +34,9 @@ from service.core import (
     RerankCall,
     RerankQuery,
     RerankReply,
+    Truncation,
 )
 from service.errors import Code, ServiceError
-from worker.types import Truncation
 
 
 def _integral(value: Any) -> Any:
