@@ -24,8 +24,7 @@ from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from worker.batcher import Batcher
 from worker.prompt import LoadedModel
-from worker.queue import POLICIES
-from worker.types import PRECISIONS
+from worker.types import DType, Precision
 
 if TYPE_CHECKING:
     from service.billing import Billing
@@ -38,9 +37,11 @@ def load_model_runner(config: ServeConfig) -> LoadedModel:
 
     if not config.model:
         raise ValueError("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
-    return ModelRunner.load(config.model, device=config.device, dtype=config.dtype,
-                            max_length=config.max_length, prefix_cache_mb=config.prefix_cache_mb,
-                            compile=config.compile, attention=config.attention, precision=config.precision)
+    plain = config.dtype in (Precision.FLOAT32, Precision.BFLOAT16, Precision.FLOAT16)  # else precision.py picks
+    dtype, precision = (DType(config.dtype), None) if plain else (None, config.dtype)
+    return ModelRunner.load(config.model, device=config.device, dtype=dtype, max_length=config.max_length,
+                            prefix_cache_mb=config.prefix_cache_mb, compile=config.compile,
+                            attention=config.attention, precision=precision)
 
 
 # -- seams ---------------------------------------------------------------------------------
@@ -103,10 +104,6 @@ def http_components(config: ServeConfig, app: App) -> list[Component]:
 class App:
     def __init__(self, config: ServeConfig, load_runner: Callable[[], LoadedModel] | None = None,
                  core_parts: CoreParts | None = None) -> None:
-        if config.scheduler not in POLICIES:
-            raise ValueError(f"--scheduler must be {' or '.join(POLICIES)}, not {config.scheduler!r}")
-        if config.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be one of {', '.join(PRECISIONS)}, not {config.precision!r}")
         self.config = config
         self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
         self.stopping = False  # new calls refused: after the drain delay

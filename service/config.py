@@ -22,7 +22,8 @@ from typing import Any, TypeVar
 from service.core import Limits
 from service.edge import EdgeLimits, GrpcLimits
 from worker.batcher import BatcherConfig
-from worker.types import Attention, Device, DType
+from worker.queue import Policy
+from worker.types import Attention, Device, Precision
 
 ENV_PREFIX = "RERANK_"
 _METAVARS: dict[type, str] = {int: "N", float: "X", str: "TEXT", Path: "PATH"}
@@ -41,11 +42,13 @@ _EDGE = EdgeLimits()
 _GRPC = GrpcLimits()
 
 
-def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None,
-         flag: str | None = None) -> Any:
-    """A config field and its flag: ``help`` text, what a None default means (``unset``),
-    and spellings where the derived ones would mislead."""
-    return field(default=default, metadata={"help": help, "unset": unset, "metavar": metavar, "flag": flag})
+def knob(default: Any, help: str, *, unset: str | None = None, metavar: str | None = None, flag: str | None = None,
+         alias: str | None = None, bench: bool = False) -> Any:
+    """A config field and its flag: ``help`` text, what a None default means (``unset``), spellings
+    where the derived ones would mislead (``alias``: an older one, unlisted); ``bench``: a switch
+    for benchmarks only, kept out of the help."""
+    return field(default=default, metadata={"help": help, "unset": unset, "metavar": metavar, "flag": flag,
+                                            "alias": alias, "bench": bench})
 
 
 DEFAULT_MODEL = "Qwen/Qwen3-Reranker-0.6B"
@@ -104,12 +107,10 @@ class ServeConfig(FrontConfig):
     # -- the model
     device: str | None = knob(None, "torch device, e.g. cpu, cuda, cuda:1", unset="cuda if available, else cpu",
                               metavar="DEVICE")
-    dtype: DType | None = knob(None, "float32, bfloat16 or float16", unset="bfloat16 on cuda, float32 on cpu",
-                             metavar="DTYPE")
-    precision: str = knob("auto", "CPU arithmetic: auto (float32; the CPU's bf16 units are logged at start), "
-                          "float32, bfloat16, exact-bf16x2 or exact-bf16x3 (fp32 activations split into bf16 "
-                          "parts on the bf16 matrix units; x3 keeps scores within 1e-5; docs/PERFORMANCE.md); "
-                          "--dtype overrides", metavar="MODE")
+    dtype: Precision = knob(Precision.AUTO, "auto (bfloat16 on cuda; float32 on cpu, the CPU's bf16 units logged "
+                            "at start), float32, bfloat16, float16, or on a CPU exact-bf16x2 or exact-bf16x3 (fp32 "
+                            "activations split into bf16 parts on the bf16 matrix units; x3 keeps scores within "
+                            "1e-5; docs/PERFORMANCE.md)", metavar="DTYPE", alias="--precision")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
@@ -118,10 +119,8 @@ class ServeConfig(FrontConfig):
                                 "if it cannot build",
                                 unset="on, except for the exact-bf16 split precisions and a CPU host without g++")
     attention: Attention | None = knob(None, "attention kernel: rows (the CPU's flash kernel a row at a time, "
-                                       "nothing padded; CPU only), padded (masked SDPA over padded rows; every "
-                                       "device) or varlen (FlashAttention's variable-length kernel: no padding, "
-                                       "no mask; CUDA with bf16/fp16 only; experimental: checked against the "
-                                       "reference at warm-up, not yet measured, docs/PERFORMANCE.md)",
+                                       "nothing padded; CPU only) or padded (masked SDPA over padded rows; every "
+                                       "device)",
                                        unset="rows on cpu, padded on cuda", metavar="KIND")
     # -- batching (None: the worker's default for the device, BatcherConfig.for_device)
     max_batch_tokens: int | None = knob(None, "padded tokens in one model batch", unset="per device")
@@ -133,10 +132,10 @@ class ServeConfig(FrontConfig):
     max_queued_tokens: int = knob(_BATCHING.max_queued_tokens, "tokens of queued work (each document's own "
                                   "tokens; a shared query prefix once) before calls are refused with "
                                   "RESOURCE_EXHAUSTED; a call alone in an empty queue is always taken")
-    scheduler: str = knob(_BATCHING.scheduler, "fair: share model batches between API keys and between a "
-                          "key's calls by tokens, with priority classes; fifo: arrival order (for comparison "
-                          "only: one key's large call delays everyone's)", metavar="POLICY")
-    prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once")
+    scheduler: Policy = knob(_BATCHING.scheduler, "fair: share model batches between API keys and between a "
+                             "key's calls by tokens, with priority classes; fifo: arrival order (for comparison "
+                             "only: one key's large call delays everyone's)", metavar="POLICY", bench=True)
+    prefix_reuse: bool = knob(_BATCHING.prefix_reuse, "compute a request's shared query prefix once", bench=True)
     tokenizer_threads: int = knob(_BATCHING.tokenizer_threads, "threads tokenizing requests")
     # -- limits per call
     max_documents: int = knob(_LIMITS.max_documents, "documents in one call, summed over its queries")
@@ -224,6 +223,7 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
         # is already shown, so a None default reads as what it means, not "None"
         shown = f.metadata["unset"] + "%(default).0s" if default is None else "%(default)s"
         help_text = f"{f.metadata['help']} [env {var}] (default: {shown})"
+        help_text = argparse.SUPPRESS if f.metadata["bench"] else help_text  # reachable, not listed
         if kind is bool:
             parser.add_argument(flag, dest=f.name, default=default, help=help_text,
                                 action=argparse.BooleanOptionalAction)
@@ -234,6 +234,9 @@ def add_arguments(parser: argparse.ArgumentParser, env: Mapping[str, str] | None
             choices = list(kind) if issubclass(kind, enum.Enum) else None
             parser.add_argument(flag, dest=f.name, default=default, help=help_text, type=kind, choices=choices,
                                 metavar=f.metadata["metavar"] or _METAVARS[kind])
+            if f.metadata["alias"]:  # the older spelling still works, unlisted
+                parser.add_argument(f.metadata["alias"], dest=f.name, default=argparse.SUPPRESS,
+                                    help=argparse.SUPPRESS, type=kind, choices=choices)
 
 
 def from_args(args: argparse.Namespace) -> ServeConfig:

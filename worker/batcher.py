@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from worker.prompt import PromptBuilder, Prompts
-from worker.queue import Entry, make_queue
+from worker.queue import Entry, Policy, make_queue
 from worker.types import (
     Batch,
     BatchScores,
@@ -67,7 +67,7 @@ class BatcherConfig:
     max_wait_ms: float = 2.0  # linger for more work when the model is idle; 0: never
     max_queued_docs: int = 4096  # backpressure: more is Overloaded
     max_queued_tokens: int = 1_048_576  # ... and so is more queued work (row tokens, prefixes cached)
-    scheduler: str = "fair"  # worker/queue.py: "fair" (tenants, priority) or "fifo" (arrival order)
+    scheduler: Policy = Policy.FAIR  # worker/queue.py: fair (tenants, priority) or fifo (arrival order)
     window: int = 512  # look-ahead for length bucketing
     prefix_reuse: bool = True  # share the query prefix across a request's documents
     tokenizer_threads: int = 2

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker.types import PRECISIONS
+from worker.types import Precision
 
 log = logging.getLogger(__name__)
 
@@ -81,8 +81,8 @@ class Plan:
 def resolve(precision: str | None, dtype: str | None, device: torch.device) -> Plan:
     """An explicit ``dtype`` wins over ``precision`` (and means no split); ``auto`` (or None)
     picks by CPU capability; the choice is logged."""
-    if precision is not None and precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision is not None and precision not in Precision.__members__.values():
+        raise ValueError(f"unknown precision {precision!r}: use one of {', '.join(Precision)}")
     if dtype is not None or device.type != "cpu":
         return Plan(dtype)
     capability = cpu_capability()

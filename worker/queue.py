@@ -61,10 +61,16 @@ import itertools
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from enum import StrEnum
+from typing import Protocol
 
-Policy = Literal["fair", "fifo"]
-POLICIES: tuple[Policy, ...] = ("fair", "fifo")
+
+class Policy(StrEnum):
+    FAIR = "fair"  # tenants by tokens served, then their requests; priority classes best first
+    FIFO = "fifo"  # arrival order: to compare with, never to serve
+
+
+POLICIES = tuple(Policy)
 
 
 class Owner(Protocol):

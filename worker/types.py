@@ -44,7 +44,19 @@ class Device(enum.StrEnum):
     CUDA = "cuda"
 
 
-PRECISIONS = ("auto", "float32", "bfloat16", "exact-bf16x2", "exact-bf16x3")  # ``--precision``: worker/precision.py
+class Precision(enum.StrEnum):
+    """``--dtype``: a ``DType``, ``auto`` (bfloat16 on cuda, on a CPU worker/precision.py's choice), or a CPU
+    split mode: fp32 activations in bf16 parts on the bf16 matrix units (worker/precision.py)."""
+
+    AUTO = "auto"
+    FLOAT32, BFLOAT16, FLOAT16 = DType.FLOAT32.value, DType.BFLOAT16.value, DType.FLOAT16.value
+    EXACT_BF16X2 = "exact-bf16x2"
+    EXACT_BF16X3 = "exact-bf16x3"
+
+    @classmethod
+    def _missing_(cls, value: object) -> Precision | None:
+        dtype = DType._missing_(value)
+        return None if dtype is None else cls(dtype.value)
 
 
 class Truncation(enum.Enum):
