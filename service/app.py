@@ -4,9 +4,10 @@
 ``http_components`` adds), then loads and warms the model in the background while health
 says NOT_SERVING, then says SERVING. Shutdown is the reverse: NOT_SERVING, an optional drain
 delay for load balancers to notice, every component stops accepting and finishes in-flight
-calls within the grace period, then the batcher closes.
+calls within the grace period, then the engine and the ledger close. ``rerank gateway`` is the
+same app on a ``RemoteEngine`` whose backends answered at start: HTTP only, nothing to load.
 
-The knobs are ``service.config.ServeConfig``.
+The knobs are ``service.config.ServeConfig`` (``GatewayConfig`` for the gateway).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from service.config import FrontConfig, ServeConfig
@@ -22,6 +23,7 @@ from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore,
 from service.grpc_server import GrpcServer
 from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
+from service.remote import RemoteEngine
 from worker.batcher import Batcher
 from worker.prompt import LoadedModel
 from worker.types import DType, Precision
@@ -85,31 +87,45 @@ def build_core(config: FrontConfig, engine: Engine, *, model_name: str, limits: 
                       ledger=parts.ledger, model_aliases=aliases)
 
 
-def http_components(config: ServeConfig, app: App) -> list[Component]:
-    """The HTTP gateway on ``--http-port``: the same core as gRPC, in process."""
+def http_components(config: FrontConfig, app: App) -> list[Component]:
+    """The HTTP API on ``--http-port``: the same core as gRPC, in process."""
     if config.http_port is None:
         return []
     from service.http.app import create_app  # fastapi and uvicorn: only when serving
     from service.http.server import HttpServer
 
     # /ready says 503 from the drain on; calls are taken until the servers stop, as on gRPC
-    gateway = create_app(app.core, metrics=app.metrics, edge=config.edge_limits(),
-                         ready=lambda: app.batcher is not None and not app.draining,
-                         accepting=lambda: app.batcher is not None and not app.stopping)
-    return [HttpServer(gateway, host=config.host, port=config.http_port, grace_s=config.grace_s,
+    api = create_app(app.core, metrics=app.metrics, edge=config.edge_limits(),
+                     ready=lambda: app.warm and not app.draining, accepting=lambda: app.warm and not app.stopping)
+    return [HttpServer(api, host=config.host, port=config.http_port, grace_s=config.grace_s,
                        limits=config.edge_limits())]
 
 
 # -- the app ---------------------------------------------------------------------------------
 class App:
-    def __init__(self, config: ServeConfig, load_runner: Callable[[], LoadedModel] | None = None,
-                 core_parts: CoreParts | None = None) -> None:
+    def __init__(self, config: FrontConfig, load_runner: Callable[[], LoadedModel] | None = None,
+                 core_parts: CoreParts | None = None, *, remote: RemoteEngine | None = None) -> None:
+        """``rerank serve`` (a ``ServeConfig``), or ``rerank gateway`` (``remote``, connected)."""
         self.config = config
         self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
         self.stopping = False  # new calls refused: after the drain delay
-        self._load_runner = load_runner or (lambda: load_model_runner(config))
         self.metrics = Metrics()
-        self.engine = BatcherEngine()
+        self.engine: BatcherEngine | RemoteEngine = remote or BatcherEngine()
+        self.grpc: GrpcServer | None = None
+        self.components: list[Component] = []
+        if remote is not None and remote.model is not None:
+            self.core = build_core(config, remote, model_name=remote.model.model, parts=core_parts,
+                                   limits=Limits(**asdict(remote.model.limits)))
+        elif isinstance(config, ServeConfig):
+            self._compose_serve(config, load_runner or (lambda: load_model_runner(config)), core_parts)
+        else:
+            raise ValueError("a gateway's App needs a RemoteEngine whose backends answered (connect() first)")
+        self.components += http_components(config, self)
+        self._warming: asyncio.Task[None] | None = None
+
+    def _compose_serve(self, config: ServeConfig, load_runner: Callable[[], LoadedModel],
+                       core_parts: CoreParts | None) -> None:
+        self._serve, self._load_runner = config, load_runner
         name = config.model_name or config.model or "unnamed"
         aliases = [config.model] if config.model and config.model != name else []
         self.core = build_core(config, self.engine, model_name=name, limits=config.limits(), aliases=aliases,
@@ -117,15 +133,18 @@ class App:
         self.grpc = GrpcServer(self.core, self.metrics, host=config.host, port=config.grpc_port,
                                tls=config.tls(), max_connection_age_s=config.max_connection_age_s,
                                limits=config.grpc_limits())
-        self.components: list[Component] = [self.grpc]
+        self.components.append(self.grpc)
         if config.metrics_port is not None:
             self.components.append(MetricsServer(self.metrics, config.host, config.metrics_port))
-        self.components += http_components(config, self)
-        self._warming: asyncio.Task[None] | None = None
 
     @property
     def batcher(self) -> Batcher | None:
-        return self.engine.batcher
+        return self.engine.batcher if isinstance(self.engine, BatcherEngine) else None
+
+    @property
+    def warm(self) -> bool:
+        """The engine can score: the model is loaded, or the backends answered."""
+        return self.batcher is not None or isinstance(self.engine, RemoteEngine)
 
     async def start(self) -> None:
         """Serve (NOT_SERVING) at once; load and warm the model in the background."""
@@ -140,25 +159,29 @@ class App:
         await asyncio.shield(self._warming)
 
     async def _warm(self) -> None:
+        if self.grpc is None:
+            return  # a gateway: its backends answered before it was built
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
         info = runner.info()
-        batcher = Batcher(runner, runner.builder, self.config.batcher_config(info.device),
+        batcher = Batcher(runner, runner.builder, self._serve.batcher_config(info.device),
                           on_batch=self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
         self.metrics.watch_queue(lambda: batcher.queued_docs)
+        assert isinstance(self.engine, BatcherEngine), "a served app's engine is local: this is a bug"
         self.engine.batcher = batcher
         self.metrics.ready.set(1)
         await self.grpc.set_serving(True)
         log.info("ready: %s", info)
 
     async def drain(self) -> None:
-        self.draining = True  # the HTTP gateway's /ready answers 503 from now on; calls are still taken
-        await self.grpc.drain()
+        self.draining = True  # the HTTP API's /ready answers 503 from now on; calls are still taken
+        if self.grpc is not None:
+            await self.grpc.drain()
         self.metrics.ready.set(0)
 
     async def stop(self, grace_s: float | None = None) -> None:
-        """Drain, stop every component within the grace period, then close the batcher."""
+        """Drain, stop every component within the grace period, then close the engine and the ledger."""
         grace = self.config.grace_s if grace_s is None else grace_s
         await self.drain()
         self.stopping = True  # both fronts refuse new calls from here (gRPC: its server's stop)
@@ -166,8 +189,6 @@ class App:
         if self._warming is not None and not self._warming.done():
             self._warming.cancel()  # a load still running in its thread finishes unobserved
             await asyncio.gather(self._warming, return_exceptions=True)
-        if self.batcher is not None:
-            # the servers have finished or cancelled every call: nothing is left to wait for
-            await self.batcher.close()
+        await self.engine.close()  # the servers have finished or cancelled every call
         if self.core.ledger is not None:  # last: calls bill until the servers stop
             await self.core.ledger.close()

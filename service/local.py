@@ -33,6 +33,10 @@ class BatcherEngine:
     def estimate_tokens(self, queries: Sequence[RerankQuery]) -> int:
         return estimate_prompt_tokens(queries, self.info().max_length)
 
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()  # nothing waits: its callers are gone or answered
+
     def _ready(self) -> Batcher:
         if self.batcher is None:
             raise ServiceError(Code.UNAVAILABLE, "the model is loading; retry shortly", retry_after_s=1.0)

@@ -11,10 +11,17 @@ import pytest
 from serving import running_app, target
 
 from service import cli
+from service.app import App
 from service.commands.gateway import start
+from service.http.server import HttpServer
 from worker.fake import FakeRunner
 
 DEAD_BACKEND = "127.0.0.1:1"  # nothing listens there: UNAVAILABLE at once
+
+
+def port(gateway: App) -> int:
+    (server,) = [c for c in gateway.components if isinstance(c, HttpServer)]
+    return server.port
 
 
 def create_key(db: str, capsys: pytest.CaptureFixture[str]) -> str:
@@ -34,7 +41,7 @@ async def test_gateway_alone_forwards_scoring_and_keeps_billing(tmp_path: Path,
         gateway = await start(args)
         try:
             auth = {"Authorization": f"Bearer {key}"}
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.server.port}", headers=auth,
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port(gateway)}", headers=auth,
                                          timeout=30) as http:
                 replies = [await http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b c", "d"][:n]})
                            for n in (1, 2, 3, 3)]
@@ -47,18 +54,18 @@ async def test_gateway_alone_forwards_scoring_and_keeps_billing(tmp_path: Path,
                 assert too_long.status_code == 400 and "max_length" in too_long.json()["detail"]  # said by a backend
                 assert (await http.post("/v1/rerank", json={"query": "q", "documents": ["d"]},
                                         headers={"Authorization": "Bearer nope"})).status_code == 401
-            records = await gateway.billing.ledger.records()
+            records = await gateway.core.ledger.records()
             assert [r.documents for r in records] == [1, 2, 3, 3]
             assert sum(len(b) for b in runner.batches) == 9  # the backend scored what was billed
         except BaseException:
             await gateway.stop(0)
             raise
     try:  # every backend gone: 503, retry later, nothing billed
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{gateway.server.port}", timeout=30) as http:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port(gateway)}", timeout=30) as http:
             down = await http.post("/v1/rerank", json={"query": "q", "documents": ["d"]},
                                    headers={"Authorization": f"Bearer {key}"})
         assert down.status_code == 503 and down.headers["retry-after"]
-        assert len(await gateway.billing.ledger.records()) == 4
+        assert len(await gateway.core.ledger.records()) == 4
     finally:
         await gateway.stop(0)
 

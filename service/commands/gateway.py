@@ -1,7 +1,7 @@
 """``rerank gateway``: the billed HTTP gateway alone, in front of remote gRPC Rerank servers.
 
-The same gateway, key store, ledger and limiter as ``rerank serve``, on a ``RemoteEngine``
-instead of an in-process model: auth, limits and billing happen here; the backends (run
+The same ``App`` as ``rerank serve`` (HTTP API, key store, ledger and limiter, start and
+shutdown), on a ``RemoteEngine`` instead of an in-process model: auth, limits and billing happen here; the backends (run
 ``rerank serve --no-auth`` on a private network) only score. The model name and the limits
 come from the backends' ``GetModelInfo``. SIGTERM or SIGINT: /ready answers 503, new calls
 are refused, in-flight calls finish within ``--grace-s``.
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from service import config as knobs
@@ -20,9 +19,7 @@ from service.commands.serve import Stops
 
 if TYPE_CHECKING:
     from clients import Pacing
-    from service.billing import Billing
-    from service.http.server import HttpServer
-    from service.remote import RemoteEngine
+    from service.app import App
 
 HELP = ("run the billed HTTP gateway alone, in front of remote gRPC Rerank servers (every knob also reads "
         "RERANK_<KNOB> from the environment)")
@@ -31,20 +28,6 @@ log = logging.getLogger("rerank.gateway")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     knobs.add_arguments(parser, config=knobs.GatewayConfig)
-
-
-@dataclass
-class Gateway:
-    engine: RemoteEngine
-    billing: Billing
-    server: HttpServer
-    draining: asyncio.Event  # set: /ready and new calls answer 503
-
-    async def stop(self, grace_s: float) -> None:
-        self.draining.set()
-        await self.server.stop(grace_s)
-        await self.engine.close()
-        await self.billing.ledger.close()
 
 
 def backend_pacing(config: knobs.GatewayConfig) -> Pacing | None:
@@ -57,35 +40,28 @@ def backend_pacing(config: knobs.GatewayConfig) -> Pacing | None:
                   max_retries=config.backend_retries)
 
 
-async def start(args: argparse.Namespace) -> Gateway:
+async def start(args: argparse.Namespace) -> App:
     """Open the ledger, find the backends' model, serve HTTP; raises OSError/ValueError."""
-    from service.app import CoreParts, build_core, open_front_billing
-    from service.core import Limits
-    from service.http.app import create_app
-    from service.http.server import HttpServer
+    from service.app import App, billing_parts
     from service.remote import RemoteEngine
 
     config = knobs.config_from_args(args, knobs.GatewayConfig)
     if not config.backend or config.http_port is None:
         raise ValueError("no backend or no HTTP port: pass --backend HOST:PORT and --http-port N")
-    billing = open_front_billing(config)
+    parts = billing_parts(config)
     engine = RemoteEngine(list(config.backend), api_key=config.backend_api_key, tls=config.backend_tls,
                           timeout_s=config.timeout_s, pacing=backend_pacing(config))
     try:
         model = await engine.connect(config.connect_timeout_s)
+        app = App(config, core_parts=parts, remote=engine)
     except BaseException:
         await engine.close()
-        await billing.ledger.close()
+        if parts.ledger is not None:
+            await parts.ledger.close()
         raise
-    core = build_core(config, engine, model_name=model.model, limits=Limits(**asdict(model.limits)),
-                      parts=CoreParts(billing.auth, billing.limiter, billing.ledger))
-    draining = asyncio.Event()
-    edge = config.edge_limits()
-    server = HttpServer(create_app(core, ready=lambda: not draining.is_set(), edge=edge), host=config.host,
-                        port=config.http_port, grace_s=config.grace_s, limits=edge)
-    await server.start()
+    await app.start()
     log.info("gateway for %s on %d backend(s): %s", model.model, len(config.backend), ", ".join(config.backend))
-    return Gateway(engine, billing, server, draining)
+    return app
 
 
 def run(args: argparse.Namespace) -> int:
@@ -94,12 +70,12 @@ def run(args: argparse.Namespace) -> int:
 
 async def _main(args: argparse.Namespace) -> int:
     try:
-        gateway = await start(args)
+        app = await start(args)
     except (OSError, ValueError) as exc:
         log.error("cannot start: %s", exc)
         return 2
     await Stops.install().first.wait()  # a second signal changes nothing here
     log.info("draining: up to %.1fs for in-flight calls", args.grace_s)
-    await gateway.stop(args.grace_s)
+    await app.stop(args.grace_s)
     log.info("stopped")
     return 0

@@ -129,7 +129,8 @@ async def _shut_down(app: App, config: serve_config.ServeConfig, stops: Stops) -
     await _first([stopping, stops.second.wait()])
     if not stopping.done():
         log.warning("second signal: cancelling in-flight calls")
-        await app.grpc.server.stop(0)
+        if app.grpc is not None:
+            await app.grpc.server.stop(0)
         await stopping
 
 
