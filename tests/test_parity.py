@@ -55,7 +55,8 @@ def varlen_runner(tiny_model_dir: Path) -> ModelRunner:
     """The variable-length attention path, with the kernel's row-by-row stand-in on the CPU
     (FlashAttention itself needs CUDA): the packing, offsets and prefix gathering are what
     is tested here; the kernel is checked against the same stand-in at warm-up on a GPU."""
-    from worker.qwen3 import Qwen3Scorer, varlen_reference
+    from worker.attention import varlen_reference
+    from worker.qwen3 import Qwen3Scorer
 
     varlen = ModelRunner.load(str(tiny_model_dir), max_length=MAX_LENGTH)
     varlen.scorer = Qwen3Scorer(varlen.model, varlen.builder.yes_id, varlen.builder.no_id,
@@ -416,7 +417,7 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
     if layout == "folded":
         runner.scorer.attention.fold = heads // kv_heads
     if layout == "varlen":
-        from worker.qwen3 import VarlenAttention, varlen_reference
+        from worker.attention import VarlenAttention, varlen_reference
 
         runner.scorer.attention = VarlenAttention(varlen_reference, heads, runner.scorer.head_dim)
     prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)

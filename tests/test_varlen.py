@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.qwen3 import check_attention, check_varlen_kernel, flash_varlen, make_varlen, varlen_reference
+from worker.attention import check_attention, check_varlen_kernel, flash_varlen, make_varlen, varlen_reference
 from worker.runner import ModelRunner
 from worker.types import Attention
 

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 
 from worker import precision as cpu_precision
+from worker.attention import KV, VarlenAttention, check_attention, check_varlen_kernel
 from worker.prompt import PromptBuilder
-from worker.qwen3 import KV, Qwen3Scorer, VarlenAttention, check_attention, check_varlen_kernel
+from worker.qwen3 import Qwen3Scorer
 from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
 
 log = logging.getLogger(__name__)

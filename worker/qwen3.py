@@ -1,0 +1,181 @@
+"""A scoring-only forward pass over a loaded ``Qwen3ForCausalLM``'s own modules.
+
+The reference is ``model(input_ids).logits[:, -1, [no, yes]]``. This computes the same
+numbers and skips everything a reranker does not need:
+
+* no padding in the matrix work: every linear layer and MLP runs on the batch's tokens
+  packed into one ``[tokens, hidden]`` matrix; only attention sees a layout of its own, one
+  of the three strategies of ``worker.attention`` (padded, varlen, rows);
+* a shared prefix (system prompt + instruction + query) is computed once (``prefill``)
+  and passed to ``score`` as per-layer K/V; each row's positions continue from its own
+  prefix length;
+* the last layer computes queries, attention and MLP for the last position only, and the
+  head is the two LM-head rows for ``yes`` and ``no``: no vocabulary-sized logits anywhere.
+
+The module list, norms, projections, MLPs and rotary frequencies are the checkpoint's, so
+this stays exact for every Qwen3 size (0.6B, 4B, 8B).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.nn.attention import sdpa_kernel
+
+from worker.attention import (
+    KV,
+    AttentionStrategy,
+    PaddedAttention,
+    Pasts,
+    RowsAttention,
+    VarlenAttention,
+    VarlenKernel,
+    check_attention,
+    flash_varlen,
+    to_device,
+)
+from worker.types import Attention
+
+
+class Qwen3Scorer:
+    """Runs the yes/no scoring forward pass with a ``Qwen3ForCausalLM``'s weights: ``prefill``
+    computes prefixes' K/V, ``score`` rows' log-odds on top of them."""
+
+    def __init__(self, model: Any, yes_id: int, no_id: int, *, compile: bool = False,
+                 attention: Attention | str = Attention.PADDED, varlen_kernel: VarlenKernel | None = None) -> None:
+        # `Any`: the checkpoint's modules are duck-typed (Qwen3ForCausalLM of any size)
+        config = model.config
+        if getattr(config, "use_sliding_window", False):
+            raise ValueError("sliding-window attention is not supported by this scorer")
+        self.model: Any = model.model
+        self.layers: list[Any] = list(self.model.layers)
+        self.heads: int = config.num_attention_heads
+        self.kv_heads: int = config.num_key_value_heads
+        self.head_dim: int = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        self.inv_freq: torch.Tensor = self.model.rotary_emb.inv_freq.float()
+        self.rope_scale = float(getattr(self.model.rotary_emb, "attention_scaling", 1.0))
+        head = model.get_output_embeddings().weight
+        self.yes_no = head[[yes_id, no_id]].detach().float().clone()  # fp32 head rows
+        # ``varlen_kernel`` replaces FlashAttention (tests run ``varlen_reference`` on the CPU)
+        if varlen_kernel is None:  # an injected kernel (the tests' stand-in) runs anywhere
+            check_attention(attention, self.device, head.dtype)
+        kind = Attention(attention)
+        self.attention: AttentionStrategy[Any, Any] = (
+            VarlenAttention(varlen_kernel or flash_varlen, self.heads, self.head_dim) if kind is Attention.VARLEN
+            else RowsAttention(self.heads, self.head_dim) if kind is Attention.ROWS
+            else PaddedAttention(self.heads, self.kv_heads, self.head_dim, self.device))
+        # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
+        # runs as three functions of (layer, tensors). With ``compile`` they go through
+        # torch.compile with dynamic token counts: one graph serves all layers and batch
+        # sizes, and the norms, rotary and SiLU-gate fuse into a few kernels instead of many
+        # (what pays on a GPU, where eager elementwise passes rival the matrix work).
+        # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
+        # built for the first batch's exact size only (dynamo's default specializes first
+        # and recompiles on the second size).
+        self.compiled = False
+        self._kv_part: Any = _kv_part
+        self._q_part: Any = _q_part
+        self._post_part: Any = _post_part
+        if compile:
+            self.compile()
+
+    def compile(self, on: bool = True) -> None:
+        """The three per-token parts through torch.compile (built on their first call), or back
+        to eager (``on=False``: where the compiler cannot build them)."""
+        self.compiled = on
+        self._kv_part, self._q_part, self._post_part = (
+            torch.compile(part, dynamic=True) if on else part for part in (_kv_part, _q_part, _post_part))
+
+    @property
+    def device(self) -> torch.device:
+        device: torch.device = self.inv_freq.device
+        return device
+
+    def prefill(self, sequences: list[list[int]], past: KV | None = None) -> list[KV]:
+        """Per-layer K/V of each sequence, to serve as a shared prefix later; with ``past``,
+        of ``past``'s tokens followed by each sequence (only the sequence is computed)."""
+        pasts = Pasts.of([] if past is None else [past], [-1 if past is None else 0] * len(sequences), self.device)
+        x, cos, sin, layout = self._embed(sequences, pasts)
+        per_layer: list[torch.Tensor] = []  # [2, tokens, kv_heads, dim] per layer
+        with sdpa_kernel(self.attention.backends):
+            for i, layer in enumerate(self.layers):
+                h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+                per_layer.append(torch.stack((k, v)))
+                if i + 1 < len(self.layers):  # a prefix needs the last layer's K/V, never its output
+                    x = self._attend_and_mix(layer, x, h, k, v, cos, sin, layout, pasts, i, only_last=False)
+        new = torch.split(torch.stack(per_layer), [len(s) for s in sequences], dim=2)
+        if past is None:
+            return [kv.contiguous() for kv in new]
+        return [torch.cat((past, kv), dim=2) for kv in new]
+
+    def score(self, tails: list[list[int]], prefixes: Sequence[KV], row_prefix: Sequence[int]) -> torch.Tensor:
+        """``logit_yes - logit_no`` at each row's last token, as float32 ``[rows]``. Row r
+        continues ``prefixes[row_prefix[r]]`` (-1: no prefix)."""
+        pasts = Pasts.of(prefixes, row_prefix, self.device)
+        x, cos, sin, layout = self._embed(tails, pasts)
+        last = len(self.layers) - 1
+        with sdpa_kernel(self.attention.backends):
+            for i, layer in enumerate(self.layers):
+                h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+                x = self._attend_and_mix(layer, x, h, k, v, cos, sin, layout, pasts, i, only_last=i == last)
+        yes_no = self.model.norm(x).float() @ self.yes_no.T
+        diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
+        return diff
+
+    def _embed(self, tokens: list[list[int]], pasts: Pasts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+        """The packed tokens' embeddings, rotary tables and the attention's layout."""
+        layout = self.attention.layout([len(t) for t in tokens], pasts, self.device)
+        ids = to_device(torch.tensor([t for seq in tokens for t in seq], dtype=torch.long), self.device)
+        x: torch.Tensor = self.model.embed_tokens(ids)
+        cos, sin = self._rotary(layout.positions, x.dtype)
+        return x, cos, sin, layout
+
+    def _attend_and_mix(self, layer: Any, x: torch.Tensor, h: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        cos: torch.Tensor, sin: torch.Tensor, layout: Any, pasts: Pasts, index: int,
+                        only_last: bool) -> torch.Tensor:
+        """The rest of one decoder layer after its K/V: queries, attention, the MLP. With
+        ``only_last``, for each row's last position only (all the head reads)."""
+        kv = self.attention.keys_values(k, v, layout, pasts, index)
+        if only_last:
+            x, h, cos, sin = (t[layout.last_index] for t in (x, h, cos, sin))
+        q = self._q_part(layer, h, cos, sin, self.heads, self.head_dim)
+        x_next: torch.Tensor = self._post_part(layer, x, self.attention.attend(q, kv, layout, only_last))
+        return x_next
+
+    def _rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
+        return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+# The dense per-token parts of a decoder layer, as the checkpoint's modules compute them.
+# Free functions of (layer, tensors, sizes), so that one torch.compile graph serves every
+# layer: dynamo treats the layer's weights as inputs, not as constants of the graph.
+def _kv_part(layer: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_heads: int,
+             head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    attn = layer.self_attn
+    h = layer.input_layernorm(x)
+    k = _rope(attn.k_norm(attn.k_proj(h).view(-1, kv_heads, head_dim)), cos, sin)
+    v = attn.v_proj(h).view(-1, kv_heads, head_dim)
+    return h, k, v
+
+
+def _q_part(layer: Any, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+            head_dim: int) -> torch.Tensor:
+    attn = layer.self_attn
+    return _rope(attn.q_norm(attn.q_proj(h).view(-1, heads, head_dim)), cos, sin)
+
+
+def _post_part(layer: Any, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+    x = x + layer.self_attn.o_proj(attn_out)
+    out: torch.Tensor = x + layer.mlp(layer.post_attention_layernorm(x))
+    return out
