@@ -125,11 +125,19 @@ class QueryOutcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Timings:
+    """A call's server-side milliseconds (HTTP ``timings_ms``, gRPC ``Timing``)."""
+
+    total: float = 0.0
+    engine: float = 0.0  # the slowest query's queue + model time: the rest of total is overhead
+
+
+@dataclass(frozen=True, slots=True)
 class RerankReply:
     request_id: str
     model: str
     outcomes: list[QueryOutcome]
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    timings_ms: Timings = field(default_factory=Timings)
     replayed: bool = False  # served from the idempotency record, not billed again
     warnings: list[str] = field(default_factory=list)  # what was changed rather than refused
 
@@ -166,7 +174,7 @@ class RerankReply:
     def from_json(cls, text: str) -> RerankReply:
         raw = json.loads(text)
         outcomes = [QueryOutcome([RankedDoc(**r) for r in o.pop("results")], **o) for o in raw.pop("outcomes")]
-        return cls(outcomes=outcomes, **raw)
+        return cls(outcomes=outcomes, timings_ms=Timings(**raw.pop("timings_ms", {})), **raw)
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,9 +370,8 @@ class RerankCore:
             request_id=call.request_id or uuid.uuid4().hex,
             model=self.model_name,
             outcomes=[_rank(q, r) for q, r in zip(call.queries, results)],
-            timings_ms={"total": round(1000 * (time.perf_counter() - started), 3),
-                        # the slowest query's queue + model time: the rest of total is overhead
-                        "engine": round(max(r.timings_ms.get("queue_and_model", 0.0) for r in results), 3)},
+            timings_ms=Timings(total=round(1000 * (time.perf_counter() - started), 3),
+                               engine=round(max(r.queue_and_model_ms for r in results), 3)),
             warnings=warnings,
         )
 

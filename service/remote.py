@@ -114,4 +114,4 @@ def _score_result(reply: RerankResult, documents: int) -> ScoreResult:
         raise ServiceError(Code.INTERNAL, f"a backend answered {len(scores)} of {documents} documents")
     return ScoreResult([DocScore(r.index, r.score, r.logit, r.truncated) for r in scores],
                        prompt_tokens=reply.usage.prompt_tokens, computed_tokens=reply.usage.computed_tokens,
-                       timings_ms={"queue_and_model": reply.total_ms})
+                       queue_and_model_ms=reply.total_ms)

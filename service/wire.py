@@ -118,4 +118,4 @@ def _usage(outcomes: Sequence[QueryOutcome]) -> pb.Usage:
 
 
 def _timing(reply: RerankReply) -> pb.Timing:
-    return pb.Timing(total_ms=reply.timings_ms.get("total", 0.0), engine_ms=reply.timings_ms.get("engine", 0.0))
+    return pb.Timing(total_ms=reply.timings_ms.total, engine_ms=reply.timings_ms.engine)

@@ -6,7 +6,7 @@ import pytest
 from rerank.v1 import rerank_pb2 as pb
 
 from service import wire
-from service.core import QueryOutcome, RankedDoc, RerankReply
+from service.core import QueryOutcome, RankedDoc, RerankReply, Timings
 from service.errors import Code, ServiceError
 from worker.types import Truncation
 
@@ -70,7 +70,7 @@ def test_an_unknown_truncation_number_is_refused() -> None:
 def test_batch_reply_keeps_query_order_and_sums_usage() -> None:
     outcomes = [QueryOutcome([RankedDoc(1, 0.9, 2.2, False, "b"), RankedDoc(0, 0.1, -2.2, True)], 2, 40, 30),
                 QueryOutcome([RankedDoc(0, 0.5, 0.0, False)], 1, 20, 20)]
-    reply = RerankReply("r", "m", outcomes, {"total": 5.0, "engine": 4.0}, replayed=True)
+    reply = RerankReply("r", "m", outcomes, Timings(total=5.0, engine=4.0), replayed=True)
     msg = wire.batch_response_from_reply(reply)
     assert [[r.index for r in q.results] for q in msg.queries] == [[1, 0], [0]]
     assert msg.queries[0].results[0].document == "b" and not msg.queries[0].results[1].HasField("document")

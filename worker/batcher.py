@@ -119,7 +119,7 @@ class Group:
             raise AssertionError("a group settled with unscored documents: this is a bug")
         return ScoreResult(scores, prompt_tokens=sum(len(s) for s in self.prompts.sequences),
                            computed_tokens=self.computed_tokens,
-                           timings_ms={"queue_and_model": 1000 * (time.perf_counter() - self.enqueued_at)})
+                           queue_and_model_ms=1000 * (time.perf_counter() - self.enqueued_at))
 
 
 class Batcher:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -116,7 +116,7 @@ class ScoreResult:
     scores: list[DocScore]
     prompt_tokens: int  # sum of the pairs' prompt lengths: what a naive loop would compute
     computed_tokens: int = 0  # tokens this request made the model run (shared prefix once)
-    timings_ms: dict[str, float] = field(default_factory=dict)
+    queue_and_model_ms: float = 0.0  # from the request's arrival in the queue to its last row scored
 
 
 @dataclass(frozen=True, eq=False, slots=True)

@@ -16,6 +16,7 @@ The response is the shape rerank clients already parse (Cohere's ``/v1/rerank`` 
 from __future__ import annotations
 
 import math
+from dataclasses import asdict
 from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -246,7 +247,7 @@ class RerankResponse(BaseModel):
                       replayed=reply.replayed, warnings=notes or None),
             usage=Usage(documents=docs, prompt_tokens=reply.prompt_tokens, total_tokens=reply.prompt_tokens,
                         computed_tokens=reply.computed_tokens),
-            timings_ms=reply.timings_ms)
+            timings_ms=asdict(reply.timings_ms))
 
 
 def only_outcome(reply: RerankReply) -> QueryOutcome:
