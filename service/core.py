@@ -1,6 +1,6 @@
 """The one core behind both fronts: auth, limits, rate limits, scoring, ranking, billing.
 
-The gRPC servicer and the HTTP gateway translate their wire formats into a ``RerankCall``
+The gRPC servicer and the HTTP front translate their wire formats into a ``RerankCall``
 and back, and map ``ServiceError`` with ``service.errors``; everything in between happens
 here, once. The order of a call is fixed and is what makes billing exact:
 
@@ -311,7 +311,7 @@ class RerankCore:
 
     async def rerank(self, call: RerankCall, *, auth: Authenticator | None = None) -> RerankReply:
         """``auth``: the front's own authenticator in place of the core's, for this call (the
-        HTTP gateway's answers from the key check its edge made before reading the body); the
+        HTTP front's answers from the key check its edge made before reading the body); the
         core itself is shared by both fronts and never changed."""
         started = time.perf_counter()
         principal = await (auth or self.auth).authenticate(call.api_key)

@@ -1,6 +1,6 @@
 """One error type for both fronts, and the one table mapping it to gRPC and HTTP statuses.
 
-The core raises ``ServiceError``; the gRPC servicer and the HTTP gateway translate it with
+The core raises ``ServiceError``; the gRPC servicer and the HTTP front translate it with
 ``grpc_status`` / ``http_status`` and nothing else, so a condition has the same meaning on
 both fronts. Worker errors are mapped here too (``from_worker``).
 """

@@ -1,7 +1,7 @@
 """Prometheus metrics: what the fronts and the batcher did, on one registry per server.
 
 Each ``Metrics`` owns its own ``CollectorRegistry`` rather than the process-global one, so
-several servers (tests, or a gateway beside the gRPC server) never collide on names. The
+several servers (tests, or the HTTP API beside the gRPC server) never collide on names. The
 batcher reports through its ``on_batch`` hook; the fronts call ``observe_request``.
 """
 
