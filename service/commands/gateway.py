@@ -1,9 +1,9 @@
 """``rerank gateway``: the billed HTTP gateway alone, in front of remote gRPC Rerank servers.
 
-The same ``App`` as ``rerank serve`` (HTTP API, key store, ledger and limiter, start and
-shutdown), on a ``RemoteEngine`` instead of an in-process model: auth, limits and billing happen here; the backends (run
-``rerank serve --no-auth`` on a private network) only score. The model name and the limits
-come from the backends' ``GetModelInfo``. SIGTERM or SIGINT: /ready answers 503, new calls
+The same ``App`` as ``rerank serve`` (HTTP API, keys, ledger, limiter, start and shutdown) on a
+``RemoteEngine`` instead of an in-process model: auth, limits and billing happen here; the
+backends (run ``rerank serve --no-auth`` on a private network) only score. The model name and
+the limits come from the backends' ``GetModelInfo``. SIGTERM or SIGINT: /ready answers 503, new calls
 are refused, in-flight calls finish within ``--grace-s``.
 """
 
