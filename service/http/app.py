@@ -76,7 +76,6 @@ _RERANK_PATHS: list[tuple[str, str, Any, Any, Version, str]] = [
     ("/v2/rerank", "rerank_v2", RerankRequest, RerankResponse, Version.V2,
      "The same call on Cohere's v2 route (ClientV2 compatible)."),
 ]
-RERANK_PATHS = frozenset(path for path, *_ in _RERANK_PATHS)
 
 
 # Module level: FastAPI resolves these (string) annotations in the module's namespace.
