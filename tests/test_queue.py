@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.queue import POLICIES, Entry, FairQueue, FifoQueue, Policy, make_queue
+from worker.cost import CostModel, Shape
+from worker.queue import POLICIES, Entry, FairQueue, FifoQueue, Policy, make_queue, shape_of
 
 
 @dataclass(eq=False)
@@ -250,3 +251,65 @@ def test_a_worse_class_only_fills_spare_room() -> None:
     queue.append(entries([50, 50], Owner(label="z")), tenant="a", priority=5)
     queue.append(entries([100, 100], Owner(label="u")), tenant="b", priority=0)
     assert labels(queue.next_batch()) == "uuz"  # 3 * 100 fits; the closer length of z waits its tier
+
+
+# -- the time budget -------------------------------------------------------------------------
+def per_row_and_token(ms_per_row: float, ms_per_token: float) -> CostModel:
+    """A cost model fitted to a device that takes exactly this long."""
+    model = CostModel()
+    for shape in (Shape.of([(t, t)] * r) for t in (10, 100, 1000) for r in (1, 2, 5)):
+        model.calibrate(shape, ms_per_row * shape.rows + ms_per_token * shape.tokens)
+    return model
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    ("costs", "max_batch_ms", "expected_batches"),
+    [
+        ([100] * 6, 250, [[100, 100]] * 3),  # 2 rows x 110 ms fit 250 ms, 3 do not
+        ([100] * 6, 0, [[100] * 6]),  # 0: tokens only, as before the time budget
+        ([1000, 100, 100], 250, [[1000], [100, 100]]),  # a head over the budget runs alone
+        ([100, 10, 10, 10], 140, [[100, 10], [10, 10]]),  # what is left of the budget takes short rows
+    ],
+)
+def test_a_batch_costs_at_most_the_time_budget(policy: Policy, costs: list[int], max_batch_ms: float,
+                                              expected_batches: list[list[int]]) -> None:
+    cost = per_row_and_token(10.0, 1.0)
+    queue = make_queue(policy, 100_000, 64, max_batch_ms=max_batch_ms, cost=cost)
+    queue.append(entries(costs))
+    batches = drain(queue)
+    assert [sorted(e.cost for e in b) for b in batches] == [sorted(b) for b in expected_batches]
+    for batch in batches:  # a row alone may be over; a batch that grew past it never
+        assert len(batch) == 1 or max_batch_ms == 0 or cost.estimate_ms(shape_of(batch)) <= max_batch_ms + 1e-6
+
+
+def test_an_unfitted_cost_model_leaves_the_token_budget_alone() -> None:
+    queue = FairQueue(max_batch_tokens=1000, max_batch_size=64, max_batch_ms=1.0, cost=CostModel())
+    queue.append(entries([100] * 10))
+    assert len(queue.next_batch()) == 10
+
+
+@pytest.mark.parametrize("same_tenant", [False, True])
+def test_a_newcomer_waits_for_one_short_batch_not_for_a_token_budget_of_the_flood(same_tenant: bool) -> None:
+    """The flood's rows would fill 4,096 tokens (ten rows, ten times the time budget); under the
+    time budget its batches are one row each, and the newcomer's row runs in the next one, alone,
+    with another tenant or with its own (the same bound between one tenant's calls)."""
+    cost = per_row_and_token(50.0, 1.0)  # a 400-token row: 450 ms
+    queue = FairQueue(max_batch_tokens=4096, max_batch_size=64, max_batch_ms=500, cost=cost)
+    queue.append(entries([400] * 48, Owner(label="F")), tenant="flood")
+    assert labels(queue.next_batch()) == "F"  # the batch in flight
+    queue.append(entries([20], Owner(label="q")), tenant="flood" if same_tenant else "quiet")
+    batch = queue.next_batch()
+    assert labels(batch) == "q" and cost.estimate_ms(shape_of(batch)) <= 500
+
+
+def test_long_rows_of_one_call_let_others_run_between_them() -> None:
+    """Each long row runs alone (over the budget); another call due meanwhile runs between two
+    of them, not after the whole call."""
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, max_batch_ms=500, cost=cost)
+    queue.append(entries([3000] * 4, Owner(label="L")), tenant="a")
+    order = [labels(queue.next_batch())]
+    queue.append(entries([50], Owner(label="q")), tenant="a")
+    order += [labels(b) for b in drain(queue)]
+    assert order == ["L", "q", "L", "L", "L"]

@@ -24,7 +24,11 @@ batch contested by several classes goes to the class holding the oldest queued r
 Both build a batch the same way (``_Budget.fill``): the first candidate (the head) always
 runs; the other candidates join closest length first, in buckets of ~1/8 of the head's
 length, in candidate order within a bucket, while the batch fits. Rows of one request keep
-their shared prefix, so they stay groupable.
+their shared prefix, so they stay groupable. What fits is counted in tokens and in time: a
+caller that arrives while a batch runs waits for it, so a batch may cost at most
+``max_batch_ms`` of the device at hand, as ``worker.cost.CostModel`` (fitted on this device,
+at warm-up and from every batch since) estimates it from the batch's shape. A large call
+therefore runs as many short batches, and a newcomer joins at the next boundary.
 
 Invariants
 ----------
@@ -32,6 +36,14 @@ Invariants
   and ``max(len(ids)) * len(batch) <= max_attention_tokens``, except a head too large for
   any batch: it runs alone rather than never. ``cost`` is the tokens a row computes (its
   shared prefix is cached); attention also reads the prefix, hence the second bound.
+* Time: ``estimate_ms(batch) <= max_batch_ms`` (when both are set and the model is fitted),
+  except a head whose own estimate is over it: it runs alone (a row cannot be split without
+  changing its score). So the batch in flight, which is all a newly due caller waits for,
+  takes about ``max_batch_ms`` at most, or one row's own time where a row alone is longer
+  (on two CPU cores a ``--max-length`` 8,192-token row is tens of seconds: the worst wait,
+  docs/OPERATIONS.md). A call's long rows are not run back to back while others wait: each is
+  charged to its request's and tenant's clocks, so the fair order puts every other due
+  request between them.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
   of the class chosen, so the tenant of a class that has had the fewest tokens served since
   it had work queued is in the next batch. A call never waits for another tenant's call to
@@ -63,6 +75,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from worker.cost import CostModel, Shape
+
 Policy = Literal["fair", "fifo"]
 POLICIES: tuple[Policy, ...] = ("fair", "fifo")
 
@@ -91,6 +105,11 @@ class _Budget:
     max_batch_tokens: int
     max_batch_size: int
     max_attention_tokens: int
+    max_batch_ms: float = 0.0  # 0: no time bound
+    cost: CostModel | None = None  # what a batch will take; unfitted: no time bound yet
+
+    def in_time(self, shape: Shape) -> bool:
+        return self.max_batch_ms <= 0 or self.cost is None or self.cost.estimate_ms(shape) <= self.max_batch_ms
 
     def fill(self, candidates: list[Entry], tiers: list[int] | None = None,
              early: list[bool] | None = None) -> list[Entry]:
@@ -102,25 +121,28 @@ class _Budget:
         tier = tiers or [0] * len(candidates)
         order = sorted(range(1, len(candidates)),
                        key=lambda n: (tier[n], abs(candidates[n].cost - head.cost) // bucket, n))
-        batch, longest, widest = [head], head.cost, len(head.ids)
+        batch, shape = [head], shape_of([head])
         for n in order:
             entry = candidates[n]
             if early and early[n] and entry.cost > head.cost:
                 continue
-            grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
-            if (rows <= self.max_batch_size and grown * rows <= self.max_batch_tokens
-                    and wider * rows <= self.max_attention_tokens):
+            grown = shape.plus(entry.cost, len(entry.ids))
+            if (grown.rows <= self.max_batch_size and grown.longest * grown.rows <= self.max_batch_tokens
+                    and grown.widest * grown.rows <= self.max_attention_tokens and self.in_time(grown)):
                 batch.append(entry)
-                longest, widest = grown, wider
+                shape = grown
         return batch
 
 
 class _QueueBase:
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None) -> None:
-        if max_batch_tokens < 1 or max_batch_size < 1 or window < 1:
-            raise ValueError("max_batch_tokens, max_batch_size and window must be positive")
-        self.budget = _Budget(max_batch_tokens, max_batch_size, max_attention_tokens or 4 * max_batch_tokens)
+                 max_attention_tokens: int | None = None, max_batch_ms: float = 0.0,
+                 cost: CostModel | None = None) -> None:
+        if max_batch_tokens < 1 or max_batch_size < 1 or window < 1 or max_batch_ms < 0:
+            raise ValueError("max_batch_tokens, max_batch_size and window must be positive, max_batch_ms not "
+                             "negative")
+        self.budget = _Budget(max_batch_tokens, max_batch_size, max_attention_tokens or 4 * max_batch_tokens,
+                              max_batch_ms, cost)
         self.window = window  # candidates considered for one batch (length bucketing look-ahead)
         self.queued_tokens = 0
         self._count = 0
@@ -138,8 +160,9 @@ class FifoQueue(_QueueBase):
     """Oldest entry first, whoever sent it: the policy before fair scheduling."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None) -> None:
-        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+                 max_attention_tokens: int | None = None, max_batch_ms: float = 0.0,
+                 cost: CostModel | None = None) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens, max_batch_ms, cost)
         self._entries: deque[Entry] = deque()
 
     def append(self, entries: Iterable[Entry], *, tenant: str = "", priority: int = 0) -> None:
@@ -205,8 +228,9 @@ class FairQueue(_QueueBase):
     """Priority classes; in each, tenants and then their requests share by tokens (DRR)."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None, share_every: int = 4) -> None:
-        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+                 max_attention_tokens: int | None = None, max_batch_ms: float = 0.0,
+                 cost: CostModel | None = None, share_every: int = 4) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens, max_batch_ms, cost)
         if share_every < 2:
             raise ValueError("share_every must be at least 2 (1 would ignore priority)")
         self.share_every = share_every
@@ -328,11 +352,17 @@ class FairQueue(_QueueBase):
             self._classes.pop(cls.priority, None)
 
 
+def shape_of(entries: Iterable[Entry]) -> Shape:
+    """A batch's shape, as the budget counted it while filling."""
+    return Shape.of((e.cost, len(e.ids)) for e in entries)
+
+
 def make_queue(policy: str, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-               max_attention_tokens: int | None = None) -> FairQueue | FifoQueue:
+               max_attention_tokens: int | None = None, max_batch_ms: float = 0.0,
+               cost: CostModel | None = None) -> FairQueue | FifoQueue:
     if policy == "fair":
-        return FairQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+        return FairQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens, max_batch_ms, cost)
     if policy == "fifo":
-        return FifoQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+        return FifoQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens, max_batch_ms, cost)
     raise ValueError(f"unknown scheduler {policy!r}: use one of {', '.join(POLICIES)}")
 
