@@ -9,7 +9,10 @@ group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` un
 arrives, optionally lingers for more until ``max_wait_ms`` after the oldest queued request
 arrived, takes ``next_batch()``, hands it to ``runner.score`` as a ``Batch`` (rows and the
 prefixes they share, which the batcher decides: see ``_prefix``) on a single model thread,
-and settles what finished.
+and settles what finished. Every batch's measured time refits the cost model
+(``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch that
+is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
+row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
 
 Invariants
 ----------
@@ -34,7 +37,7 @@ from dataclasses import dataclass, field
 
 from worker.cost import CostModel, Shape
 from worker.prompt import PromptBuilder, Prompts
-from worker.queue import Entry, make_queue, shape_of
+from worker.queue import Entry, TimeBudget, make_queue, shape_of
 from worker.types import (
     Attention,
     Batch,
@@ -141,8 +144,10 @@ class Batcher:
         self.config = config or BatcherConfig()
         # the time budget's yardstick: fitted by warmup(), or handed over already fitted
         self.cost = cost or CostModel(padded=runner.info().attention is Attention.PADDED)
+        budget = (TimeBudget(self.config.max_batch_ms, self.cost, runner.info().max_split_tokens)
+                  if self.config.max_batch_ms > 0 else None)
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
-                                self.config.window, max_batch_ms=self.config.max_batch_ms, cost=self.cost)
+                                self.config.window, time=budget)
         self.on_batch = on_batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -267,18 +272,21 @@ class Batcher:
             batch = self.queue.next_batch()
             if not batch:
                 continue
-            shape = shape_of(batch)
+            shape, work = shape_of(batch), _to_batch(batch)
             expected = self.cost.estimate_ms(shape) / 1000
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._model_thread, self.runner.score, _to_batch(batch))
+                out = await loop.run_in_executor(self._model_thread, self.runner.score, work)
             except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
                 log.exception("model failed on a batch of %d documents", len(batch))
                 self._settle_failed(batch, exc, time.perf_counter() - started)
-            else:
-                seconds = time.perf_counter() - started
-                self.cost.observe(shape, 1000 * seconds)
+                continue
+            seconds = time.perf_counter() - started
+            self.cost.observe(shape, 1000 * seconds)
+            if work.rows:
                 self._settle(batch, out, seconds, expected)
+            else:
+                self._advance(batch[0], work.prefixes[0], out, seconds, expected)
 
     async def _linger(self) -> None:
         """While the queue could take more, wait until max_wait_ms after the oldest queued
@@ -350,6 +358,14 @@ class Batcher:
         self.cost.calibrate(Shape.of((len(ids) - len(system.ids), len(ids)) for ids in prompts.sequences), ms)
         return ms
 
+    def _advance(self, entry: Entry, piece: Prefix, out: BatchScores, seconds: float, expected: float) -> None:
+        """A row's leading piece ran: the row stays queued, to continue from it."""
+        entry.advance(piece)
+        group = entry.owner
+        assert isinstance(group, Group)
+        group.computed_tokens += out.prefill_tokens
+        self._report(BatchStats(1, 1, out.prefill_tokens, 0, out.prefill_tokens, seconds, False, expected))
+
     def _settle_failed(self, batch: list[Entry], exc: BaseException, seconds: float) -> None:
         groups = {entry.owner for entry in batch}
         for group in groups:
@@ -371,15 +387,26 @@ class Batcher:
 
 
 def _to_batch(entries: list[Entry]) -> Batch:
-    """The runner's view of queued entries: rows, and each distinct prefix once."""
-    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request
+    """The runner's view of queued entries: rows, and each distinct prefix once. A row's piece
+    (it runs alone) is no row: its leading tokens become a transient prefix on what it has."""
+    if entries[0].piece:
+        entry = entries[0]
+        return Batch([], [Prefix(entry.ids[: entry.prefix_len + entry.piece], _prefix_of(entry), transient=True)])
+    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request (or per split row)
     rows = []
     for entry in entries:
-        group = entry.owner
-        assert isinstance(group, Group)
-        prefix = group.prefix
+        prefix = _prefix_of(entry)
         rows.append(Row(entry.ids, -1 if prefix is None else slots.setdefault(prefix, len(slots))))
     return Batch(rows, list(slots))
+
+
+def _prefix_of(entry: Entry) -> Prefix | None:
+    """What the row continues from: its own pieces run so far, or its request's prefix."""
+    if isinstance(entry.lead, Prefix):
+        return entry.lead
+    group = entry.owner
+    assert isinstance(group, Group)
+    return group.prefix
 
 
 def _sigmoid(x: float) -> float:

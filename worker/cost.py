@@ -69,25 +69,35 @@ class CostModel:
         self._calibration: list[_Point] = []
         self._recent: deque[_Point] = deque(maxlen=memory)
         self._coef: tuple[float, ...] | None = None
+        self._warm: tuple[float, ...] | None = None  # the warm-up ladder's fit alone
 
     @property
     def fitted(self) -> bool:
         return self._coef is not None
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the warm-up ladder ran: without it a batch's fixed cost is not known."""
+        return self._warm is not None
 
     def features(self, shape: Shape) -> tuple[float, ...]:
         pairs = shape.rows * shape.longest * shape.widest if self.padded else shape.pairs
         raw = (1.0, shape.rows, shape.tokens, pairs)
         return tuple(x / s for x, s in zip(raw, _SCALE))
 
-    def estimate_ms(self, shape: Shape) -> float:
-        """The predicted run time; 0 before any batch was measured (no time bound yet)."""
-        if self._coef is None or not shape.rows:
+    def estimate_ms(self, shape: Shape, *, at_warmup: bool = False) -> float:
+        """The predicted run time; 0 before any batch was measured (no time bound yet).
+        ``at_warmup``: by the warm-up ladder alone, whose shapes span the device's range (served
+        batches, all of a few shapes, cannot tell a batch's fixed cost from its tokens' as well)."""
+        coef = self._warm if at_warmup else self._coef
+        if coef is None or not shape.rows:
             return 0.0
-        return sum(c * x for c, x in zip(self._coef, self.features(shape)))
+        return sum(c * x for c, x in zip(coef, self.features(shape)))
 
     def calibrate(self, shape: Shape, ms: float) -> None:
         """A warm-up measurement: kept for good, so serving's one shape cannot drag the rest."""
         self._calibration.append((self.features(shape), ms, 1.0))
+        self._warm = _nnls(self._calibration)
         self._refit()
 
     def observe(self, shape: Shape, ms: float) -> None:
