@@ -127,6 +127,10 @@ class ServeConfig(FrontConfig):
     max_batch_size: int | None = knob(None, "documents in one model batch", unset="per device")
     max_wait_ms: float | None = knob(None, "linger this long for more work when the model is idle",
                                      unset="per device")
+    max_batch_ms: float | None = knob(None, "what one model batch may take, as estimated from its shape by a "
+                                      "cost model fitted on this device at warm-up and from every batch since: "
+                                      "a caller waits for the batch in flight; 0: batches sized by tokens only",
+                                      unset="500 on cpu, 250 on cuda")
     max_queued_docs: int = knob(_BATCHING.max_queued_docs, "documents queued before calls are refused "
                                                            "with RESOURCE_EXHAUSTED")
     max_queued_tokens: int = knob(_BATCHING.max_queued_tokens, "tokens of queued work (each document's own "
@@ -174,7 +178,7 @@ class ServeConfig(FrontConfig):
     def batcher_config(self, device: Device) -> BatcherConfig:
         base = BatcherConfig.for_device(device)
         chosen: dict[str, Any] = {"max_batch_tokens": self.max_batch_tokens, "max_batch_size": self.max_batch_size,
-                                  "max_wait_ms": self.max_wait_ms}
+                                  "max_wait_ms": self.max_wait_ms, "max_batch_ms": self.max_batch_ms}
         return dataclasses.replace(
             base, **{k: v for k, v in chosen.items() if v is not None}, max_queued_docs=self.max_queued_docs,
             max_queued_tokens=self.max_queued_tokens, scheduler=self.scheduler, prefix_reuse=self.prefix_reuse,

@@ -12,6 +12,7 @@ import pytest
 
 import worker.batcher
 from worker.batcher import Batcher, BatcherConfig, BatchStats
+from worker.cost import CostModel, Shape
 from worker.fake import FakeRunner, fake_logit
 from worker.types import (
     Batch,
@@ -419,3 +420,63 @@ async def test_first_calls_of_many_tenants_stop_at_twice_the_limit(blocked) -> N
         await asyncio.wait_for(batcher.score(ScoreRequest("q", ["d"], tenant="t-9")), 5)
     runner.gate.set()
     await asyncio.gather(first, *taken)
+
+
+# -- the time budget -------------------------------------------------------------------------
+class SlowRunner(FakeRunner):
+    """A device that takes 2 ms a batch plus 50 ms per 1,000 tokens the rows compute."""
+
+    def score(self, batch: Batch) -> BatchScores:
+        out = super().score(batch)
+        time.sleep((2 + 0.05 * sum(len(r.ids) - batch.prefix_len(r) for r in batch.rows)) / 1000)
+        return out
+
+
+async def test_warmup_fits_the_cost_model_on_the_device_at_hand() -> None:
+    runner = SlowRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_ms=100, max_batch_tokens=8192))
+    await batcher.warmup()
+    await batcher.close()
+    fit = batcher.cost.coefficients()
+    assert 25 <= fit["kilotoken"] <= 100  # 50 ms per 1k tokens, give or take a busy machine
+    lone = [rows for rows in runner.batches if len(rows) == 1]
+    own = [length - prefix for (length, prefix), in lone]
+    assert own == sorted(own) and own[-1] >= 4000 > own[-2]  # doubled until one row took twice the budget
+
+
+async def test_no_time_budget_means_no_calibration() -> None:
+    runner = FakeRunner()
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_ms=0))
+    await batcher.warmup()
+    await batcher.close()
+    assert runner.warmed and runner.batches == [] and not batcher.cost.fitted
+
+
+async def test_a_quiet_call_waits_for_one_short_batch_behind_a_flood() -> None:
+    """Ten flood rows fit the token budget; at 100 ms a row the time budget takes two a batch,
+    and the quiet call that arrives meanwhile runs in the very next batch."""
+    runner = FakeRunner()
+    runner.gate.clear()
+    cost = CostModel()
+    for rows in (1, 2, 4):
+        cost.calibrate(Shape.of([(6, 50)] * rows), 100.0 * rows)
+    stats: list[BatchStats] = []
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0,
+                                                            max_batch_ms=250), on_batch=stats.append, cost=cost)
+    batcher.start()
+    try:
+        flood = asyncio.ensure_future(batcher.score(ScoreRequest("flood", ["a b c d e f"] * 10, tenant="f")))
+        await entered(runner)
+        quiet = asyncio.ensure_future(batcher.score(ScoreRequest("quiet", ["x"], tenant="q")))
+        while batcher.queued_docs < 9:
+            await asyncio.sleep(0)
+        runner.gate.set()
+        await asyncio.gather(flood, quiet)
+    finally:
+        runner.gate.set()
+        await batcher.close()
+    assert len(runner.batches[0]) == 2  # not 10: the token budget alone would take them all
+    quiet_row = runner.builder.build("quiet", ["x"], None, Truncation.END).sequences[0]
+    assert len(quiet_row) in [length for length, _ in runner.batches[1]]  # flood rows are 57 tokens
+    assert all(length == 57 for rows in runner.batches[2:] for length, _ in rows)
+    assert stats[0].estimated_seconds == pytest.approx(0.2, rel=0.01)

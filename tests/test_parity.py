@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker.batcher import Batcher, BatcherConfig
+from worker.batcher import Batcher, BatcherConfig, BatchStats
+from worker.cost import CostModel, Shape
 from worker.runner import ModelRunner
-from worker.types import ScoreRequest, Truncation
+from worker.types import Batch, Prefix, Row, ScoreRequest, Truncation
 
 MAX_LENGTH = 1024
 TOL_SCORE = 1e-5
@@ -120,14 +121,28 @@ CONFIGS = {
     "large-budget": BatcherConfig(max_batch_tokens=100_000, max_batch_size=256, max_wait_ms=20),
     "no-prefix-reuse": BatcherConfig(max_batch_tokens=4096, max_batch_size=64, prefix_reuse=False, max_wait_ms=5),
     "no-linger": BatcherConfig(max_batch_tokens=2048, max_batch_size=16, max_wait_ms=0),
+    # with pieces_cost(): every row over ~20 tokens runs in pieces across batches
+    "row-pieces": BatcherConfig(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=5, max_batch_ms=20),
 }
+
+
+def pieces_cost() -> CostModel:
+    """A cost model of a device taking 1 ms a token, fitted firmly enough (many warm-up points)
+    that the tiny model's real milliseconds, observed as the test runs, leave rows in pieces."""
+    cost = CostModel()
+    for _ in range(100):
+        for tokens in (10, 100, 1000):
+            cost.calibrate(Shape.of([(tokens, tokens + 50)]), float(tokens))
+    return cost
 
 
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 async def test_concurrent_requests_match_reference(
     any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]], config_name: str
 ) -> None:
-    batcher = Batcher(any_runner, any_runner.builder, CONFIGS[config_name])
+    stats: list[BatchStats] = []
+    batcher = Batcher(any_runner, any_runner.builder, CONFIGS[config_name], on_batch=stats.append,
+                      cost=pieces_cost() if config_name == "row-pieces" else None)
     batcher.start()
     rng = random.Random(config_name)
     orders = [rng.sample(range(len(DOCUMENTS)), len(DOCUMENTS)) for _ in QUERIES]
@@ -144,6 +159,8 @@ async def test_concurrent_requests_match_reference(
             assert s.score == pytest.approx(score, abs=TOL_SCORE), (qn, dn)
             assert s.logit == pytest.approx(logit, abs=TOL_LOGIT), (qn, dn)
             assert not s.truncated
+    pieces = [b for b in stats if b.padded_tokens == 0 and b.prefill_tokens]  # a row's leading piece
+    assert (len(pieces) > 20) == (config_name == "row-pieces")
 
 
 async def test_single_document_requests_mixed_with_large_ones(
@@ -455,3 +472,21 @@ def test_a_prefix_that_no_row_continues_changes_nothing(
         kv, stray = runner.scorer.prefill([prompts.sequences[0][:shared], other.sequences[0][:other.shared_len]])
         got = runner.scorer.score([s[shared:] for s in prompts.sequences], [stray, kv], [1, 1, 1]).tolist()
     assert got == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
+
+
+def test_a_rows_pieces_are_exact_and_leave_nothing_in_the_cache(
+        runner: ModelRunner, reference_model: torch.nn.Module) -> None:
+    """Each piece's K/V waits in the cache for the next, which carries it on; the row drops the
+    last: a row run in pieces holds one piece's K/V at a time, and none once scored."""
+    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
+    system = runner.builder.system
+    runner.score(Batch([Row(ids, 0)], [system]))  # the system prompt is cached, as after warm-up
+    before = len(runner.cache)
+    first = Prefix(ids[: len(system.ids) + 150], base=system, transient=True)
+    second = Prefix(ids[: len(system.ids) + 300], base=first, transient=True)
+    assert runner.score(Batch([], [first])).prefill_tokens == 150
+    assert runner.score(Batch([], [second])).prefill_tokens == 150
+    assert len(runner.cache) == before + 1  # the second piece only
+    out = runner.score(Batch([Row(ids, 0)], [second]))
+    assert len(runner.cache) == before
+    assert out.logits[0] == pytest.approx(reference_logit(reference_model, ids), abs=TOL_LOGIT)

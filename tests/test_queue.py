@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from worker.queue import POLICIES, Entry, FairQueue, FifoQueue, Policy, make_queue
+from worker.cost import CostModel, Shape
+from worker.queue import POLICIES, Entry, FairQueue, FifoQueue, Policy, TimeBudget, make_queue, shape_of
 
 
 @dataclass(eq=False)
@@ -250,3 +251,135 @@ def test_a_worse_class_only_fills_spare_room() -> None:
     queue.append(entries([50, 50], Owner(label="z")), tenant="a", priority=5)
     queue.append(entries([100, 100], Owner(label="u")), tenant="b", priority=0)
     assert labels(queue.next_batch()) == "uuz"  # 3 * 100 fits; the closer length of z waits its tier
+
+
+# -- the time budget -------------------------------------------------------------------------
+def per_row_and_token(ms_per_row: float, ms_per_token: float) -> CostModel:
+    """A cost model fitted to a device that takes exactly this long."""
+    model = CostModel()
+    for shape in (Shape.of([(t, t)] * r) for t in (10, 100, 1000) for r in (1, 2, 5)):
+        model.calibrate(shape, ms_per_row * shape.rows + ms_per_token * shape.tokens)
+    return model
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    ("costs", "max_batch_ms", "expected_batches"),
+    [
+        ([100] * 6, 250, [[100, 100]] * 3),  # 2 rows x 110 ms fit 250 ms, 3 do not
+        ([100] * 6, 0, [[100] * 6]),  # 0: tokens only, as before the time budget
+        ([1000, 100, 100], 250, [[1000], [100, 100]]),  # a head over the budget runs alone
+        ([100, 10, 10, 10], 140, [[100, 10], [10, 10]]),  # what is left of the budget takes short rows
+    ],
+)
+def test_a_batch_costs_at_most_the_time_budget(policy: Policy, costs: list[int], max_batch_ms: float,
+                                              expected_batches: list[list[int]]) -> None:
+    cost = per_row_and_token(10.0, 1.0)
+    queue = make_queue(policy, 100_000, 64, time=TimeBudget(max_batch_ms, cost) if max_batch_ms else None)
+    queue.append(entries(costs))
+    batches = drain(queue)
+    assert [sorted(e.cost for e in b) for b in batches] == [sorted(b) for b in expected_batches]
+    for batch in batches:  # a row alone may be over; a batch that grew past it never
+        assert len(batch) == 1 or max_batch_ms == 0 or cost.estimate_ms(shape_of(batch)) <= max_batch_ms + 1e-6
+
+
+def test_an_unfitted_cost_model_leaves_the_token_budget_alone() -> None:
+    queue = FairQueue(max_batch_tokens=1000, max_batch_size=64, time=TimeBudget(1.0, CostModel()))
+    queue.append(entries([100] * 10))
+    assert len(queue.next_batch()) == 10
+
+
+@pytest.mark.parametrize("same_tenant", [False, True])
+def test_a_newcomer_waits_for_one_short_batch_not_for_a_token_budget_of_the_flood(same_tenant: bool) -> None:
+    """The flood's rows would fill 4,096 tokens (ten rows, ten times the time budget); under the
+    time budget its batches are one row each, and the newcomer's row runs in the next one, alone,
+    with another tenant or with its own (the same bound between one tenant's calls)."""
+    cost = per_row_and_token(50.0, 1.0)  # a 400-token row: 450 ms
+    queue = FairQueue(max_batch_tokens=4096, max_batch_size=64, time=TimeBudget(500, cost))
+    queue.append(entries([400] * 48, Owner(label="F")), tenant="flood")
+    assert labels(queue.next_batch()) == "F"  # the batch in flight
+    queue.append(entries([20], Owner(label="q")), tenant="flood" if same_tenant else "quiet")
+    batch = queue.next_batch()
+    assert labels(batch) == "q" and cost.estimate_ms(shape_of(batch)) <= 500
+
+
+def test_long_rows_of_one_call_let_others_run_between_them() -> None:
+    """Each long row runs alone (over the budget); another call due meanwhile runs between two
+    of them, not after the whole call."""
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(500, cost))
+    queue.append(entries([3000] * 4, Owner(label="L")), tenant="a")
+    order = [labels(queue.next_batch())]
+    queue.append(entries([50], Owner(label="q")), tenant="a")
+    order += [labels(b) for b in drain(queue)]
+    assert order == ["L", "q", "L", "L", "L"]
+
+
+def run_pieces(queue: FairQueue | FifoQueue) -> list[str]:
+    """Drain as the batcher does: a piece's row advances (its piece becomes prefix) and stays."""
+    order = []
+    while batch := queue.next_batch():
+        order.append("+".join(f"{e.owner.label}{e.piece or e.cost}" for e in batch))  # type: ignore[attr-defined]
+        if batch[0].piece:
+            batch[0].advance(lead=object())
+    return order
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize(
+    ("ms_per_batch", "max_split_tokens", "expected"),
+    [
+        (0.0, 10_000, ["L88", "L88", "L87", "L87"]),  # 1 ms a token, 100 ms: 4 equal pieces of 100 at most
+        (0.0, 349, ["L350"]),  # longer than the runner's cache can hold in pieces: runs whole
+        # 50.2 ms a batch: a piece of 50 tokens would be half fixed cost; 5x the fixed cost is 206
+        # tokens or more: 4 equal pieces
+        (50.2, 10_000, ["L250", "L250", "L250", "L250"]),
+    ],
+)
+def test_a_row_over_the_time_budget_runs_in_pieces(policy: Policy, ms_per_batch: float, max_split_tokens: int,
+                                                   expected: list[str]) -> None:
+    cost = CostModel()
+    for shape in (Shape.of([(t, t)] * r) for t in (10, 100, 1000) for r in (1, 2)):
+        cost.calibrate(shape, ms_per_batch + 1.0 * shape.tokens)
+    queue = make_queue(policy, 100_000, 64, time=TimeBudget(100, cost, max_split_tokens))
+    length = sum(int(n[1:]) for n in expected)
+    queue.append([Entry(list(range(length)), 0, Owner(label="L"), 0)])
+    assert run_pieces(queue) == expected
+    assert queue.queued_tokens == 0 and len(queue) == 0
+
+
+def test_others_run_between_the_pieces_of_a_long_row() -> None:
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 10_000))
+    queue.append([Entry(list(range(300)), 0, Owner(label="L"), 0)], tenant="a")
+    first = run_pieces_once(queue)
+    queue.append(entries([40], Owner(label="q")), tenant="b")
+    assert [first, *run_pieces(queue)] == ["L100", "q40", "L100", "L100"]  # 3 pieces of 100 at most
+
+
+def run_pieces_once(queue: FairQueue) -> str:
+    batch = queue.next_batch()
+    label = "+".join(f"{e.owner.label}{e.piece or e.cost}" for e in batch)  # type: ignore[attr-defined]
+    if batch[0].piece:
+        batch[0].advance(lead=object())
+    return label
+
+
+def test_a_cancelled_row_in_pieces_is_dropped_whole() -> None:
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 10_000))
+    owner = Owner(label="L")
+    queue.append([Entry(list(range(300)), 0, owner, 0)])
+    assert run_pieces_once(queue) == "L100"
+    assert queue.queued_tokens == 200 and len(queue) == 1
+    owner.cancelled = True
+    assert queue.next_batch() == [] and queue.queued_tokens == 0 and len(queue) == 0
+
+
+def test_without_the_warm_up_ladder_no_row_is_split() -> None:
+    """Served batches alone cannot tell a batch's fixed cost: a row over the budget runs whole."""
+    cost = CostModel()
+    cost.observe(Shape.of([(100, 100)]), 1000.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 10_000))
+    queue.append([Entry(list(range(300)), 0, Owner(label="L"), 0)])
+    assert run_pieces(queue) == ["L300"]

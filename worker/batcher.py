@@ -9,7 +9,10 @@ group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` un
 arrives, optionally lingers for more until ``max_wait_ms`` after the oldest queued request
 arrived, takes ``next_batch()``, hands it to ``runner.score`` as a ``Batch`` (rows and the
 prefixes they share, which the batcher decides: see ``_prefix``) on a single model thread,
-and settles what finished.
+and settles what finished. Every batch's measured time refits the cost model
+(``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch that
+is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
+row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
 
 Invariants
 ----------
@@ -32,9 +35,11 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from worker.cost import CostModel, Shape
 from worker.prompt import PromptBuilder, Prompts
-from worker.queue import Entry, Policy, make_queue
+from worker.queue import Entry, Policy, TimeBudget, make_queue, shape_of
 from worker.types import (
+    Attention,
     Batch,
     BatchScores,
     Device,
@@ -48,6 +53,7 @@ from worker.types import (
     ScoreRequest,
     ScoreResult,
     ShuttingDown,
+    Truncation,
 )
 
 log = logging.getLogger(__name__)
@@ -59,12 +65,15 @@ SMALL_CALL_CHARS = 16_384  # query + documents: a few milliseconds of tokenizing
 # (512 MiB is ~2,300 prefix tokens of the 0.6B model in fp32), few enough to cost little here
 RECENT_PREFIXES = 256
 
+CALIBRATION_MIN_TOKENS = 512  # the time budget's calibration ladder climbs at least this far
+
 
 @dataclass(frozen=True, slots=True)
 class BatcherConfig:
     max_batch_tokens: int = 8192  # padded cost: longest row * rows
     max_batch_size: int = 64
     max_wait_ms: float = 2.0  # linger for more work when the model is idle; 0: never
+    max_batch_ms: float = 500.0  # what one batch may take (worker/cost.py estimates it); 0: no bound
     max_queued_docs: int = 4096  # backpressure: more is Overloaded
     max_queued_tokens: int = 1_048_576  # ... and so is more queued work (row tokens, prefixes cached)
     scheduler: Policy = Policy.FAIR  # worker/queue.py: fair (tenants, priority) or fifo (arrival order)
@@ -74,12 +83,13 @@ class BatcherConfig:
 
     @classmethod
     def for_device(cls, device: Device) -> BatcherConfig:
-        """Defaults that suit the device. A CPU gains nothing from rows beyond a few thousand
-        tokens (the matrix work is already large) but its latency grows with the batch; a
-        GPU needs big batches to fill its cores (measured: docs/PERFORMANCE.md)."""
+        """Defaults that suit the device. A CPU gains nothing from rows beyond a few hundred
+        tokens (the matrix work is already large) but a waiting caller's latency grows with the
+        batch: half a second of it at most; a GPU needs big batches to fill its cores, and a
+        quarter second of one is tens of thousands of tokens (measured: docs/PERFORMANCE.md)."""
         if device is Device.CUDA:
-            return cls(max_batch_tokens=65_536, max_batch_size=512, max_wait_ms=2.0)
-        return cls(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=2.0)
+            return cls(max_batch_tokens=65_536, max_batch_size=512, max_wait_ms=2.0, max_batch_ms=250.0)
+        return cls(max_batch_tokens=4096, max_batch_size=64, max_wait_ms=2.0, max_batch_ms=500.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,6 +103,7 @@ class BatchStats:
     prefill_tokens: int  # shared prefixes computed for this batch (not part of padded_tokens)
     seconds: float
     failed: bool
+    estimated_seconds: float = 0.0  # what the cost model expected before it ran
 
 
 @dataclass(eq=False)
@@ -124,15 +135,19 @@ class Group:
 
 class Batcher:
     def __init__(self, runner: Runner, builder: PromptBuilder, config: BatcherConfig | None = None,
-                 on_batch: Callable[[BatchStats], None] | None = None) -> None:
+                 on_batch: Callable[[BatchStats], None] | None = None, cost: CostModel | None = None) -> None:
         self.runner = runner
         self.builder = builder
         # the query prefixes of recent requests by their ids, so a query asked again (the next
         # page of results, a retry, many callers asking the same) finds its cached K/V
         self._recent_prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.config = config or BatcherConfig()
-        self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens,
-                                self.config.max_batch_size, self.config.window)
+        # the time budget's yardstick: fitted by warmup(), or handed over already fitted
+        self.cost = cost or CostModel(padded=runner.info().attention is Attention.PADDED)
+        budget = (TimeBudget(self.config.max_batch_ms, self.cost, runner.info().max_split_tokens)
+                  if self.config.max_batch_ms > 0 else None)
+        self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
+                                self.config.window, time=budget)
         self.on_batch = on_batch
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -150,7 +165,11 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="batcher")
 
     async def warmup(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(self._model_thread, self.runner.warmup)
+        """The runner's warm-up, then the time budget's calibration on this device."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._model_thread, self.runner.warmup)
+        if self.config.max_batch_ms > 0 and not self.cost.fitted:
+            await loop.run_in_executor(self._model_thread, self._calibrate)
 
     async def close(self, grace_s: float = 0.0) -> None:
         """Stop taking work, finish what is queued within ``grace_s``, fail the rest."""
@@ -253,14 +272,21 @@ class Batcher:
             batch = self.queue.next_batch()
             if not batch:
                 continue
+            shape, work = shape_of(batch), _to_batch(batch)
+            expected = self.cost.estimate_ms(shape) / 1000
             started = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._model_thread, self.runner.score, _to_batch(batch))
+                out = await loop.run_in_executor(self._model_thread, self.runner.score, work)
             except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
                 log.exception("model failed on a batch of %d documents", len(batch))
                 self._settle_failed(batch, exc, time.perf_counter() - started)
+                continue
+            seconds = time.perf_counter() - started
+            self.cost.observe(shape, 1000 * seconds)
+            if work.rows:
+                self._settle(batch, out, seconds, expected)
             else:
-                self._settle(batch, out, time.perf_counter() - started)
+                self._advance(batch[0], work.prefixes[0], out, seconds, expected)
 
     async def _linger(self) -> None:
         """While the queue could take more, wait until max_wait_ms after the oldest queued
@@ -286,7 +312,7 @@ class Batcher:
         return (self.queue.queued_tokens >= self.config.max_batch_tokens
                 or len(self.queue) >= self.config.max_batch_size)
 
-    def _settle(self, batch: list[Entry], out: BatchScores, seconds: float) -> None:
+    def _settle(self, batch: list[Entry], out: BatchScores, seconds: float, expected: float) -> None:
         groups: set[Group] = set()
         for entry, logit, computed in zip(batch, out.logits, out.computed, strict=True):
             group = entry.owner
@@ -301,7 +327,44 @@ class Batcher:
         if tokens:
             self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / tokens
         self._report(BatchStats(len(batch), len(groups), tokens, out.padded_tokens, out.prefill_tokens,
-                                seconds, False))
+                                seconds, False, expected))
+
+    def _calibrate(self) -> None:
+        """On the model thread: time a ladder of shapes on this device, doubling the tokens from 32
+        until one row alone takes twice the budget, 512 tokens at least (a slow device's first
+        steps are all fixed cost: the fit needs the slope too), or the token budget ends it; each
+        step as one row and as eight, on the cached system prompt, so the fit can tell rows,
+        tokens and attention apart."""
+        cap = max(16, self.builder.max_length - len(self.builder.prefix_ids) - 64)  # a row's own tokens
+        tokens, lone_ms = 32, 0.0
+        while ((lone_ms < 2 * self.config.max_batch_ms or tokens <= CALIBRATION_MIN_TOKENS)
+               and tokens <= self.config.max_batch_tokens):
+            few = min(-(-tokens // cap), self.config.max_batch_size)
+            lone_ms = self._time_calibration(few, tokens)
+            self._time_calibration(min(8 * few, self.config.max_batch_size), tokens)
+            tokens *= 2
+        fit = self.cost.coefficients()
+        log.info("batch time budget %.0f ms; fitted on this device: %.1f ms a batch + %.2f ms a row + %.1f ms "
+                 "per 1k tokens + %.1f ms per 1M attention pairs", self.config.max_batch_ms, fit["batch"],
+                 fit["row"], fit["kilotoken"], fit["megapair"])
+
+    def _time_calibration(self, rows: int, tokens: int) -> float:
+        """Score ``rows`` rows of ``tokens`` own tokens in all on the system prompt; the fit learns it."""
+        system = self.builder.system
+        prompts = self.builder.build("calibration", ["the " * (tokens // rows)] * rows, None, Truncation.END)
+        started = time.perf_counter()
+        self.runner.score(Batch([Row(ids, 0) for ids in prompts.sequences], [system]))
+        ms = 1000 * (time.perf_counter() - started)
+        self.cost.calibrate(Shape.of((len(ids) - len(system.ids), len(ids)) for ids in prompts.sequences), ms)
+        return ms
+
+    def _advance(self, entry: Entry, piece: Prefix, out: BatchScores, seconds: float, expected: float) -> None:
+        """A row's leading piece ran: the row stays queued, to continue from it."""
+        entry.advance(piece)
+        group = entry.owner
+        assert isinstance(group, Group)
+        group.computed_tokens += out.prefill_tokens
+        self._report(BatchStats(1, 1, out.prefill_tokens, 0, out.prefill_tokens, seconds, False, expected))
 
     def _settle_failed(self, batch: list[Entry], exc: BaseException, seconds: float) -> None:
         groups = {entry.owner for entry in batch}
@@ -324,15 +387,26 @@ class Batcher:
 
 
 def _to_batch(entries: list[Entry]) -> Batch:
-    """The runner's view of queued entries: rows, and each distinct prefix once."""
-    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request
+    """The runner's view of queued entries: rows, and each distinct prefix once. A row's piece
+    (it runs alone) is no row: its leading tokens become a transient prefix on what it has."""
+    if entries[0].piece:
+        entry = entries[0]
+        return Batch([], [Prefix(entry.ids[: entry.prefix_len + entry.piece], _prefix_of(entry), transient=True)])
+    slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request (or per split row)
     rows = []
     for entry in entries:
-        group = entry.owner
-        assert isinstance(group, Group)
-        prefix = group.prefix
+        prefix = _prefix_of(entry)
         rows.append(Row(entry.ids, -1 if prefix is None else slots.setdefault(prefix, len(slots))))
     return Batch(rows, list(slots))
+
+
+def _prefix_of(entry: Entry) -> Prefix | None:
+    """What the row continues from: its own pieces run so far, or its request's prefix."""
+    if isinstance(entry.lead, Prefix):
+        return entry.lead
+    group = entry.owner
+    assert isinstance(group, Group)
+    return group.prefix
 
 
 def _sigmoid(x: float) -> float:

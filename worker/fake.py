@@ -71,4 +71,4 @@ class FakeRunner:
 
     def info(self) -> RunnerInfo:
         return RunnerInfo(model="fake", max_length=self.builder.max_length, dtype=DType.FLOAT32,
-                          device=Device.CPU, attention=Attention.PADDED)
+                          device=Device.CPU, attention=Attention.PADDED, max_split_tokens=self.builder.max_length)

@@ -24,7 +24,11 @@ batch contested by several classes goes to the class holding the oldest queued r
 Both build a batch the same way (``_Budget.fill``): the first candidate (the head) always
 runs; the other candidates join closest length first, in buckets of ~1/8 of the head's
 length, in candidate order within a bucket, while the batch fits. Rows of one request keep
-their shared prefix, so they stay groupable.
+their shared prefix, so they stay groupable. What fits is counted in tokens and in time: a
+caller that arrives while a batch runs waits for it, so a batch may cost at most
+``max_batch_ms`` of the device at hand, as ``worker.cost.CostModel`` (fitted on this device,
+at warm-up and from every batch since) estimates it from the batch's shape. A large call
+therefore runs as many short batches, and a newcomer joins at the next boundary.
 
 Invariants
 ----------
@@ -32,6 +36,18 @@ Invariants
   and ``max(len(ids)) * len(batch) <= max_attention_tokens``, except a head too large for
   any batch: it runs alone rather than never. ``cost`` is the tokens a row computes (its
   shared prefix is cached); attention also reads the prefix, hence the second bound.
+* Time (with a ``TimeBudget`` whose cost model is fitted): ``estimate_ms(batch) <=
+  max_batch_ms``, except a head that alone is over it. Such a row runs alone in *pieces*:
+  each batch computes its next tokens' K/V on top of the last (a prefix of its own, exact as
+  any prefix is), and the batcher advances it, still queued, until what is left fits. A piece
+  is the most that fits the budget, but at least ``PIECE_OVER_FIXED`` times the device's
+  fixed cost of a batch (a CPU streams every weight once a batch; smaller pieces would waste
+  most of it), and a row longer than ``max_split_tokens`` (its K/V would not stay in the
+  runner's cache between pieces) runs whole. So the batch in flight, which is all a newly due
+  caller waits for, takes at most about ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``,
+  or, behind a row too long to split, that row's own time (docs/OPERATIONS.md). Each piece is
+  charged to its request's and tenant's clocks like a row, so the fair order puts every other
+  due request between the pieces of a long row, and between one call's long rows.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
   of the class chosen, so the tenant of a class that has had the fewest tokens served since
   it had work queued is in the next batch. A call never waits for another tenant's call to
@@ -59,10 +75,14 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
+
+from worker.cost import CostModel, Shape
+
+PIECE_OVER_FIXED = 5  # a row's piece takes at least this many times a batch's fixed cost
 
 
 class Policy(StrEnum):
@@ -87,9 +107,32 @@ class Entry:
     owner: Owner
     index: int  # the document's position in its request
     cost: int = field(init=False)  # tokens this row adds to a batch
+    piece: int = field(init=False, default=0)  # >0: the batch runs only this many of its tokens (a piece)
+    lead: object = field(init=False, default=None)  # the batcher's handle on its pieces run so far
 
     def __post_init__(self) -> None:
         self.cost = len(self.ids) - self.prefix_len
+
+    def advance(self, lead: object) -> None:
+        """Its piece ran: those tokens are now part of its prefix (``lead``), and it stays queued."""
+        self.prefix_len += self.piece
+        self.cost -= self.piece
+        self.piece = 0
+        self.lead = lead
+
+
+@dataclass(frozen=True, slots=True)
+class TimeBudget:
+    """What one batch may take (``max_batch_ms``, as ``cost`` estimates it), and the longest
+    row that may run in pieces to keep to it (0: none; the runner's cache holds the pieces)."""
+
+    max_batch_ms: float
+    cost: CostModel
+    max_split_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_batch_ms <= 0:
+            raise ValueError("max_batch_ms must be positive (no time budget: pass none)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,6 +140,30 @@ class _Budget:
     max_batch_tokens: int
     max_batch_size: int
     max_attention_tokens: int
+    time: TimeBudget | None = None
+
+    def in_time(self, shape: Shape) -> bool:
+        return self.time is None or self.time.cost.estimate_ms(shape) <= self.time.max_batch_ms
+
+    def piece(self, head: Entry) -> int:
+        """Tokens of ``head`` to run now: 0 (all of it) unless it alone is over the time budget
+        and may be split. Then the row is cut into equal pieces of at least the most that fit
+        the budget, but never of so few tokens that a batch's fixed cost is over a fifth of the
+        piece's time (a CPU streams every weight once a batch: pieces of a few tokens would run
+        at a fraction of its rate; judged by the warm-up fit, which saw the whole range)."""
+        time = self.time
+        if (time is None or not time.cost.calibrated or len(head.ids) > time.max_split_tokens
+                or self.in_time(shape_of([head]))):
+            return 0
+
+        def ms(k: int, at_warmup: bool = False) -> float:
+            return time.cost.estimate_ms(Shape.of([(k, head.prefix_len + k)]), at_warmup=at_warmup)
+
+        fits = _first(head.cost, lambda k: ms(k) > time.max_batch_ms) - 1
+        efficient = _first(head.cost, lambda k: ms(k, True) >= PIECE_OVER_FIXED * ms(1, True))
+        # as few pieces as keep each within the budget, or as many as keep each efficient
+        pieces = -(-head.cost // fits) if fits >= efficient else head.cost // efficient
+        return -(-head.cost // pieces) if pieces > 1 else 0
 
     def fill(self, candidates: list[Entry], tiers: list[int] | None = None,
              early: list[bool] | None = None) -> list[Entry]:
@@ -104,29 +171,32 @@ class _Budget:
         candidates above length closeness: rows of a worse class only fill spare room. An
         ``early`` row (not yet due) joins only if it is no longer than the head."""
         head = candidates[0]
+        head.piece = self.piece(head)
+        if head.piece:
+            return [head]  # alone: the rest of the budget is this row's next piece, later
         bucket = max(8, head.cost // 8)
         tier = tiers or [0] * len(candidates)
         order = sorted(range(1, len(candidates)),
                        key=lambda n: (tier[n], abs(candidates[n].cost - head.cost) // bucket, n))
-        batch, longest, widest = [head], head.cost, len(head.ids)
+        batch, shape = [head], shape_of([head])
         for n in order:
             entry = candidates[n]
             if early and early[n] and entry.cost > head.cost:
                 continue
-            grown, wider, rows = max(longest, entry.cost), max(widest, len(entry.ids)), len(batch) + 1
-            if (rows <= self.max_batch_size and grown * rows <= self.max_batch_tokens
-                    and wider * rows <= self.max_attention_tokens):
+            grown = shape.plus(entry.cost, len(entry.ids))
+            if (grown.rows <= self.max_batch_size and grown.longest * grown.rows <= self.max_batch_tokens
+                    and grown.widest * grown.rows <= self.max_attention_tokens and self.in_time(grown)):
                 batch.append(entry)
-                longest, widest = grown, wider
+                shape = grown
         return batch
 
 
 class _QueueBase:
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None) -> None:
+                 max_attention_tokens: int | None = None, time: TimeBudget | None = None) -> None:
         if max_batch_tokens < 1 or max_batch_size < 1 or window < 1:
             raise ValueError("max_batch_tokens, max_batch_size and window must be positive")
-        self.budget = _Budget(max_batch_tokens, max_batch_size, max_attention_tokens or 4 * max_batch_tokens)
+        self.budget = _Budget(max_batch_tokens, max_batch_size, max_attention_tokens or 4 * max_batch_tokens, time)
         self.window = window  # candidates considered for one batch (length bucketing look-ahead)
         self.queued_tokens = 0
         self._count = 0
@@ -144,8 +214,8 @@ class FifoQueue(_QueueBase):
     """Oldest entry first, whoever sent it: the policy before fair scheduling."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None) -> None:
-        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+                 max_attention_tokens: int | None = None, time: TimeBudget | None = None) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens, time)
         self._entries: deque[Entry] = deque()
 
     def append(self, entries: Iterable[Entry], *, tenant: str = "", priority: int = 0) -> None:
@@ -164,10 +234,11 @@ class FifoQueue(_QueueBase):
         if not window:
             return []
         batch = self.budget.fill(window)
-        taken = set(map(id, batch))
+        taken = {id(e) for e in batch if not e.piece}  # a piece's row stays, first in line
         leftover = [e for e in window if id(e) not in taken]
         self._entries.extendleft(reversed(leftover))  # back at the front, in arrival order
         self._counted(leftover, +1)
+        self.queued_tokens -= sum(e.piece for e in batch)
         return batch
 
     def drop_cancelled(self) -> int:
@@ -211,8 +282,9 @@ class FairQueue(_QueueBase):
     """Priority classes; in each, tenants and then their requests share by tokens (DRR)."""
 
     def __init__(self, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-                 max_attention_tokens: int | None = None, share_every: int = 4) -> None:
-        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens)
+                 max_attention_tokens: int | None = None, time: TimeBudget | None = None,
+                 share_every: int = 4) -> None:
+        super().__init__(max_batch_tokens, max_batch_size, window, max_attention_tokens, time)
         if share_every < 2:
             raise ValueError("share_every must be at least 2 (1 would ignore priority)")
         self.share_every = share_every
@@ -302,20 +374,22 @@ class FairQueue(_QueueBase):
                 heapq.heappush(tenants, (t_clock + entry.cost, t_seq, n))
 
     def _take(self, batch: list[Entry]) -> None:
-        """Remove ``batch`` from the queue and charge each row its padded cost."""
-        padded = max(e.cost for e in batch)
-        taken = {id(e) for e in batch}
+        """Remove ``batch`` from the queue (a piece's row stays, with its tokens left) and charge
+        each row its padded cost."""
+        padded = max(e.piece or e.cost for e in batch)
+        served = {id(e) for e in batch}
+        taken = {id(e) for e in batch if not e.piece}
         owners = {id(e.owner) for e in batch}
         for cls in list(self._classes.values()):
             tenant_clocks = []
             for name, tenant in list(cls.tenants.items()):
-                served = [f for k, f in tenant.flows.items() if k in owners]
-                if not served:
+                flows = [f for k, f in tenant.flows.items() if k in owners]
+                if not flows:
                     continue
                 tenant_clocks.append(tenant.vtime)
-                tenant.clock = max(tenant.clock, min(f.vtime for f in served))
-                for flow in served:
-                    rows = sum(1 for e in flow.entries if id(e) in taken)
+                tenant.clock = max(tenant.clock, min(f.vtime for f in flows))
+                for flow in flows:
+                    rows = sum(1 for e in flow.entries if id(e) in served)
                     flow.vtime += padded * rows
                     tenant.vtime += padded * rows
                     flow.entries = [e for e in flow.entries if id(e) not in taken]
@@ -324,7 +398,8 @@ class FairQueue(_QueueBase):
                 self._forget_if_idle(cls, name)
             if tenant_clocks:
                 cls.clock = max(cls.clock, min(tenant_clocks))
-        self._counted(batch, -1)
+        self._counted([e for e in batch if not e.piece], -1)
+        self.queued_tokens -= sum(e.piece for e in batch)
 
     def _forget_if_idle(self, cls: _Class, tenant: str) -> None:
         """A tenant without queued work keeps no clock (no credit, no debt); an empty class goes."""
@@ -334,11 +409,27 @@ class FairQueue(_QueueBase):
             self._classes.pop(cls.priority, None)
 
 
+def _first(n: int, over: Callable[[int], bool]) -> int:
+    """The least k in 1..n with ``over(k)`` (false, then true, as k grows); n + 1 if none."""
+    lo, hi = 1, n + 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if over(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def shape_of(entries: Iterable[Entry]) -> Shape:
+    """A batch's shape, as the budget counted it while filling."""
+    return Shape.of((e.piece or e.cost, e.prefix_len + (e.piece or e.cost)) for e in entries)
+
+
 def make_queue(policy: str, max_batch_tokens: int, max_batch_size: int, window: int = 512,
-               max_attention_tokens: int | None = None) -> FairQueue | FifoQueue:
-    if policy == "fair":
-        return FairQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
-    if policy == "fifo":
-        return FifoQueue(max_batch_tokens, max_batch_size, window, max_attention_tokens)
-    raise ValueError(f"unknown scheduler {policy!r}: use one of {', '.join(POLICIES)}")
+               max_attention_tokens: int | None = None, time: TimeBudget | None = None) -> FairQueue | FifoQueue:
+    kind: type[FairQueue] | type[FifoQueue] | None = {"fair": FairQueue, "fifo": FifoQueue}.get(policy)
+    if kind is None:
+        raise ValueError(f"unknown scheduler {policy!r}: use one of {', '.join(POLICIES)}")
+    return kind(max_batch_tokens, max_batch_size, window, max_attention_tokens, time)
 

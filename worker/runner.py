@@ -69,6 +69,11 @@ class PrefixCache:
             _, (_, dropped) = self._entries.popitem(last=False)
             self.bytes -= dropped
 
+    def drop(self, key: Prefix) -> None:
+        hit = self._entries.pop(key, None)
+        if hit is not None:
+            self.bytes -= hit[1]
+
     def __len__(self) -> int:
         return len(self._entries)
 
@@ -128,9 +133,11 @@ class ModelRunner:  # implements worker.types.Runner
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
 
     def info(self) -> RunnerInfo:
+        s = self.scorer
+        kv_bytes = len(s.layers) * 2 * s.kv_heads * s.head_dim * self.dtype.itemsize  # one token's K/V
         return RunnerInfo(model=self.model_id, max_length=self.builder.max_length,
-                          dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(self.scorer.device.type),
-                          attention=self.scorer.attention.kind)
+                          dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(s.device.type),
+                          attention=s.attention.kind, max_split_tokens=self.cache.max_bytes // kv_bytes)
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
@@ -175,6 +182,11 @@ class ModelRunner:  # implements worker.types.Runner
     @torch.inference_mode()
     def score(self, batch: Batch) -> BatchScores:
         kvs, spent = self._prefix_kv(batch.prefixes)
+        if not batch.rows:  # a row's leading piece: its K/V, cached for the rest of the row
+            return BatchScores([], [], 0, prefill_tokens=sum(spent))
+        for piece in batch.prefixes:
+            if piece.transient:  # the row continues from it now, and nothing else will
+                self.cache.drop(piece)
         tails = [row.ids[batch.prefix_len(row):] for row in batch.rows]
         computed = [len(t) for t in tails]
         first_row: dict[int, int] = {}
@@ -243,6 +255,8 @@ class ModelRunner:  # implements worker.types.Runner
             self.cache.put(p, kv)
             known[p] = kv
             spent[charge[p]] += len(p.ids) - skip
+        if base is not None and base.transient:  # a row's earlier piece: the new one carries it on
+            self.cache.drop(base)
 
 
 @dataclass(frozen=True, slots=True)

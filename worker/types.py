@@ -129,6 +129,9 @@ class Prefix:
 
     ids: list[int]
     base: Prefix | None = None  # a prefix these ids start with: computed first, and only the rest on top
+    # a row's own leading piece (worker/queue.py splits a row over the time budget across
+    # batches): used once, by the row's next piece or the row itself, then dropped
+    transient: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +158,9 @@ class RunnerInfo:
     dtype: DType
     device: Device
     attention: Attention
+    # the longest prompt whose K/V the prefix cache holds: a row over the time budget may be run
+    # in pieces up to this length (each piece's K/V waits in the cache for the next); 0: never
+    max_split_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)
