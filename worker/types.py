@@ -13,7 +13,7 @@ from typing import Protocol
 
 
 class Attention(enum.StrEnum):
-    """How the runner lays out attention (worker/qwen3.py)."""
+    """How the runner lays out attention (worker/attention.py)."""
 
     PADDED = "padded"  # masked SDPA over padded rows; every device
     VARLEN = "varlen"  # FlashAttention's variable-length kernel: CUDA, 16-bit only
