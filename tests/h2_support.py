@@ -62,7 +62,13 @@ class RawConnection:
         settings = struct.pack(">HI", HEADER_TABLE_SIZE, 0)  # no dynamic table: the decoder below needs none
         writer.write(PREFACE + _frame(SETTINGS, 0, 0, settings))
         conn._reading = asyncio.create_task(conn._read_frames())
-        await asyncio.wait_for(conn.settled.wait(), 10)
+        try:
+            await asyncio.wait_for(conn.settled.wait(), 10)
+            if conn.closed:
+                raise ConnectionError("the server closed the connection before its SETTINGS")
+        except BaseException:
+            await conn.close()
+            raise
         return conn
 
     async def close(self) -> None:
@@ -73,9 +79,10 @@ class RawConnection:
             await self.writer.wait_closed()
 
     async def call(self, path: str, payload: memoryview, announced: int,
-                   metadata: tuple[tuple[str, str], ...] = ()) -> RawCall:
-        """Send ``payload[:announced]`` as far as the windows allow; return once the server ends
-        the call (or stops granting windows: the caller's timeout decides)."""
+                   metadata: tuple[tuple[str, str], ...] = (), send_at_most: int | None = None) -> RawCall:
+        """Send ``payload[:announced]`` as far as the windows allow (and at most ``send_at_most``
+        bytes of it); return once the server ends the call (the caller's timeout decides
+        otherwise)."""
         call = RawCall(self._next_id, announced, window=self.initial_window)
         self._next_id += 2
         self.calls[call.stream_id] = call
@@ -83,14 +90,15 @@ class RawConnection:
                    ("content-type", "application/grpc"), ("te", "trailers"), *metadata]
         self.writer.write(_frame(HEADERS, END_HEADERS, call.stream_id, _hpack(headers)))
         prefix, started = b"\x00" + struct.pack(">I", announced), False
-        while not call.done.is_set() and (not started or call.sent < announced):
+        stop = announced if send_at_most is None else min(announced, send_at_most)
+        while not call.done.is_set() and (not started or call.sent < stop):
             room = min(call.window, self.window, _FRAME)
             if room <= len(prefix):  # the prefix goes in one frame with the message's first bytes
                 self.granted.clear()
                 await _first(self.granted.wait(), call.done.wait())
                 continue
             head = b"" if started else prefix
-            body = bytes(payload[call.sent:min(announced, call.sent + room - len(head))])
+            body = bytes(payload[call.sent:min(stop, call.sent + room - len(head))])
             chunk, started = head + body, True
             call.sent += len(body)
             last = call.sent == announced
@@ -112,6 +120,7 @@ class RawConnection:
             pass
         finally:
             self.closed = True
+            self.settled.set()
             for call in self.calls.values():
                 call.done.set()
             self.granted.set()
