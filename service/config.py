@@ -182,6 +182,10 @@ class ServeConfig(FrontConfig):
                                                  "received or held at once, all calls together (a message being "
                                                  "read counts as --max-request-bytes); past it calls get "
                                                  "RESOURCE_EXHAUSTED with retry-after-ms")
+    grpc_bdp_probe: bool = knob(False, "let grpcio grow HTTP/2 flow-control windows toward the link's "
+                                "bandwidth-delay product: faster megabyte messages over long links, but every "
+                                "call's stream, keyless ones too, may then carry megabytes before it is refused "
+                                "(docs/SECURITY.md)")
 
     def limits(self) -> Limits:
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})

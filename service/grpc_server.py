@@ -303,14 +303,14 @@ def limit_options(limits: GrpcLimits) -> list[tuple[str, int]]:
             ("grpc.max_allowed_incoming_connections", limits.max_connections)]
 
 
-def flow_control_options() -> list[tuple[str, int]]:
+def flow_control_options(bdp_probe: bool) -> list[tuple[str, int]]:
     """What the transport may take in of a message nobody has asked for yet: one stream
     window. grpcio's BDP probing grows the windows it grants toward the bandwidth-delay
-    product (megabytes) whenever data flows, so a keyless caller's stream could carry that
-    much before ``KeyGuard`` refuses it; off, each stream starts at HTTP/2's 64 KiB. A message
-    that is asked for still gets a window as large as itself, so a keyed call's speed on
-    loopback is unchanged (docs/SECURITY.md has the figures)."""
-    return [("grpc.http2.bdp_probe", 0)]
+    product (5 MiB grants, measured) whenever data flows, so a keyless caller's stream could
+    carry megabytes before ``KeyGuard`` refuses it (400 keyless calls: 2.4 GB); off, each
+    stream starts at HTTP/2's 64 KiB. A message that is asked for is then granted about
+    1 MiB ahead: no slower on loopback or a LAN, slower over long links (``--grpc-bdp-probe``)."""
+    return [("grpc.http2.bdp_probe", int(bdp_probe))]
 
 
 class GrpcServer:
@@ -318,7 +318,7 @@ class GrpcServer:
 
     def __init__(self, core: RerankCore, metrics: Metrics, *, host: str, port: int,
                  tls: TlsFiles | None = None, max_connection_age_s: float | None = None,
-                 limits: GrpcLimits | None = None) -> None:
+                 limits: GrpcLimits | None = None, bdp_probe: bool = False) -> None:
         self.host = host
         self.port = port
         self.tls = tls
@@ -326,7 +326,7 @@ class GrpcServer:
         self.health = health.aio.HealthServicer()
         limits = limits or GrpcLimits()
         options = (message_options(core.limits) + connection_options(max_connection_age_s)
-                   + limit_options(limits) + flow_control_options())
+                   + limit_options(limits) + flow_control_options(bdp_probe))
         auth = CheckedOnce(core.auth)
         budget = BodyBudget(limits.max_message_bytes_in_flight, on_drained=Trimmer().after_burst)
         self.guard = KeyGuard(auth, budget, core.limits.max_request_bytes, metrics)
