@@ -34,6 +34,7 @@ from service.edge import BodyBudget, CheckedOnce
 from service.errors import Code, ServiceError
 from service.metrics import Metrics
 
+log = logging.getLogger(__name__)
 access_log = logging.getLogger("rerank.access")
 
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
@@ -48,6 +49,9 @@ _BUSY = ServiceError(Code.OVERLOADED, "the server is receiving too many request 
 
 
 class KeyGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is untyped
+    """The key of ``KEYED_METHODS``, then the budget for every method (health and reflection
+    included: a keyless caller may call them, but not with megabytes at a time)."""
+
     def __init__(self, auth: CheckedOnce, budget: BodyBudget, max_message_bytes: int, metrics: Metrics) -> None:
         self.auth = auth
         self.budget = budget
@@ -67,6 +71,10 @@ class KeyGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
                 principal = await self.auth.auth.authenticate(key)
             except ServiceError as exc:
                 return _refusal(handler, path, exc, self.metrics)
+            except Exception:  # a bug in a key store: INTERNAL, as the servicer answers one, never UNKNOWN
+                log.exception("checking the key of %s failed", path)
+                return _refusal(handler, path, ServiceError(Code.INTERNAL, "internal error; see the server log"),
+                                self.metrics)
             return self._budgeted(handler, path, lambda: CheckedOnce.vouch(key, principal))
         return self._budgeted(handler, path, lambda: None)
 

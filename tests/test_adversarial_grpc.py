@@ -339,6 +339,18 @@ async def test_a_keyed_call_is_looked_up_once(keyed_app: tuple[App, Keys]) -> No
     assert keys.lookups - before == 1
 
 
+async def test_a_failing_key_store_is_internal_never_unknown() -> None:
+    """A key store that raises something other than a ServiceError (a bug) fails the call
+    with INTERNAL, as the servicer would, before the message is read."""
+    class Broken:
+        async def authenticate(self, api_key: str | None) -> Principal:
+            raise RuntimeError("a bug in the key store")
+
+    async with running_app(parts=CoreParts(auth=Broken())) as app:
+        code, details = await raw_call(app, RERANK, bytes(message_of(1000)), KEYED)
+    assert code is grpc.StatusCode.INTERNAL and "server log" in details, (code, details)
+
+
 async def test_message_bytes_in_flight_are_capped_whatever_the_key() -> None:
     """--grpc-max-message-bytes-in-flight: a message being read holds --max-request-bytes of the
     budget; a call that finds no room within BUDGET_WAIT_S is RESOURCE_EXHAUSTED with
