@@ -81,6 +81,10 @@ class BatcherConfig:
     prefix_reuse: bool = True  # share the query prefix across a request's documents
     tokenizer_threads: int = 2
 
+    def __post_init__(self) -> None:
+        if self.max_batch_ms < 0:
+            raise ValueError(f"max_batch_ms must be 0 (tokens only) or positive, not {self.max_batch_ms}")
+
     @classmethod
     def for_device(cls, device: Device) -> BatcherConfig:
         """Defaults that suit the device. A CPU gains nothing from rows beyond a few hundred
