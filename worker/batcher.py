@@ -147,8 +147,9 @@ class Batcher:
         self._recent_prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.config = config or BatcherConfig()
         # the time budget's yardstick: fitted by warmup(), or handed over already fitted
-        self.cost = cost or CostModel(padded=runner.info().attention is Attention.PADDED)
-        budget = (TimeBudget(self.config.max_batch_ms, self.cost, runner.info().max_split_tokens)
+        info = runner.info()
+        self.cost = cost or CostModel(padded=info.attention is Attention.PADDED)
+        budget = (TimeBudget(self.config.max_batch_ms, self.cost, info.max_split_tokens)
                   if self.config.max_batch_ms > 0 else None)
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
                                 self.config.window, time=budget)
@@ -172,7 +173,7 @@ class Batcher:
         """The runner's warm-up, then the time budget's calibration on this device."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._model_thread, self.runner.warmup)
-        if self.config.max_batch_ms > 0 and not self.cost.fitted:
+        if self.config.max_batch_ms > 0 and not self.cost.calibrated:
             await loop.run_in_executor(self._model_thread, self._calibrate)
 
     async def close(self, grace_s: float = 0.0) -> None:
