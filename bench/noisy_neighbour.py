@@ -217,6 +217,8 @@ def main() -> int:
                         help="same: the quiet calls come from the flood's tenant (every caller under --no-auth)")
     parser.add_argument("--flood-alone", action=argparse.BooleanOptionalAction, default=True,
                         help="also run the flood without the quiet tenant (throughput without interruptions)")
+    parser.add_argument("--prefix-cache-mb", type=int, default=512,
+                        help="the runner's prefix cache: a row runs in pieces only if its K/V fits in it")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
@@ -224,7 +226,7 @@ def main() -> int:
     if not (model_dir / "config.json").exists():
         print(f"building random-weight {args.size} checkpoint in {model_dir} ...", flush=True)
         make_random_reranker(model_dir, args.size)
-    runner = ModelRunner.load(str(model_dir), device=args.device)
+    runner = ModelRunner.load(str(model_dir), device=args.device, prefix_cache_mb=args.prefix_cache_mb)
     runner.warmup()
     print(f"cpu={cpu_name()!r} device={args.device} model={model_dir.name}", flush=True)
     rows = asyncio.run(run(runner, args))

@@ -132,7 +132,7 @@ class App:
                                parts=core_parts)
         self.grpc = GrpcServer(self.core, self.metrics, host=config.host, port=config.grpc_port,
                                tls=config.tls(), max_connection_age_s=config.max_connection_age_s,
-                               limits=config.grpc_limits())
+                               limits=config.grpc_limits(), bdp_probe=config.grpc_bdp_probe)
         self.components.append(self.grpc)
         if config.metrics_port is not None:
             self.components.append(MetricsServer(self.metrics, config.host, config.metrics_port))

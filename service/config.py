@@ -168,6 +168,16 @@ class ServeConfig(FrontConfig):
                                              "next call)")
     grpc_max_metadata_bytes: int = knob(_GRPC.max_metadata_bytes, "bytes of a gRPC call's metadata (its "
                                         "headers); larger is RESOURCE_EXHAUSTED")
+    grpc_max_connections: int = knob(_GRPC.max_connections, "open gRPC connections, all peers together; past "
+                                     "it a new connection is closed as soon as it is accepted (clients retry)")
+    grpc_max_message_bytes_in_flight: int = knob(_GRPC.max_message_bytes_in_flight, "gRPC request message bytes "
+                                                 "received or held at once, all calls together (a message being "
+                                                 "read counts as --max-request-bytes); past it calls get "
+                                                 "RESOURCE_EXHAUSTED with retry-after-ms")
+    grpc_bdp_probe: bool = knob(False, "let grpcio grow HTTP/2 flow-control windows toward the link's "
+                                "bandwidth-delay product: faster megabyte messages over long links, but every "
+                                "call's stream, keyless ones too, may then carry megabytes before it is refused "
+                                "(docs/SECURITY.md)")
 
     def limits(self) -> Limits:
         return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})

@@ -5,6 +5,8 @@ Each RPC is message in, ``RerankCore`` call, message out; ``service.wire`` conve
 contain or what it costs. What is gRPC's own lives here: reading the bearer key from
 metadata, the retry hint as trailing metadata, message size and connection limits, health,
 reflection, and turning an undecodable request (invalid UTF-8 in a string field) into INVALID_ARGUMENT.
+The key is checked, and the message budget taken, before a message is read
+(``service.grpc_edge.KeyGuard``).
 
 Cancellation needs no code: when a caller cancels or its deadline passes, grpc.aio cancels
 the handler's task, the ``CancelledError`` reaches ``Batcher.score`` while it awaits, and
@@ -32,8 +34,10 @@ from rerank.v1 import rerank_pb2_grpc as pb_grpc
 from service import wire
 from service.config import TlsFiles
 from service.core import Limits, RerankCall, RerankCore, RerankReply
-from service.edge import GrpcLimits
+from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
+from service.grpc_edge import KeyGuard, retry_metadata
+from service.memory import Trimmer
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -41,7 +45,6 @@ access_log = logging.getLogger("rerank.access")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankService"].full_name
 CUT_MARGIN_S = 2.0  # after the grace period, time to answer cut calls before grpcio cancels them
-RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
 # Room for the reply's own fields on top of echoed documents (return_documents).
 _REPLY_OVERHEAD_PER_DOC = 64
 
@@ -58,9 +61,10 @@ class _CallRecord:
 
 
 class RerankServicer(pb_grpc.RerankServiceServicer):
-    def __init__(self, core: RerankCore, metrics: Metrics) -> None:
+    def __init__(self, core: RerankCore, metrics: Metrics, auth: CheckedOnce | None = None) -> None:
         self.core = core
         self.metrics = metrics
+        self.auth = auth  # answers the core's key check from KeyGuard's, made before the message was read
         self.running: set[asyncio.Task[Any]] = set()  # the handlers of calls in progress
         self.cutting = False  # set when shutdown's grace has run out: running calls are cut
 
@@ -78,14 +82,14 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     async def Rerank(self, request: pb.RerankRequest, context: grpc.aio.ServicerContext) -> pb.RerankResponse:
         async with self._track("Rerank", context) as record:
             record.call = wire.call_from_request(request, context.invocation_metadata())
-            record.reply = await self.core.rerank(record.call)
+            record.reply = await self.core.rerank(record.call, auth=self.auth)
             return wire.response_from_reply(record.reply)
 
     async def RerankBatch(self, request: pb.RerankBatchRequest,
                           context: grpc.aio.ServicerContext) -> pb.RerankBatchResponse:
         async with self._track("RerankBatch", context) as record:
             record.call = wire.call_from_batch(request, context.invocation_metadata())
-            record.reply = await self.core.rerank(record.call)
+            record.reply = await self.core.rerank(record.call, auth=self.auth)
             return wire.batch_response_from_reply(record.reply)
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest,
@@ -104,7 +108,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
             yield record
         except ServiceError as exc:
             self._finish(record, exc.code.grpc_status, exc.message)
-            await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, _retry_metadata(exc))
+            await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, retry_metadata(exc))
         except asyncio.CancelledError:  # the caller went away, its deadline passed, or shutdown cut it
             if not self.cutting or task is None:
                 self._finish(record, "CANCELLED", "caller cancelled or deadline passed; work dropped")
@@ -114,7 +118,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
                                "finished; retry (with the same request_id it is billed at most once)",
                                retry_after_s=1.0)
             self._finish(record, cut.code.grpc_status, cut.message)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, cut.message, _retry_metadata(cut))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, cut.message, retry_metadata(cut))
         except Exception:
             log.exception("%s failed", method)
             self._finish(record, "INTERNAL", "unexpected error")
@@ -129,12 +133,6 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
         seconds = time.perf_counter() - record.started
         self.metrics.observe_request(record.method, code, seconds)
         access_log.info("%s", _access_line(record, code, message, seconds))
-
-
-def _retry_metadata(exc: ServiceError) -> tuple[tuple[str, str], ...]:
-    if exc.retry_after_s is None:
-        return ()
-    return ((RETRY_AFTER_KEY, str(max(1, round(exc.retry_after_s * 1000)))),)
 
 
 def _access_line(record: _CallRecord, code: str, message: str, seconds: float) -> str:
@@ -294,13 +292,25 @@ def connection_options(max_age_s: float | None) -> list[tuple[str, int]]:
 
 
 def limit_options(limits: GrpcLimits) -> list[tuple[str, int]]:
-    """What one connection may hold (``maximum_concurrent_rpcs``, the server-wide cap, is an
-    argument of ``grpc.aio.server``). Metadata: grpcio's soft limit refuses some requests
-    between it and the hard one at random; both at the flag's value, the refusal is certain."""
+    """What one connection may hold, and how many there may be (``maximum_concurrent_rpcs``,
+    the server-wide cap on calls, is an argument of ``grpc.aio.server``). Metadata: grpcio's
+    soft limit refuses some requests between it and the hard one at random; both at the
+    flag's value, the refusal is certain. Connections past the cap are closed at accept."""
     return [("grpc.max_concurrent_streams", limits.max_concurrent_streams),
             ("grpc.max_connection_idle_ms", int(limits.max_connection_idle_s * 1000)),
             ("grpc.max_metadata_size", limits.max_metadata_bytes),
-            ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes)]
+            ("grpc.absolute_max_metadata_size", limits.max_metadata_bytes),
+            ("grpc.max_allowed_incoming_connections", limits.max_connections)]
+
+
+def flow_control_options(bdp_probe: bool) -> list[tuple[str, int]]:
+    """What the transport may take in of a message nobody has asked for yet: one stream
+    window. grpcio's BDP probing grows the windows it grants toward the bandwidth-delay
+    product (5 MiB grants, measured) whenever data flows, so a keyless caller's stream could
+    carry megabytes before ``KeyGuard`` refuses it (400 keyless calls: 2.4 GB); off, each
+    stream starts at HTTP/2's 64 KiB. A message that is asked for is then granted about
+    1 MiB ahead: no slower on loopback or a LAN, slower over long links (``--grpc-bdp-probe``)."""
+    return [("grpc.http2.bdp_probe", int(bdp_probe))]
 
 
 class GrpcServer:
@@ -308,18 +318,23 @@ class GrpcServer:
 
     def __init__(self, core: RerankCore, metrics: Metrics, *, host: str, port: int,
                  tls: TlsFiles | None = None, max_connection_age_s: float | None = None,
-                 limits: GrpcLimits | None = None) -> None:
+                 limits: GrpcLimits | None = None, bdp_probe: bool = False) -> None:
         self.host = host
         self.port = port
         self.tls = tls
         self.stopping = False  # set once new calls are refused
         self.health = health.aio.HealthServicer()
         limits = limits or GrpcLimits()
-        options = message_options(core.limits) + connection_options(max_connection_age_s) + limit_options(limits)
-        # past maximum_concurrent_rpcs grpcio answers RESOURCE_EXHAUSTED itself, before the handler
-        self.server = grpc.aio.server(interceptors=[DecodeGuard(metrics)], options=options,
+        options = (message_options(core.limits) + connection_options(max_connection_age_s)
+                   + limit_options(limits) + flow_control_options(bdp_probe))
+        auth = CheckedOnce(core.auth)
+        budget = BodyBudget(limits.max_message_bytes_in_flight, on_drained=Trimmer().after_burst)
+        self.guard = KeyGuard(auth, budget, core.limits.max_request_bytes, metrics)
+        # past maximum_concurrent_rpcs grpcio answers RESOURCE_EXHAUSTED itself, before the handler;
+        # KeyGuard first: a refused call never reaches the decoding (nor its message the server)
+        self.server = grpc.aio.server(interceptors=[self.guard, DecodeGuard(metrics)], options=options,
                                       maximum_concurrent_rpcs=limits.max_concurrent_rpcs)
-        self.servicer = RerankServicer(core, metrics)
+        self.servicer = RerankServicer(core, metrics, auth)
         pb_grpc.add_RerankServiceServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

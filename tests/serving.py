@@ -38,6 +38,9 @@ async def running_app(runner: Runner | None = None, *, parts: CoreParts | None =
     try:
         if ready:
             await app.wait_ready()
+            if isinstance(runner, FakeRunner):  # the warm-up's calibration batches are nobody's
+                runner.entered.clear()
+                runner.batches.clear()
         yield app
     finally:
         if isinstance(runner, FakeRunner):

@@ -480,3 +480,8 @@ async def test_a_quiet_call_waits_for_one_short_batch_behind_a_flood() -> None:
     assert len(quiet_row) in [length for length, _ in runner.batches[1]]  # flood rows are 57 tokens
     assert all(length == 57 for rows in runner.batches[2:] for length, _ in rows)
     assert stats[0].estimated_seconds == pytest.approx(0.2, rel=0.01)
+
+
+def test_a_negative_time_budget_is_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch_ms"):
+        BatcherConfig(max_batch_ms=-1)

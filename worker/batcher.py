@@ -81,6 +81,10 @@ class BatcherConfig:
     prefix_reuse: bool = True  # share the query prefix across a request's documents
     tokenizer_threads: int = 2
 
+    def __post_init__(self) -> None:
+        if self.max_batch_ms < 0:
+            raise ValueError(f"max_batch_ms must be 0 (tokens only) or positive, not {self.max_batch_ms}")
+
     @classmethod
     def for_device(cls, device: Device) -> BatcherConfig:
         """Defaults that suit the device. A CPU gains nothing from rows beyond a few hundred
@@ -143,8 +147,9 @@ class Batcher:
         self._recent_prefixes: OrderedDict[tuple[int, ...], Prefix] = OrderedDict()
         self.config = config or BatcherConfig()
         # the time budget's yardstick: fitted by warmup(), or handed over already fitted
-        self.cost = cost or CostModel(padded=runner.info().attention is Attention.PADDED)
-        budget = (TimeBudget(self.config.max_batch_ms, self.cost, runner.info().max_split_tokens)
+        info = runner.info()
+        self.cost = cost or CostModel(padded=info.attention is Attention.PADDED)
+        budget = (TimeBudget(self.config.max_batch_ms, self.cost, info.max_split_tokens)
                   if self.config.max_batch_ms > 0 else None)
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
                                 self.config.window, time=budget)
@@ -168,7 +173,7 @@ class Batcher:
         """The runner's warm-up, then the time budget's calibration on this device."""
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._model_thread, self.runner.warmup)
-        if self.config.max_batch_ms > 0 and not self.cost.fitted:
+        if self.config.max_batch_ms > 0 and not self.cost.calibrated:
             await loop.run_in_executor(self._model_thread, self._calibrate)
 
     async def close(self, grace_s: float = 0.0) -> None:

@@ -32,10 +32,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core import Authenticator, RerankCore
-from service.edge import EdgeLimits, bearer_token
+from service.edge import CheckedOnce, EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.http.compat import AnyRerankRequest, AnyRerankResponse, RerankBody
-from service.http.edge import CheckedOnce, EdgeGuard, JsonByDefault, Observe, error_response, printable
+from service.http.edge import EdgeGuard, JsonByDefault, Observe, error_response, printable
 from service.http.schema import (
     ErrorBody,
     IsoDate,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import logging
 import math
 import time
@@ -28,8 +27,7 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core import Authenticator, Principal
-from service.edge import EdgeLimits, bearer_token
+from service.edge import BodyBudget, CheckedOnce, EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.metrics import Metrics
 
@@ -76,47 +74,6 @@ class JsonByDefault:
             if b"json" not in declared.lower():
                 scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
         await self.app(scope, receive, send)
-
-
-class BodyBudget:
-    """The request body bytes being received or held, all connections together, under a cap:
-    one caller's large bodies cannot take the memory another's need."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.held = 0
-
-    def take(self, size: int) -> bool:
-        if self.held + size > self.max_bytes:
-            return False
-        self.held += size
-        return True
-
-    def give_back(self, size: int) -> None:
-        self.held -= size
-
-
-_CHECKED: contextvars.ContextVar[tuple[str | None, Principal] | None] = contextvars.ContextVar(
-    "rerank_checked_key", default=None)
-
-
-class CheckedOnce:
-    """An ``Authenticator`` that answers the core's check of an HTTP call from ``EdgeGuard``'s,
-    made moments before in the same request (the same task's context), for the same key.
-    Anything else (gRPC, another key) is the wrapped authenticator's to decide."""
-
-    def __init__(self, auth: Authenticator) -> None:
-        self.auth = auth
-
-    async def authenticate(self, api_key: str | None) -> Principal:
-        checked = _CHECKED.get()
-        if checked is not None and checked[0] == api_key:
-            return checked[1]
-        return await self.auth.authenticate(api_key)
-
-    async def check_request(self, api_key: str | None) -> None:
-        """The guard's check; remembered for the rest of this request."""
-        _CHECKED.set((api_key, await self.auth.authenticate(api_key)))
 
 
 OVER_CAPACITY = "rerank.over_capacity"  # scope state set by server.EdgeProtocol past --http-max-connections
