@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from service.config import FrontConfig, ServeConfig
 from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
-from service.grpc_server import GrpcServer
+from service.grpc.servicer import GrpcServer
 from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from service.remote import RemoteEngine

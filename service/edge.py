@@ -3,8 +3,8 @@ share, the key checked once before a body or message is read (``CheckedOnce``), 
 for request bytes in flight (``BodyBudget``), and the HTTP and gRPC servers' resource limits.
 Light imports only (``service.config`` reads the limits' defaults); the HTTP machinery that
 applies them is in ``service.http.edge`` (``EdgeGuard``) and ``service.http.server``
-(``EdgeProtocol``), gRPC's in ``service.grpc_edge`` (``KeyGuard``) and grpcio's own options
-(``service.grpc_server``). docs/SECURITY.md lists each limit, its flag and the test that
+(``EdgeProtocol``), gRPC's in ``service.grpc.edge`` (``KeyGuard``) and grpcio's own options
+(``service.grpc.servicer``). docs/SECURITY.md lists each limit, its flag and the test that
 proves it.
 """
 
@@ -39,8 +39,8 @@ class EdgeLimits:
 @dataclass(frozen=True, slots=True)
 class GrpcLimits:
     """The gRPC server's limits on what callers may hold open; each a ``rerank serve`` flag
-    (``--grpc-*``), applied as grpcio server arguments (``service.grpc_server.limit_options``)
-    and by ``service.grpc_edge.KeyGuard`` (the key before the message; the message budget)."""
+    (``--grpc-*``), applied as grpcio server arguments (``service.grpc.servicer.limit_options``)
+    and by ``service.grpc.edge.KeyGuard`` (the key before the message; the message budget)."""
 
     max_concurrent_rpcs: int = 256  # RPCs being handled, all connections together; more: RESOURCE_EXHAUSTED
     max_concurrent_streams: int = 100  # RPCs open at once on one connection (HTTP/2 SETTINGS)

@@ -29,7 +29,7 @@ from service.config import add_arguments, from_args
 from service.core import Principal
 from service.edge import GrpcLimits
 from service.errors import Code, ServiceError
-from service.grpc_edge import BUDGET_WAIT_S
+from service.grpc.edge import BUDGET_WAIT_S
 from service.memory import Trimmer
 from worker.fake import FakeRunner
 
@@ -284,7 +284,7 @@ async def test_memory_comes_back_after_a_burst_of_large_keyed_messages(keyed_app
     """Keyed calls may carry large messages (here 3 rounds of 16 at 14 MiB, refused by the core
     after they are read): once they are done, resident memory returns to within 100 MiB of
     idle (freed messages go back to the OS: service.memory.Trimmer; no call's frames keep
-    its message: service.grpc_edge._without_frames). First of the memory tests: a process
+    its message: service.grpc.edge._without_frames). First of the memory tests: a process
     whose heap an earlier test has grown would pass it whatever the server did."""
     app, _ = keyed_app
     payload = message_of(14 * MIB)

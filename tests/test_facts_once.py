@@ -10,9 +10,9 @@ import dataclasses
 from rerank.v1 import rerank_pb2 as pb
 
 from clients import client
-from service import wire
 from service.config import ServeConfig
 from service.core import Limits, ModelInfo, UsageTotals
+from service.grpc import wire
 from service.http import schema as gateway_schema
 from worker.types import Device, DType
 

@@ -257,7 +257,7 @@ async def test_unknown_truncation_value_is_invalid_argument() -> None:
 
 
 def test_connection_age_is_off_unless_asked() -> None:
-    from service.grpc_server import connection_options
+    from service.grpc.servicer import connection_options
 
     assert connection_options(None) == []
     assert dict(connection_options(300))["grpc.max_connection_age_ms"] == 300_000

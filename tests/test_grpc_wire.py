@@ -1,13 +1,13 @@
-"""``service.wire``: the pure mapping between rerank.v1 messages and the core's values."""
+"""``service.grpc.wire``: the pure mapping between rerank.v1 messages and the core's values."""
 
 from __future__ import annotations
 
 import pytest
 from rerank.v1 import rerank_pb2 as pb
 
-from service import wire
 from service.core import QueryOutcome, RankedDoc, RerankReply, Timings
 from service.errors import Code, ServiceError
+from service.grpc import wire
 from worker.types import Truncation
 
 

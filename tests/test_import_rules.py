@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("service", "worker", "clients")
-FRONTS = ("service.http", "service.grpc", "service.wire", "service.grpc_server")
+FRONTS = ("service.http", "service.grpc")
 ENGINES = ("service.local", "service.remote")
 
 

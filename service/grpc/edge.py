@@ -8,7 +8,7 @@ when asked, and asks only after
 
 1. the key (``Rerank``, ``RerankBatch``): the bearer rule and the key store's answer, as
    the core would give them; a refused call never asks for its message, and the transport
-   holds at most one stream window of it (``service.grpc_server.flow_control_options``);
+   holds at most one stream window of it (``service.grpc.servicer.flow_control_options``);
 2. the budget: ``--max-request-bytes`` is reserved from ``--grpc-max-message-bytes-in-flight``
    (grpcio will take in a message up to that size once asked), then trimmed to the message's
    real size, and given back when the call ends. A call that finds no room within
@@ -29,9 +29,9 @@ from typing import Any
 
 import grpc
 
-from service import wire
 from service.edge import BodyBudget, CheckedOnce
 from service.errors import Code, ServiceError
+from service.grpc import wire
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)

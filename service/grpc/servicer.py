@@ -1,12 +1,12 @@
 """The gRPC front: ``rerank.v1.RerankService`` on a ``grpc.aio`` server, with health and reflection.
 
-Each RPC is message in, ``RerankCore`` call, message out; ``service.wire`` converts and
+Each RPC is message in, ``RerankCore`` call, message out; ``service.grpc.wire`` converts and
 ``service.errors.Code.grpc_status`` picks the status, so nothing here decides what a call may
 contain or what it costs. What is gRPC's own lives here: reading the bearer key from
 metadata, the retry hint as trailing metadata, message size and connection limits, health,
 reflection, and turning an undecodable request (invalid UTF-8 in a string field) into INVALID_ARGUMENT.
 The key is checked, and the message budget taken, before a message is read
-(``service.grpc_edge.KeyGuard``).
+(``service.grpc.edge.KeyGuard``).
 
 Cancellation needs no code: when a caller cancels or its deadline passes, grpc.aio cancels
 the handler's task, the ``CancelledError`` reaches ``Batcher.score`` while it awaits, and
@@ -31,12 +31,12 @@ from grpc_reflection.v1alpha import reflection
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
 
-from service import wire
 from service.config import TlsFiles
 from service.core import Limits, RerankCall, RerankCore, RerankReply
 from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
-from service.grpc_edge import KeyGuard, retry_metadata
+from service.grpc import wire
+from service.grpc.edge import KeyGuard, retry_metadata
 from service.memory import Trimmer
 from service.metrics import Metrics
 
