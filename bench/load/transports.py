@@ -127,7 +127,9 @@ class CohereTransport:
         import httpx
 
         self._errors: tuple[type[Exception], ...] = (httpx.TransportError,)
-        self._api_error = cohere.core.api_error.ApiError
+        from cohere.core.api_error import ApiError
+
+        self._api_error = ApiError
         # the SDK's HTTP clients, made here only so that close() can close them
         self.http = [httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=None,
                                                                               max_keepalive_connections=None))
