@@ -94,7 +94,7 @@ class Docker:
 
 
 @pytest.fixture
-def docker() -> Iterator[Docker]:
+def docker_engine() -> Iterator[Docker]:
     image = os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)
     if reason := docker_unavailable(image):
         pytest.skip(reason)

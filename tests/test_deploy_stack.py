@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from docker_support import COMPOSE_FILE, Docker, Replica, compose_command, docker, shared_model_dir  # noqa: F401
+from docker_support import COMPOSE_FILE, Docker, Replica, compose_command, docker_engine, shared_model_dir  # noqa: F401
 from docker_support import wait_ready as wait_url_ready
 from postgres_support import postgres_admin_url, postgres_url  # noqa: F401 - fixtures
 from prometheus_client.parser import text_string_to_metric_families
@@ -101,7 +101,8 @@ def successes(count: int, reached: asyncio.Event) -> Callable[[Outcome], None]:
 
 # -- topology 1: replicated -----------------------------------------------------------------
 def test_replicas_survive_kill_and_rolling_replacement_and_the_ledger_reconciles(
-        docker: Docker, shared_model_dir: Path, postgres_url: str) -> None:  # noqa: F811
+        docker_engine: Docker, shared_model_dir: Path, postgres_url: str) -> None:  # noqa: F811
+    docker = docker_engine
     key = create_key(docker, postgres_url, "deploy")
     replicas = [keyed_replica(docker, n, shared_model_dir, postgres_url) for n in ("rerank-a", "rerank-b")]
     for r in replicas:
@@ -152,7 +153,7 @@ async def rolling_replacement(stack: Stack) -> list[Outcome]:
                                        Workload(documents=8), POLICY, stop=stop))
     try:
         await asyncio.sleep(2)
-        for i, old in enumerate(list(stack.replicas)):
+        for i in range(len(stack.replicas)):
             await asyncio.to_thread(replace_replica, stack, i, LIMITS if i == 1 else [])
             await asyncio.sleep(2)  # the new pair under load before the next step
     finally:
@@ -197,7 +198,8 @@ def served_ok(replica: Replica) -> float:
 
 # -- topology 2: scale-out, from the compose file ---------------------------------------------
 def test_gateway_in_front_of_two_scorers_from_the_compose_file(
-        docker: Docker, shared_model_dir: Path, postgres_url: str) -> None:  # noqa: F811
+        docker_engine: Docker, shared_model_dir: Path, postgres_url: str) -> None:  # noqa: F811
+    docker = docker_engine
     compose = compose_command()
     if compose is None:
         pytest.skip("no Compose (apt-get install docker-compose, or the docker compose plugin)")
@@ -206,6 +208,7 @@ def test_gateway_in_front_of_two_scorers_from_the_compose_file(
     env = {**os.environ, **{k: str(v) for k, v in ports.items()}, "RERANK_IMAGE": docker.image,
            "RERANK_CHECKPOINTS": str(shared_model_dir), "SCORER_MODEL": "/checkpoints",
            "GATEWAY_DB_URL": postgres_url, "POSTGRES_PASSWORD": "unused",
+           "RERANK_COMPILE": "false",  # eager scorers: a shorter cold start, as in the other topology
            "COMPOSE_PROJECT_NAME": f"rerank-test-{docker.label.split('=')[1]}"}
     command = [*compose, "-f", str(COMPOSE_FILE), "--profile", "scaleout"]
     docker.projects.append((command, env))
