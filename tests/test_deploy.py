@@ -1,7 +1,8 @@
 """The deployment files against the code they deploy.
 
-Nothing here builds an image or starts a cluster (no Docker engine or cluster on these
-machines). What can be checked without one is checked against the real thing: every command
+Nothing here builds an image or starts a container (tests/test_deploy_stack.py runs the image
+and the compose file; no cluster exists on these machines). What can be checked without them
+is checked against the real thing: every command
 line in deploy/ goes through the real ``rerank`` argument parser into a real ``ServeConfig``;
 ports, probes, grace periods and replica counts must agree with it; the files pass the
 linters and schemas that exist for them (hadolint, the Compose spec, the Kubernetes OpenAPI
