@@ -31,7 +31,13 @@ echo "build: wheels into $WHEELS" >&2
 "$PYTHON" -m pip download -q --disable-pip-version-check -d "$WHEELS" '.[serve]' setuptools wheel
 rm -f "$WHEELS"/qwen3*rerank*  # the project itself comes from the build context
 
-port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# A fixed port: the URL is a build argument, and the classic builder's layer cache keys on it,
+# so a new port each time would reinstall torch on every build.
+port=${RERANK_WHEELHOUSE_PORT:-47613}
+if ! "$PYTHON" -c "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', $port))" 2>/dev/null; then
+  port=$("$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  echo "build: port ${RERANK_WHEELHOUSE_PORT:-47613} is taken, serving wheels on $port: no layer cache this time" >&2
+fi
 "$PYTHON" -m http.server --bind 127.0.0.1 --directory "$WHEELS" "$port" >/dev/null 2>&1 &
 server=$!
 trap 'kill "$server" 2>/dev/null || true' EXIT
