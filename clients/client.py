@@ -152,7 +152,13 @@ class _ChannelSpec:
 def _channel_spec(target: str, *, api_key: str | None, tls: bool, root_certificates: bytes | None,
                   compression: Compression | None, retries: int, max_message_bytes: int,
                   options: Sequence[tuple[str, Any]]) -> _ChannelSpec:
+    # round_robin, not gRPC's pick_first: a target that resolves to several addresses (a
+    # Kubernetes headless Service, `dns:///rerank:50051`, `ipv4:a:p,b:p`) spreads calls over
+    # all of them. A caller's own policy stays theirs (gRPC reads the first of a repeated arg).
+    balancing = [] if any(name == "grpc.lb_policy_name" for name, _ in options) else [
+        ("grpc.lb_policy_name", "round_robin")]
     opts: list[tuple[str, Any]] = [
+        *balancing,
         ("grpc.service_config", service_config(retries)), ("grpc.enable_retries", int(retries > 0)),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes), *options]

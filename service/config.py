@@ -205,7 +205,9 @@ class GatewayConfig(FrontConfig):
     """``rerank gateway``: the front's knobs, then where the backends are."""
 
     backend: tuple[str, ...] = knob((), "a gRPC Rerank server to score on, HOST:PORT (repeat the flag, or "
-                                    "separate with commas in the environment; round robin)", metavar="HOST:PORT")
+                                    "separate with commas in the environment; round robin), or a target that "
+                                    "resolves to several, dns:///NAME:PORT (calls spread over all its "
+                                    "addresses)", metavar="HOST:PORT")
     backend_api_key: str | None = knob(None, "key the backends require, if they run with auth", unset="none",
                                        metavar="KEY")
     backend_tls: bool = knob(False, "TLS to the backends")

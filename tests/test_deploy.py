@@ -1,7 +1,8 @@
 """The deployment files against the code they deploy.
 
-Nothing here builds an image or starts a cluster (no Docker engine or cluster on these
-machines). What can be checked without one is checked against the real thing: every command
+Nothing here builds an image or starts a container (tests/test_deploy_stack.py runs the image
+and the compose file; no cluster exists on these machines). What can be checked without them
+is checked against the real thing: every command
 line in deploy/ goes through the real ``rerank`` argument parser into a real ``ServeConfig``;
 ports, probes, grace periods and replica counts must agree with it; the files pass the
 linters and schemas that exist for them (hadolint, the Compose spec, the Kubernetes OpenAPI
@@ -87,10 +88,12 @@ def test_image_entry_point_is_the_rerank_cli() -> None:
 def test_image_exposes_and_probes_the_ports_it_serves() -> None:
     config = serve_config(json.loads(last("CMD")))
     assert {int(p) for p in last("EXPOSE").split()} == {config.grpc_port, config.http_port}
-    url = re.search(r"http://[^'\"]+", last("HEALTHCHECK"))
-    assert url is not None
-    parts = urlsplit(url.group(0))
-    assert (parts.port, parts.path) == (config.http_port, "/ready")
+    check = last("HEALTHCHECK")
+    # the probe asks the port the server reads from its environment, with the server's default
+    port = re.search(r"environ\.get\('(\w+)', '(\d+)'\)", check)
+    assert port is not None, check
+    assert port.group(1) == "RERANK_HTTP_PORT" and int(port.group(2)) == config.http_port
+    assert "/{port}/" not in check and re.search(r"http://127\.0\.0\.1:\{port\}/ready'", check), check
     assert "/ready" in gateway_paths()
 
 
@@ -234,7 +237,7 @@ def test_kustomization_builds() -> None:
     done = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     kinds = sorted(d["kind"] for d in yaml.safe_load_all(done.stdout) if d)
-    assert kinds == ["Deployment", "PodDisruptionBudget", "Service", "Service"]
+    assert kinds == ["Deployment", "HorizontalPodAutoscaler", "PodDisruptionBudget", "Service", "Service"]
 
 
 def test_deployment_runs_the_real_cli_with_ports_it_declares() -> None:
@@ -269,6 +272,23 @@ def test_grpc_service_is_headless_for_client_side_balancing() -> None:
     for name in ("rerank-grpc", "rerank-http"):
         assert kind(name, "Service")["spec"]["selector"] == selector
     assert kind("rerank", "PodDisruptionBudget")["spec"]["selector"]["matchLabels"] == selector
+
+
+def test_autoscaler_scales_the_deployment_on_a_metric_the_service_exports() -> None:
+    from service.metrics import Metrics
+
+    hpa = kind("rerank", "HorizontalPodAutoscaler")["spec"]
+    target = hpa["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "rerank")
+    (metric,) = hpa["metrics"]
+    exported = {m.name for m in Metrics().registry.collect()}
+    assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] in exported, exported
+    assert metric["pods"]["metric"]["name"] in {"rerank_queue_documents"}  # work waiting, not CPU
+    # never below what the PodDisruptionBudget keeps, nor below the rate limit's divisor
+    _, container = rerank_container()
+    divisor = serve_config(container["args"]).replicas
+    assert hpa["minReplicas"] >= max(divisor, kind("rerank", "PodDisruptionBudget")["spec"]["minAvailable"] + 1)
+    assert hpa["maxReplicas"] > hpa["minReplicas"]
 
 
 class SlowWarmup(FakeRunner):

@@ -67,6 +67,31 @@ async def test_only_unavailable_is_retried_by_the_channel(
     assert len(set(servicer.request_ids)) == 1  # a retry is the same call: billed once
 
 
+@pytest.mark.parametrize(("options", "spread"), [
+    ((), True),  # the client's default: round_robin
+    ((("grpc.lb_policy_name", "pick_first"),), False),  # gRPC's own default, still the caller's to choose
+])
+async def test_a_target_of_several_addresses_spreads_calls_by_default(
+        options: tuple[tuple[str, str], ...], spread: bool) -> None:
+    """A target that resolves to several addresses, as ``dns:///rerank-grpc:50051`` does for a
+    headless Service, must not pin every call to the first address that answers. The test
+    names its two servers with ``ipv4:127.0.0.1:p1,127.0.0.1:p2``: a dns target carries one
+    port, and both servers here share 127.0.0.1, so only their ports tell them apart. The
+    resolver differs from DNS; the balancing policy this is about does not."""
+    servicers = [Flaky(0), Flaky(0)]
+    servers = [await flaky_server(s) for s in servicers]
+    try:
+        async with AsyncRerankClient("ipv4:" + ",".join(a for _, a in servers), options=options) as client:
+            for _ in range(20):
+                await client.rerank("q", ["d"])
+    finally:
+        for server, _ in servers:
+            await server.stop(0)
+    counts = sorted(len(s.request_ids) for s in servicers)
+    assert sum(counts) == 20
+    assert (counts[0] > 0) is spread, counts
+
+
 async def test_the_caller_request_id_is_sent_as_given() -> None:
     servicer = Flaky(0)
     server, address = await flaky_server(servicer)

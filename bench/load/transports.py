@@ -49,10 +49,8 @@ class GrpcTransport:
         options: list[tuple[str, Any]] = [("grpc.initial_reconnect_backoff_ms", 100),
                                           ("grpc.min_reconnect_backoff_ms", 100),
                                           ("grpc.max_reconnect_backoff_ms", 1000)]
-        target = targets[0]
-        if len(targets) > 1:
-            target = "ipv4:" + ",".join(targets)
-            options.append(("grpc.lb_policy_name", "round_robin"))
+        # several addresses: one channel, balanced by the client's default round_robin
+        target = targets[0] if len(targets) == 1 else "ipv4:" + ",".join(targets)
         self.client = AsyncRerankClient(target, api_key=api_key, timeout_s=timeout_s, retries=0,
                                         options=options)
 
@@ -114,3 +112,55 @@ def _retry_after(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:  # an HTTP date: not sent by this server
         return None
+
+
+class CohereTransport:
+    """The Cohere SDK (``AsyncClientV2``) as an application would hold it: the SDK's own retries
+    off and the ``Idempotency-Key`` header per request, so the driver's retries are the only
+    ones and resend the same key. Several base URLs are used in turn."""
+
+    name = "cohere"
+
+    def __init__(self, base_urls: Sequence[str], model: str, *, api_key: str | None = None,
+                 timeout_s: float = 30.0) -> None:
+        import cohere
+        import httpx
+
+        self._errors: tuple[type[Exception], ...] = (httpx.TransportError,)
+        from cohere.core.api_error import ApiError
+
+        self._api_error = ApiError
+        # the SDK's HTTP clients, made here only so that close() can close them
+        self.http = [httpx.AsyncClient(timeout=timeout_s, limits=httpx.Limits(max_connections=None,
+                                                                              max_keepalive_connections=None))
+                     for _ in base_urls]
+        self.clients = [cohere.AsyncClientV2(api_key=api_key or "none", base_url=url, httpx_client=http)
+                        for url, http in zip(base_urls, self.http)]
+        self.model = model
+        self.timeout_s = timeout_s
+        self._turn = 0
+
+    async def send(self, request: LogicalRequest) -> Attempt:
+        client = self.clients[self._turn % len(self.clients)]
+        self._turn += 1
+        options: Any = {"additional_headers": {"Idempotency-Key": request.key}, "max_retries": 0,
+                        "timeout_in_seconds": self.timeout_s}
+        started = time.perf_counter()
+        try:
+            reply = await client.rerank(model=self.model, query=request.query, documents=list(request.documents),
+                                        request_options=options)
+        except self._api_error as exc:
+            status = exc.status_code or 0
+            retry_after = _retry_after((exc.headers or {}).get("retry-after"))
+            return Attempt(http_verdict(status), f"HTTP {status}", time.perf_counter() - started,
+                           retry_after_s=retry_after, started=started)
+        except self._errors as exc:  # refused, reset, timed out: the outcome is unknown
+            return Attempt(Verdict.RETRY, type(exc).__name__, time.perf_counter() - started, started=started)
+        # this service's own fields ride along in the SDK's models as extras
+        body = reply.model_dump()
+        return Attempt(Verdict.OK, "OK", time.perf_counter() - started, int(body["usage"]["documents"]),
+                       bool(body["meta"]["replayed"]), started=started)
+
+    async def close(self) -> None:
+        for http in self.http:
+            await http.aclose()
