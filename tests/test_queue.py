@@ -383,3 +383,14 @@ def test_without_the_warm_up_ladder_no_row_is_split() -> None:
     queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 10_000))
     queue.append([Entry(list(range(300)), 0, Owner(label="L"), 0)])
     assert run_pieces(queue) == ["L300"]
+
+
+def test_rows_start_pieces_only_while_the_cache_holds_every_row_in_pieces() -> None:
+    """Three tenants' long rows, and a cache that holds 700 tokens of pieces: while A's 300 are
+    held, B's 500 would not fit beside them, so B runs whole; C's 300 fit beside A's."""
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 700))
+    queue.append([Entry(list(range(300)), 0, Owner(label="A"), 0)], tenant="a")
+    queue.append([Entry(list(range(500)), 0, Owner(label="B"), 0)], tenant="b")
+    queue.append([Entry(list(range(300)), 0, Owner(label="C"), 0)], tenant="c")
+    assert run_pieces(queue) == ["A100", "B500", "C100", "A100", "C100", "A100", "C100"]

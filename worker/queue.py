@@ -42,9 +42,11 @@ Invariants
   any prefix is), and the batcher advances it, still queued, until what is left fits. A piece
   is the most that fits the budget, but at least ``PIECE_OVER_FIXED`` times the device's
   fixed cost of a batch (a CPU streams every weight once a batch; smaller pieces would waste
-  most of it), and a row longer than ``max_split_tokens`` (its K/V would not stay in the
-  runner's cache between pieces) runs whole. So the batch in flight, which is all a newly due
-  caller waits for, takes at most about ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``,
+  most of it). A row starts pieces only while the runner's cache (``max_split_tokens`` of
+  K/V) can hold it beside every row already in pieces, which go on; else it runs whole (rows
+  in pieces evicting each other's K/V would recompute it, many times over). So the batch in
+  flight, which is all a newly due caller waits for, takes at most about
+  ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``,
   or, behind a row too long to split, that row's own time (docs/OPERATIONS.md). Each piece is
   charged to its request's and tenant's clocks like a row, so the fair order puts every other
   due request between the pieces of a long row, and between one call's long rows.
@@ -145,14 +147,16 @@ class _Budget:
     def in_time(self, shape: Shape) -> bool:
         return self.time is None or self.time.cost.estimate_ms(shape) <= self.time.max_batch_ms
 
-    def piece(self, head: Entry) -> int:
+    def piece(self, head: Entry, held: int = 0) -> int:
         """Tokens of ``head`` to run now: 0 (all of it) unless it alone is over the time budget
-        and may be split. Then the row is cut into equal pieces of at least the most that fit
-        the budget, but never of so few tokens that a batch's fixed cost is over a fifth of the
-        piece's time (a CPU streams every weight once a batch: pieces of a few tokens would run
-        at a fraction of its rate; judged by the warm-up fit, which saw the whole range)."""
+        and may be split: the runner's cache can hold its K/V beside the ``held`` tokens of the
+        other rows in pieces (else they would evict each other's and recompute them). Then the
+        row is cut into equal pieces of at least the most that fit the budget, but never of so
+        few tokens that a batch's fixed cost is over a fifth of the piece's time (a CPU streams
+        every weight once a batch: pieces of a few tokens would run at a fraction of its rate;
+        judged by the warm-up fit, which saw the whole range)."""
         time = self.time
-        if (time is None or not time.cost.calibrated or len(head.ids) > time.max_split_tokens
+        if (time is None or not time.cost.calibrated or len(head.ids) + held > time.max_split_tokens
                 or self.in_time(shape_of([head]))):
             return 0
 
@@ -166,12 +170,12 @@ class _Budget:
         return -(-head.cost // pieces) if pieces > 1 else 0
 
     def fill(self, candidates: list[Entry], tiers: list[int] | None = None,
-             early: list[bool] | None = None) -> list[Entry]:
+             early: list[bool] | None = None, held: int = 0) -> list[Entry]:
         """The batch: ``candidates[0]`` and what joins it. ``tiers`` (lower first) rank the
         candidates above length closeness: rows of a worse class only fill spare room. An
         ``early`` row (not yet due) joins only if it is no longer than the head."""
         head = candidates[0]
-        head.piece = self.piece(head)
+        head.piece = self.piece(head, held)
         if head.piece:
             return [head]  # alone: the rest of the budget is this row's next piece, later
         bucket = max(8, head.cost // 8)
@@ -200,6 +204,22 @@ class _QueueBase:
         self.window = window  # candidates considered for one batch (length bucketing look-ahead)
         self.queued_tokens = 0
         self._count = 0
+        self._in_pieces: dict[int, Entry] = {}  # rows some of whose pieces ran, by id
+
+    def _fill(self, candidates: list[Entry], tiers: list[int] | None = None,
+              early: list[bool] | None = None) -> list[Entry]:
+        """``budget.fill``, told what the rows already in pieces hold in the runner's cache: a
+        row in pieces goes on; another starts its pieces only if the cache holds them all."""
+        self._in_pieces = {k: e for k, e in self._in_pieces.items() if not e.owner.cancelled}
+        head = candidates[0]
+        held = 0 if id(head) in self._in_pieces else sum(len(e.ids) for e in self._in_pieces.values())
+        batch = self.budget.fill(candidates, tiers, early, held)
+        for entry in batch:
+            if entry.piece:
+                self._in_pieces[id(entry)] = entry
+            else:
+                self._in_pieces.pop(id(entry), None)
+        return batch
 
     def __len__(self) -> int:
         """Queued entries, cancelled ones not yet dropped included."""
@@ -233,7 +253,7 @@ class FifoQueue(_QueueBase):
                 window.append(entry)
         if not window:
             return []
-        batch = self.budget.fill(window)
+        batch = self._fill(window)
         taken = {id(e) for e in batch if not e.piece}  # a piece's row stays, first in line
         leftover = [e for e in window if id(e) not in taken]
         self._entries.extendleft(reversed(leftover))  # back at the front, in arrival order
@@ -328,7 +348,7 @@ class FairQueue(_QueueBase):
                 candidates.append(entry)
                 tiers.append(tier)
                 early.append(tenant != first[0] and start > first[1] + first[2])
-        batch = self.budget.fill(candidates, tiers, early)
+        batch = self._fill(candidates, tiers, early)
         self._take(batch)
         return batch
 
