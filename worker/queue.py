@@ -157,7 +157,7 @@ class _Budget:
         judged by the warm-up fit, which saw the whole range)."""
         time = self.time
         if (time is None or not time.cost.calibrated or len(head.ids) + held > time.max_split_tokens
-                or self.in_time(shape_of([head]))):
+                or self.in_time(Shape.of([(head.cost, len(head.ids))]))):  # the whole row, whatever piece it last ran
             return 0
 
         def ms(k: int, at_warmup: bool = False) -> float:
