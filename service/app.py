@@ -167,7 +167,8 @@ class App:
                           on_batch=self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
-        self.metrics.watch_queue(lambda: batcher.queued_docs)
+        self.metrics.watch_queue(lambda: batcher.queued_docs, lambda: batcher.queue.queued_tokens,
+                                 batcher.config.max_queued_docs, batcher.config.max_queued_tokens)
         assert isinstance(self.engine, BatcherEngine), "a served app's engine is local: this is a bug"
         self.engine.batcher = batcher
         self.metrics.ready.set(1)
