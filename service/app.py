@@ -159,8 +159,9 @@ class App:
         await asyncio.shield(self._warming)
 
     async def _warm(self) -> None:
-        if self.grpc is None:
-            return  # a gateway: its backends answered before it was built
+        if self.grpc is None:  # a gateway: its backends answered before it was built
+            self.metrics.ready.set(1)  # (else the replica-not-ready alert would page on every gateway)
+            return
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
         info = runner.info()
         batcher = Batcher(runner, runner.builder, self._serve.batcher_config(info.device),
