@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
 
+from service import cli
 from service.logs import ACCESS, JsonFormatter, LogFormat, key_values, use, write_access
 
 
@@ -112,6 +113,17 @@ def test_use_switches_the_root_handlers_and_text_leaves_them_alone() -> None:
         assert isinstance(handler.formatter, JsonFormatter)
     finally:
         root.removeHandler(handler)
+
+
+@pytest.mark.parametrize("command", ["serve", "gateway"])
+def test_both_servers_take_the_log_format_from_the_flag_or_the_environment(command: str,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    assert cli.build_parser().parse_args([command]).log_format is LogFormat.TEXT
+    assert cli.build_parser().parse_args([command, "--log-format", "json"]).log_format is LogFormat.JSON
+    monkeypatch.setenv("RERANK_LOG_FORMAT", "json")
+    assert cli.build_parser().parse_args([command]).log_format is LogFormat.JSON
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([command, "--log-format", "xml"])
 
 
 @pytest.mark.slow

@@ -4,10 +4,14 @@ beside its limits, per-key throttling by limit, and ledger failures (read from
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from serving import schema_engine
 from sqlalchemy.exc import OperationalError
 
 from service.billing.db import unavailable
+from service.billing.ledger import SqlLedger
 from service.billing.ratelimit import KeyRateLimiter
 from service.core import Principal
 from service.errors import Code, ServiceError
@@ -56,3 +60,18 @@ def test_a_ledger_failure_is_counted() -> None:
         raise OperationalError("SELECT 1", {}, Exception("database is down"))
     assert refused.value.code is Code.UNAVAILABLE
     assert sample("rerank_ledger_errors_total") == before + 1
+
+
+async def test_a_quota_refusal_is_counted(tmp_path: Path) -> None:
+    sample = Metrics().registry.get_sample_value
+    before = sample("rerank_throttled_total", {"limit": "quota"})
+    async with schema_engine(f"sqlite+aiosqlite:///{tmp_path / 'ledger.sqlite3'}") as engine:
+        ledger = SqlLedger(engine)
+        try:
+            assert await ledger.reserve(Principal("key_q", "q", quota_documents=3), 2) is not None
+            with pytest.raises(ServiceError) as refused:
+                await ledger.reserve(Principal("key_q", "q", quota_documents=3), 2)
+        finally:
+            await ledger.close()
+    assert refused.value.code is Code.QUOTA_EXCEEDED
+    assert sample("rerank_throttled_total", {"limit": "quota"}) == before + 1
