@@ -159,15 +159,17 @@ class App:
         await asyncio.shield(self._warming)
 
     async def _warm(self) -> None:
-        if self.grpc is None:
-            return  # a gateway: its backends answered before it was built
+        if self.grpc is None:  # a gateway: its backends answered before it was built
+            self.metrics.ready.set(1)  # (else the replica-not-ready alert would page on every gateway)
+            return
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
         info = runner.info()
         batcher = Batcher(runner, runner.builder, self._serve.batcher_config(info.device),
                           on_batch=self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
-        self.metrics.watch_queue(lambda: batcher.queued_docs)
+        self.metrics.watch_queue(lambda: batcher.queued_docs, lambda: batcher.queue.queued_tokens,
+                                 batcher.config.max_queued_docs, batcher.config.max_queued_tokens)
         assert isinstance(self.engine, BatcherEngine), "a served app's engine is local: this is a bug"
         self.engine.batcher = batcher
         self.metrics.ready.set(1)

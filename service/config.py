@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from service.core import Limits
 from service.edge import EdgeLimits, GrpcLimits
+from service.logs import LogFormat
 from worker.batcher import BatcherConfig
 from worker.queue import Policy
 from worker.types import Attention, Device, Precision
@@ -61,6 +62,9 @@ class FrontConfig:
     host: str = knob("0.0.0.0", "address to bind ('[::]' for IPv4 and IPv6)", metavar="H")
     http_port: int | None = knob(8080, "HTTP/JSON port; 0 picks a free one (the log says which)")
     grace_s: float = knob(30.0, "on SIGTERM, let in-flight calls finish this long, then cancel them")
+    log_format: LogFormat = knob(LogFormat.TEXT, "log lines as text, or one JSON object per line with the access "
+                                 "log's fields and the current trace's ids (docs/OPERATIONS.md, Logs)",
+                                 metavar="{text,json}")
     # -- keys and billing
     db_url: str | None = knob(None, "usage ledger and API keys: postgresql://user:pass@host/db (replicas "
                               "share it), sqlite:///path or a file path", unset="ledger.sqlite3 in --data-dir",

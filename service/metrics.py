@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
+from service.billing.tally import ledger_errors, throttled
 from worker.batcher import BatchStats
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,12 @@ class Metrics:
                                          ["method"], buckets=_LATENCY_S, registry=r)
         self.queue_documents = Gauge("rerank_queue_documents", "Documents waiting in the batcher's queue.",
                                      registry=r)
+        self.queue_tokens = Gauge("rerank_queue_tokens", "Tokens of the documents waiting in the batcher's "
+                                  "queue (its cost: row tokens, prefixes cached).", registry=r)
+        self.queue_max_documents = Gauge("rerank_queue_max_documents", "--max-queued-docs: more queued is "
+                                         "refused as overloaded.", registry=r)
+        self.queue_max_tokens = Gauge("rerank_queue_max_tokens", "--max-queued-tokens: more queued is "
+                                      "refused as overloaded.", registry=r)
         self.batch_rows = Histogram("rerank_batch_rows", "Documents per model batch.", buckets=_ROWS,
                                     registry=r)
         self.batch_tokens = Histogram("rerank_batch_tokens", "Tokens the model computed per batch.",
@@ -47,10 +56,16 @@ class Metrics:
         self.batches_failed = Counter("rerank_batches_failed", "Batches the model failed on.", registry=r)
         self.ready = Gauge("rerank_ready", "1 when the model is loaded and warm.", registry=r)
         self.queue_documents.set_function(lambda: 0)
+        self.queue_tokens.set_function(lambda: 0)
+        r.register(BillingTally())
 
-    def watch_queue(self, depth: Callable[[], int]) -> None:
-        """Sample queue depth at scrape time, from the batcher once it exists."""
-        self.queue_documents.set_function(depth)
+    def watch_queue(self, documents: Callable[[], int], tokens: Callable[[], int],
+                    max_documents: int, max_tokens: int) -> None:
+        """Sample queue depth at scrape time, from the batcher once it exists, beside its limits."""
+        self.queue_documents.set_function(documents)
+        self.queue_tokens.set_function(tokens)
+        self.queue_max_documents.set(max_documents)
+        self.queue_max_tokens.set(max_tokens)
 
     def on_batch(self, stats: BatchStats) -> None:
         """The batcher's ``on_batch`` hook; runs on the event loop after every batch."""
@@ -70,6 +85,23 @@ class Metrics:
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
         self.request_seconds.labels(method).observe(seconds)
+
+
+class BillingTally(Collector):
+    """``service.billing.tally``'s process-wide counts as counters, every series exported from
+    the start (at 0), so rates and alerts over them are defined before the first refusal."""
+
+    LIMITS = ("rps", "dps", "tpm", "quota")
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("rerank_throttled", "Calls refused by a per-key limit (rate limits: "
+                                     "rps, dps, tpm; the document quota: quota).", labels=["limit"])
+        for limit in self.LIMITS:
+            family.add_metric([limit], throttled[limit])
+        yield family
+        # one series (the log line of each failure says what the ledger was doing)
+        yield CounterMetricFamily("rerank_ledger_errors", "Usage-ledger (database) failures; each refuses its "
+                                  "call UNAVAILABLE (nothing billed).", value=sum(ledger_errors.values()))
 
 
 class MetricsServer:

@@ -40,6 +40,8 @@ async def test_gateway_alone_forwards_scoring_and_keeps_billing(tmp_path: Path,
              "--http-port", "0", "--db", db, "--connect-timeout-s", "10"])
         gateway = await start(args)
         try:
+            await gateway.wait_ready()  # a gateway is ready once started: the not-ready alert reads this
+            assert gateway.metrics.registry.get_sample_value("rerank_ready") == 1
             auth = {"Authorization": f"Bearer {key}"}
             async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port(gateway)}", headers=auth,
                                          timeout=30) as http:

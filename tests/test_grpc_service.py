@@ -155,7 +155,8 @@ async def test_metrics_count_requests_batches_and_documents() -> None:
         assert sample("rerank_documents_scored_total") == len(DOCS)
         assert sample("rerank_batch_rows_count") == 1
         assert sample("rerank_batch_tokens_sum") > 0
-        assert sample("rerank_queue_documents") == 0
+        assert sample("rerank_queue_documents") == 0 and sample("rerank_queue_tokens") == 0
+        assert sample("rerank_queue_max_documents") == app.batcher.config.max_queued_docs  # type: ignore[union-attr]
         assert sample("rerank_ready") == 1
 
 

@@ -41,6 +41,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from service.billing.tally import ledger_errors
 from service.errors import Code, ServiceError
 
 log = logging.getLogger(__name__)
@@ -174,5 +175,6 @@ def unavailable(action: str) -> Iterator[None]:
         yield
     except (SQLAlchemyError, OSError) as exc:
         log.error("usage ledger failed while %s: %s", action, exc)
+        ledger_errors[action] += 1
         raise ServiceError(Code.UNAVAILABLE, f"the usage ledger is unavailable ({action}): "
                            "nothing was billed; retry later", retry_after_s=1.0) from exc

@@ -42,6 +42,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.billing.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
+from service.billing.tally import throttled
 from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
 from service.errors import Code, ServiceError
 
@@ -128,6 +129,7 @@ class SqlLedger:
                 # refused (no hurry now): forget reservations left by crashed replicas, and say why
                 await conn.execute(delete(r).where(r.c.key_id == principal.key_id, r.c.expires_at <= now))
                 used = int(await conn.scalar(select(_used(principal.key_id, now))) or 0)
+        throttled["quota"] += 1
         raise ServiceError(Code.QUOTA_EXCEEDED, (
             f"API key {principal.key_id} has used or holds for calls in flight {used} of its "
             f"{quota}-document quota; this call needs {documents} more"))

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.billing.tally import throttled
 from service.core import Principal
 from service.errors import Code, ServiceError
 
@@ -67,6 +68,7 @@ class TokenBucket:
 
 # what each bucket counts (as its refusal says), and the span of its rate it holds, in seconds
 _KINDS = (("requests per second", 1.0), ("documents per second", 1.0), ("prompt tokens per minute", 60.0))
+_LIMIT_LABELS = ("rps", "dps", "tpm")  # the same limits, as /metrics names them
 
 KeyLimits = tuple[float | None, float | None, float | None]  # rps, dps, tpm
 
@@ -96,6 +98,7 @@ class KeyRateLimiter:
         wait = max(waits)
         if wait > 0:
             what = _KINDS[waits.index(wait)][0]
+            throttled[_LIMIT_LABELS[waits.index(wait)]] += 1
             raise ServiceError(Code.RATE_LIMITED, (
                 f"API key {principal.key_id} is over its rate limit ({what}); "
                 f"retry in {wait:.2f}s"), retry_after_s=wait)

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from service import config as knobs
+from service import logs
 from service.commands.serve import Stops
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ async def start(args: argparse.Namespace) -> App:
 
 
 def run(args: argparse.Namespace) -> int:
+    logs.use(args.log_format)
     return asyncio.run(_main(args))
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import config as serve_config
+from service import logs
 
 if TYPE_CHECKING:
     from service.app import App
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     config = serve_config.from_args(args)
+    logs.use(config.log_format)
     if not config.model:
         log.error("no model: pass --model PATH_OR_HUB_ID or set RERANK_MODEL")
         return 2

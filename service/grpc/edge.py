@@ -32,10 +32,10 @@ import grpc
 from service.edge import BodyBudget, CheckedOnce
 from service.errors import Code, ServiceError
 from service.grpc import wire
+from service.logs import write_access
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("rerank.access")
 
 RETRY_AFTER_KEY = "retry-after-ms"  # trailing metadata: milliseconds to wait before retrying
 SERVICE_NAME = "rerank.v1.RerankService"
@@ -206,8 +206,7 @@ async def _abort(context: grpc.aio.ServicerContext, path: str, exc: ServiceError
     service, _, method = path.lstrip("/").rpartition("/")
     if service == SERVICE_NAME:  # health and reflection calls are not counted, refused or not
         metrics.observe_request(method, exc.code.grpc_status, 0.0)
-        access_log.info("rpc=%s code=%s peer=%s message=%r", method, exc.code.grpc_status, context.peer(),
-                        exc.message)
+        write_access({"rpc": method, "code": exc.code.grpc_status, "peer": context.peer(), "error": exc.message})
     await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, retry_metadata(exc))
 
 

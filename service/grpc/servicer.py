@@ -37,11 +37,11 @@ from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
 from service.grpc import wire
 from service.grpc.edge import KeyGuard, retry_metadata
+from service.logs import Fields, write_access
 from service.memory import Trimmer
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
-access_log = logging.getLogger("rerank.access")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["RerankService"].full_name
 CUT_MARGIN_S = 2.0  # after the grace period, time to answer cut calls before grpcio cancels them
@@ -132,23 +132,24 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     def _finish(self, record: _CallRecord, code: str, message: str) -> None:
         seconds = time.perf_counter() - record.started
         self.metrics.observe_request(record.method, code, seconds)
-        access_log.info("%s", _access_line(record, code, message, seconds))
+        write_access(_access_fields(record, code, message, seconds))
 
 
-def _access_line(record: _CallRecord, code: str, message: str, seconds: float) -> str:
+def _access_fields(record: _CallRecord, code: str, message: str, seconds: float) -> Fields:
     # One line per call; never document text or keys (the message of a core error names
     # sizes and positions, not contents)
     call, reply = record.call, record.reply
-    parts = [f"rpc={record.method}", f"code={code}", f"ms={1000 * seconds:.1f}", f"peer={record.peer}"]
+    fields: dict[str, str | int | float | bool] = {"rpc": record.method, "code": code,
+                                                   "ms": round(1000 * seconds, 1), "peer": record.peer}
     if call is not None:
-        parts += [f"request_id={reply.request_id if reply else call.request_id or '-'}",
-                  f"queries={len(call.queries)}", f"documents={sum(len(q.documents) for q in call.queries)}"]
+        fields.update(request_id=reply.request_id if reply else call.request_id or "-",
+                      queries=len(call.queries), documents=sum(len(q.documents) for q in call.queries))
     if reply is not None:
-        parts += [f"prompt_tokens={reply.prompt_tokens}", f"computed_tokens={reply.computed_tokens}",
-                  f"replayed={reply.replayed}"]
+        fields.update(prompt_tokens=reply.prompt_tokens, computed_tokens=reply.computed_tokens,
+                      replayed=reply.replayed)
     if message:
-        parts.append(f"message={message!r}")
-    return " ".join(parts)
+        fields["error"] = message
+    return fields
 
 
 # -- undecodable requests ------------------------------------------------------------------
@@ -265,8 +266,8 @@ def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Cal
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
             metrics.observe_request(method, "INVALID_ARGUMENT", 0.0)
-            access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message='undecodable request'", method,
-                            context.peer())
+            write_access({"rpc": method, "code": "INVALID_ARGUMENT", "peer": context.peer(),
+                          "error": "undecodable request"})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"the request is not a valid {method} request message: {request.error}")
         return await behaviour(request, context)

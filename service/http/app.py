@@ -130,8 +130,8 @@ def _rerank_handler(core: RerankCore, auth: Authenticator, accepting: Callable[[
                                retry_after_s=1.0)
         call = body.to_call(_token(request), idempotency_key)
         reply = await _unless_disconnected(request, core.rerank(call, auth=auth))
-        request.state.access = (f"request_id={reply.request_id} documents={reply.billed_documents} "
-                                f"prompt_tokens={reply.prompt_tokens} replayed={reply.replayed}")
+        request.state.access = {"request_id": reply.request_id, "documents": reply.billed_documents,
+                                "prompt_tokens": reply.prompt_tokens, "replayed": reply.replayed}
         response.headers["X-Request-Id"] = reply.request_id
         if reply.replayed:
             response.headers["Idempotent-Replayed"] = "true"

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -29,9 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.edge import BodyBudget, CheckedOnce, EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
+from service.logs import write_access
 from service.metrics import Metrics
-
-access_log = logging.getLogger("rerank.access")
 
 _MAX_DETAIL_CHARS = 1000
 _API_PATHS = ("/v1/", "/v2/", "/rerank")  # calls of the API: each writes an access line
@@ -304,7 +302,6 @@ class Observe:
             self.metrics.observe_request(label, str(status), seconds)
             if label.split(" ")[-1].startswith(_API_PATHS):
                 client = scope.get("client") or ("-", 0)
-                extra = scope.get("state", {}).get("access", "")
-                access_log.info("http=%s status=%d ms=%.1f peer=%s:%s %s", label, status,
-                                1000 * seconds, client[0], client[1], extra)
+                write_access({"http": label, "status": status, "ms": round(1000 * seconds, 1),
+                              "peer": f"{client[0]}:{client[1]}", **scope.get("state", {}).get("access", {})})
 
