@@ -5,20 +5,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import queue
 import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from observe_support import ServeProcess as Server
 
 from service import cli
 from service import config as serve_config
@@ -108,37 +105,6 @@ def test_serve_without_a_model_serves_the_default(monkeypatch: pytest.MonkeyPatc
 
 
 # -- the real thing, in a subprocess ---------------------------------------------------------
-class Server:
-    """``rerank serve`` in a subprocess; its log lines arrive on a queue."""
-
-    def __init__(self, argv: list[str]) -> None:
-        self.proc = subprocess.Popen([*RERANK, "serve", *argv], cwd=ROOT, stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout_s: float = 60) -> re.Match[str]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            try:
-                line = self.lines.get(timeout=0.2)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            self.log.append(line)
-            if match := re.search(pattern, line):
-                return match
-        raise AssertionError(f"no {pattern!r} in the log:\n{''.join(self.log)}")
-
-
 @pytest.fixture()
 def served(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[Server, str]]:
     server = Server(["--model", str(tiny_model_dir), "--host", "127.0.0.1", "--grpc-port", "0",
