@@ -36,7 +36,7 @@ from service.core import Limits, RerankCall, RerankCore, RerankReply
 from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
 from service.grpc import wire
-from service.grpc.edge import KeyGuard, retry_metadata
+from service.grpc.edge import KeyGuard, grpc_outcome, retry_metadata
 from service.memory import Trimmer
 from service.metrics import Metrics
 
@@ -132,6 +132,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     def _finish(self, record: _CallRecord, code: str, message: str) -> None:
         seconds = time.perf_counter() - record.started
         self.metrics.observe_request(record.method, code, seconds)
+        grpc_outcome(code)  # on the call's span, current here (service.grpc.edge.KeyGuard) as the line is written
         access_log.info("%s", _access_line(record, code, message, seconds))
 
 
@@ -265,6 +266,7 @@ def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Cal
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
             metrics.observe_request(method, "INVALID_ARGUMENT", 0.0)
+            grpc_outcome("INVALID_ARGUMENT")
             access_log.info("rpc=%s code=INVALID_ARGUMENT peer=%s message='undecodable request'", method,
                             context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
