@@ -9,8 +9,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -233,3 +235,62 @@ def test_with_tracing_off_nothing_is_set_up() -> None:
     assert done.returncode == 0, done.stderr
     # off, no provider set anywhere, and neither the SDK nor an exporter imported
     assert done.stdout.split() == ["False", "ProxyTracerProvider", "[]"]
+
+
+def wait_http_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(log.read_text())
+
+
+@pytest.mark.slow  # two real processes: rerank serve (the tiny checkpoint) behind rerank gateway
+def test_one_trace_spans_gateway_backend_and_batch(tmp_path: Path, tiny_model_dir: Path, receiver: Receiver) -> None:
+    from bench.load.servers import ServeProcess, create_api_key, free_port, rerank_command
+
+    db = f"sqlite:///{tmp_path / 'gateway.sqlite3'}"
+    key = create_api_key(db, "traced")
+    env = {"OMP_NUM_THREADS": "1", "OTEL_BSP_SCHEDULE_DELAY": "200"}
+    backend = ServeProcess(str(tiny_model_dir), tmp_path / "backend.log", env=env, extra_args=[
+        "--no-auth", "--data-dir", str(tmp_path), "--otlp-endpoint", receiver.endpoint])
+    port, log = free_port(), tmp_path / "gateway.log"
+    with backend.start():
+        backend.wait_ready()
+        with log.open("ab") as out:  # the flag's environment twin, RERANK_OTLP_ENDPOINT
+            gateway = subprocess.Popen([*rerank_command(), "gateway", "--backend", backend.grpc_target, "--host",
+                                        "127.0.0.1", "--http-port", str(port), "--db", db], stdout=out,
+                                       stderr=subprocess.STDOUT, env={**os.environ, **env,
+                                                                      "RERANK_OTLP_ENDPOINT": receiver.endpoint})
+        try:
+            wait_http_ready(f"http://127.0.0.1:{port}", gateway, log)
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/rerank", timeout=60, json={
+                "query": "capital of France", "documents": ["Paris", "Bananas"]},
+                headers={"Authorization": f"Bearer {key}", "traceparent": traceparent(HTTP_PARENT)})
+            assert r.status_code == 200, r.text
+        finally:
+            gateway.send_signal(signal.SIGTERM)
+            assert gateway.wait(60) == 0, log.read_text()
+        assert backend.stop() == 0, backend.log_tail()  # SIGTERM: the server flushes its spans as it stops
+    spans = receiver.spans()
+    gateway_spans = [s for s in spans if s.service == "rerank-gateway"]
+    (call,) = [s for s in by_name(gateway_spans, "POST /v1/rerank") if s.parent_id == HTTP_PARENT]
+    assert call.trace_id == TRACE_ID and call.attributes["rerank.key_id"].startswith("key_")
+    (score,) = by_name(children(spans, call), "rerank.score")
+    (hop,) = children(spans, score)  # the gateway's call to its backend, carried on by its traceparent
+    assert (hop.name, hop.kind, hop.attributes["server.address"]) == (
+        "rerank.v1.RerankService/Rerank", CLIENT, backend.grpc_target)
+    (served,) = children(spans, hop)
+    assert (served.service, served.name, served.kind, served.trace_id) == (
+        "rerank-serve", "rerank.v1.RerankService/Rerank", SERVER, TRACE_ID)
+    (backend_score,) = by_name(children(spans, served), "rerank.score")
+    assert {s.name for s in children(spans, backend_score)} == {"rerank.tokenize", "rerank.queue"}
+    (batch,) = [b for b in by_name(spans, "rerank.batch") if (TRACE_ID, backend_score.span_id) in b.links]
+    assert batch.service == "rerank-serve" and batch.attributes["rerank.batch.rows"] == 2
+    exported = b"".join(receiver.raw)
+    assert key.encode() not in exported and key.removeprefix("rk_live_").encode() not in exported
