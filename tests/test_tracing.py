@@ -139,6 +139,7 @@ async def test_a_served_call_is_traced_from_each_front_to_the_batch(
         assert score.start_ns <= tokenize.start_ns <= tokenize.end_ns <= queue.start_ns <= queue.end_ns <= score.end_ns
         batches = [b for b in by_name(spans, "rerank.batch") if (score.trace_id, score.span_id) in b.links]
         assert len(batches) == 1 and batches[0].parent_id == "" and batches[0].trace_id != TRACE_ID
+        assert score.links == [(batches[0].trace_id, batches[0].span_id)]  # and back, from the call's side
         assert batches[0].attributes["rerank.batch.rows"] == documents
         assert batches[0].attributes["rerank.batch.padded_tokens"] >= batches[0].attributes[
             "rerank.batch.computed_tokens"] - batches[0].attributes["rerank.batch.prefill_tokens"] > 0
