@@ -37,10 +37,14 @@ def _value(v: AnyValue) -> Any:
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
-    """``with Receiver() as r``: ``r.endpoint`` takes exports; ``r.raw`` and ``r.spans()`` hold them."""
+    """``with Receiver() as r``: ``r.endpoint`` takes exports; ``r.raw`` and ``r.spans()`` hold them
+    (``keep=False``: counted only, as a benchmark's sink)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True) -> None:
+        self.keep = keep
         self.raw: list[bytes] = []
+        self.exports = 0
+        self.bytes_received = 0
         self._lock = threading.Lock()
         self._server = grpc.server(ThreadPoolExecutor(2))
         handler = grpc.unary_unary_rpc_method_handler(
@@ -56,8 +60,11 @@ class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
 
     def _parse(self, data: bytes) -> trace_service_pb2.ExportTraceServiceRequest:
         with self._lock:
-            self.raw.append(data)  # the bytes as they came over the wire
-        return trace_service_pb2.ExportTraceServiceRequest.FromString(data)
+            self.exports += 1
+            self.bytes_received += len(data)
+            if self.keep:
+                self.raw.append(data)  # the bytes as they came over the wire
+        return trace_service_pb2.ExportTraceServiceRequest.FromString(data if self.keep else b"")
 
     def Export(self, request: trace_service_pb2.ExportTraceServiceRequest,
                context: Any) -> trace_service_pb2.ExportTraceServiceResponse:

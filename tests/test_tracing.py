@@ -61,12 +61,15 @@ class SpanAtLog(logging.Handler):
 def access_lines() -> Iterator[SpanAtLog]:
     handler, access = SpanAtLog(), logging.getLogger("rerank.access")
     access.addHandler(handler)
-    level, access.level = access.level, logging.INFO
+    # (an earlier test's dictConfig, uvicorn's, may have disabled the existing loggers)
+    level, disabled, access.disabled = access.level, access.disabled, False
+    access.setLevel(logging.INFO)
     try:
         yield handler
     finally:
         access.removeHandler(handler)
         access.setLevel(level)
+        access.disabled = disabled
 
 
 def create_key(db: str) -> tuple[str, str]:

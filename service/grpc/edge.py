@@ -143,7 +143,7 @@ def _streaming(handler: Any, behaviour: Callable[..., Any], meter: Callable[[grp
     Messages are read with ``context.read()``: grpcio's request iterator, once started and
     left unfinished (a unary call's end of stream is never read), keeps the call's state and
     its message alive past the call."""
-    if inspect.isasyncgenfunction(behaviour):  # a streaming reply written by ``yield``
+    if inspect.isasyncgenfunction(behaviour):  # a streaming reply by ``yield``: none is ours, none traced
         async def generate(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             metered = meter(context)
             try:
@@ -152,7 +152,7 @@ def _streaming(handler: Any, behaviour: Callable[..., Any], meter: Callable[[grp
             except grpc.aio.AbortError as exc:
                 raise _without_frames(exc) from None
             finally:
-                await metered.close()  # (no streaming-reply method is ours: none is traced)
+                await metered.close()
         wrapped: Callable[..., Any] = generate
     else:
         async def call(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
