@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clients import AsyncRerankClient
+from clients import AsyncRerankClient, RerankError
 from service import cli, tracing
 from service.app import App
 from service.config import ServeConfig
@@ -100,6 +100,9 @@ async def served_calls(app: App, key: str) -> None:
         wrong = await http.post("/v1/rerank", json={"query": "q", "documents": ["a"]},
                                 headers={"Authorization": f"Bearer {key[:-4]}AAAA"})
         assert wrong.status_code == 401
+    async with AsyncRerankClient(f"127.0.0.1:{app.grpc.port}", api_key=f"{key[:-4]}AAAA") as refused:
+        with pytest.raises(RerankError, match="UNAUTHENTICATED"):  # refused before the message is read
+            await refused.rerank("q", ["a"])
     async with AsyncRerankClient(f"127.0.0.1:{app.grpc.port}", api_key=key) as client:
         for parent in (GRPC_PARENT, None):  # the same request id again: replayed, free
             await client.rerank("capital of Spain", ["Madrid", "Lisbon", "Rome"], priority=7, request_id="call-1",
@@ -123,7 +126,9 @@ async def test_a_served_call_is_traced_from_each_front_to_the_batch(
     assert {s.service for s in spans} == {"rerank-serve"}
 
     (http,) = [s for s in by_name(spans, "POST /v1/rerank") if s.parent_id == HTTP_PARENT]
-    grpc_call, replayed = sorted(by_name(spans, "rerank.v1.RerankService/Rerank"), key=lambda s: s.start_ns)
+    refused_rpc, grpc_call, replayed = sorted(by_name(spans, "rerank.v1.RerankService/Rerank"),
+                                              key=lambda s: s.start_ns)
+    assert refused_rpc.attributes["rpc.grpc.status_code"] == 16 and children(spans, refused_rpc) == []
     assert (http.trace_id, http.kind, grpc_call.trace_id, grpc_call.parent_id, grpc_call.kind) == (
         TRACE_ID, SERVER, TRACE_ID, GRPC_PARENT, SERVER)
     assert http.attributes["http.response.status_code"] == 200 and http.attributes["http.route"] == "/v1/rerank"
@@ -154,7 +159,7 @@ async def test_a_served_call_is_traced_from_each_front_to_the_batch(
     assert len(refused) == 1 and "rerank.key_id" not in refused[0].attributes
     # every access line was written with its call's span current (trace and span ids for JSON logs)
     calls = {s.span_id: s.trace_id for s in spans if s.kind == SERVER}
-    assert len(access_lines.seen) == 4 and all(calls.get(span) == trace for _, trace, span in access_lines.seen)
+    assert len(access_lines.seen) == 5 and all(calls.get(span) == trace for _, trace, span in access_lines.seen)
     exported = b"".join(receiver.raw)
     for secret in (key, key.removeprefix("rk_live_"), f"{key[:-4]}AAAA".removeprefix("rk_live_")):
         assert secret.encode() not in exported
