@@ -318,11 +318,15 @@ class RerankCore:
         call_span = tracing.current()  # the front's span of this call (None: tracing is off)
         with tracing.span("rerank.auth"):
             principal = await self._authorize(call, auth or self.auth)
-        if call_span is not None:
-            _describe_call(call_span, call, principal)
+        if call_span is not None:  # who calls and how (the key's id, never the key)
+            tracing.describe(call_span, key_id=principal.key_id, queries=len(call.queries),
+                             priority=effective_priority(principal, call.priority)[0],
+                             documents=sum(len(q.documents) for q in call.queries))
         reply = await self._replay_or_admit(principal, call, started)
         if call_span is not None:
-            _describe_reply(call_span, reply)
+            tracing.describe(call_span, request_id=reply.request_id, replayed=reply.replayed,
+                             billed_documents=reply.billed_documents, prompt_tokens=reply.prompt_tokens,
+                             computed_tokens=reply.computed_tokens)
         return reply
 
     async def _authorize(self, call: RerankCall, auth: Authenticator) -> Principal:
@@ -512,7 +516,7 @@ async def _score(engine: Engine, query: RerankQuery, tenant: str, priority: int,
     try:
         with tracing.span("rerank.score") as span:
             if span is not None:
-                _describe_query(span, query)
+                tracing.describe_query(span, query.query, query.instruction, query.documents)
             return await engine.score(query, tenant, priority)
     except ServiceError as exc:
         if where and exc.code is Code.INVALID_ARGUMENT:
@@ -528,26 +532,3 @@ def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:
                       q.documents[s.index] if q.return_documents else None) for s in ranked]
     return QueryOutcome(docs, len(result.scores), result.prompt_tokens, result.computed_tokens)
 
-
-# -- what a call's spans say (service.tracing; only called when tracing is on) --------------------
-def _describe_call(span: tracing.Span, call: RerankCall, principal: Principal) -> None:
-    """Who calls and how: the key id (never the key), the priority it runs at, its size."""
-    span.set_attributes({"rerank.key_id": principal.key_id,
-                         "rerank.priority": effective_priority(principal, call.priority)[0],
-                         "rerank.queries": len(call.queries),
-                         "rerank.documents": sum(len(q.documents) for q in call.queries)})
-
-
-def _describe_reply(span: tracing.Span, reply: RerankReply) -> None:
-    span.set_attributes({"rerank.request_id": reply.request_id, "rerank.replayed": reply.replayed,
-                         "rerank.billed_documents": reply.billed_documents,
-                         "rerank.prompt_tokens": reply.prompt_tokens,
-                         "rerank.computed_tokens": reply.computed_tokens})
-
-
-def _describe_query(span: tracing.Span, query: RerankQuery) -> None:
-    span.set_attribute("rerank.documents", len(query.documents))
-    if tracing.text_allowed():  # the operator's opt-in: --trace-text
-        span.set_attributes({"rerank.query.text": query.query, "rerank.documents.text": list(query.documents)})
-        if query.instruction is not None:
-            span.set_attribute("rerank.instruction.text", query.instruction)

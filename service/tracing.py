@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.trace import Span as Span  # re-exported: what the core's annotations name
-    from opentelemetry.trace import SpanContext, Tracer
+    from opentelemetry.trace import Span, SpanContext, Tracer
 
     from worker.batcher import BatchStats
 
@@ -129,8 +128,18 @@ def current() -> Span | None:
     return trace.get_current_span()
 
 
-def text_allowed() -> bool:
-    return _State.text
+def describe(span: Span, **attributes: str | int | bool) -> None:
+    """``rerank.<name>`` attributes on ``span`` (the core's words for a call)."""
+    span.set_attributes({f"rerank.{name}": value for name, value in attributes.items()})
+
+
+def describe_query(span: Span, query: str, instruction: str | None, documents: Sequence[str]) -> None:
+    """A query's ``rerank.score`` span: its size; its text only where the operator opted in."""
+    span.set_attribute("rerank.documents", len(documents))
+    if _State.text:  # --trace-text
+        span.set_attributes({"rerank.query.text": query, "rerank.documents.text": list(documents)})
+        if instruction is not None:
+            span.set_attribute("rerank.instruction.text", instruction)
 
 
 def front_span(name: str, headers: Iterable[tuple[Any, Any]], kind: str, attributes: Mapping[str, Any],
