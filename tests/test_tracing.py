@@ -303,3 +303,14 @@ def test_one_trace_spans_gateway_backend_and_batch(tmp_path: Path, tiny_model_di
     assert batch.service == "rerank-serve" and batch.attributes["rerank.batch.rows"] == 2
     exported = b"".join(receiver.raw)
     assert key.encode() not in exported and key.removeprefix("rk_live_").encode() not in exported
+
+
+@pytest.mark.slow  # the overhead benchmark still runs (seconds, not a benchmark)
+def test_the_overhead_bench_runs_both_modes() -> None:
+    done = subprocess.run([sys.executable, "bench/tracing.py", "--in-process", "--requests", "16", "--concurrency",
+                           "2", "--rounds", "2"], cwd=Path(__file__).resolve().parent.parent, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum("tracing off" in line for line in lines) == 2 and sum("tracing on" in line for line in lines) == 2
+    assert lines[-1].startswith("median: off") and " 0 OTLP exports" not in lines[-1]  # on did export
