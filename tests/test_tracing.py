@@ -208,6 +208,15 @@ def test_what_it_cannot_do_stops_the_start_saying_so(env: dict[str, str], monkey
         App(ServeConfig(model="fake", otlp_endpoint="http://127.0.0.1:1"), load_runner=FakeRunner)
 
 
+def test_the_gateway_refuses_them_before_waiting_for_backends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    started = time.monotonic()
+    assert cli.main(["gateway", "--backend", "127.0.0.1:1", "--http-port", "0", "--connect-timeout-s", "30",
+                     "--db", str(tmp_path / "ledger.sqlite3")]) == 2
+    assert time.monotonic() - started < 10 and "OTEL_TRACES_EXPORTER='zipkin' is not supported" in caplog.text
+
+
 def test_the_flags_are_in_both_commands_help(capsys: pytest.CaptureFixture[str]) -> None:
     for command in ("serve", "gateway"):
         with pytest.raises(SystemExit):
