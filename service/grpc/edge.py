@@ -114,8 +114,10 @@ def _traced(path: str, metadata: Any) -> Traced:
     """The call's server span (``rerank.v1.RerankService/Rerank``), for this service's methods,
     started now (the key check is part of the call) and current while its handler runs, its
     access line included; health and reflection calls are not traced."""
+    if not tracing.enabled():
+        return _untraced  # off: no work for the call at all
     service, _, method = path.lstrip("/").rpartition("/")
-    if not tracing.enabled() or service != SERVICE_NAME:
+    if service != SERVICE_NAME:
         return _untraced
     started_ns = time.time_ns()
     attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
