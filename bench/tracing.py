@@ -98,15 +98,19 @@ async def in_process_round(traced: str | None, args: argparse.Namespace) -> tupl
 
 
 def in_process(args: argparse.Namespace) -> None:
-    figures: Figures = {"off": [], "on": []}
+    modes = args.modes.split(",")
+    figures: Figures = {mode: [] for mode in modes}
     with Receiver(keep=False) as receiver:
         for r in range(args.rounds):
-            for mode in ("off", "on") if r % 2 == 0 else ("on", "off"):
+            for mode in modes if r % 2 == 0 else reversed(modes):
                 rps, cpu_ms = asyncio.run(in_process_round(receiver.endpoint if mode == "on" else None, args))
                 figures[mode].append((rps, cpu_ms))
                 print(f"round {r + 1} tracing {mode:3}: {rps:7.1f} req/s, process CPU {cpu_ms:5.2f} ms a call",
                       flush=True)
-        report(figures, receiver)
+        if len(modes) == 2:
+            report(figures, receiver)
+        else:  # one mode: e.g. off on this tree and on an older one, to compare by hand
+            print(f"median: {statistics.median(f[1] for f in figures[modes[0]]):.3f} CPU ms a call")
 
 
 def report(figures: Figures, receiver: Receiver) -> None:
@@ -125,6 +129,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--docs", type=int, default=8, help="documents per call (~30 tokens each)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--modes", default="off,on", choices=["off,on", "off"],
+                        help="--in-process: 'off' alone runs on a tree without tracing too (copy this file "
+                             "and tests/otlp_support.py there)")
     args = parser.parse_args()
     if args.in_process:
         in_process(args)
