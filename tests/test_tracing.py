@@ -166,7 +166,9 @@ async def test_a_served_call_is_traced_from_each_front_to_the_batch(
     assert b"Paris" not in exported and b"capital of" not in exported  # and no text
 
 
-async def test_trace_text_is_the_operators_opt_in(tmp_path: Path, receiver: Receiver) -> None:
+async def test_trace_text_is_the_operators_opt_in_and_the_service_name_its_choice(
+        tmp_path: Path, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_SERVICE_NAME", "search-reranker")
     app = App(ServeConfig(model="fake", host="127.0.0.1", grpc_port=0, http_port=None, auth=False,
                           data_dir=tmp_path, max_wait_ms=0.0, otlp_endpoint=receiver.endpoint, trace_text=True),
               load_runner=FakeRunner)
@@ -179,6 +181,7 @@ async def test_trace_text_is_the_operators_opt_in(tmp_path: Path, receiver: Rece
     finally:
         await app.stop(grace_s=0)
     (score,) = by_name(receiver.spans(), "rerank.score")
+    assert score.service == "search-reranker"  # not rerank-serve: the operator named it
     assert score.attributes["rerank.documents.text"] == ["Paris", "Bananas"]
     assert (score.attributes["rerank.query.text"], score.attributes["rerank.instruction.text"]) == (
         "capital of France", "Find the city")
