@@ -187,6 +187,29 @@ async def test_trace_text_is_the_operators_opt_in_and_the_service_name_its_choic
         "capital of France", "Find the city")
 
 
+async def test_a_batch_of_several_calls_is_one_span_linked_to_each(receiver: Receiver) -> None:
+    from tests.serving import eventually, running_app, target
+
+    runner = FakeRunner()
+    async with running_app(runner, otlp_endpoint=receiver.endpoint) as app, \
+            AsyncRerankClient(target(app)) as client:
+        runner.gate.clear()  # the model holds the first call's batch while two more calls queue
+        first = asyncio.create_task(client.rerank("first", ["a"]))
+        await asyncio.to_thread(runner.entered.wait, 5)
+        queued = [asyncio.create_task(client.rerank(f"query {n}", ["b", "c"])) for n in range(2)]
+        await eventually(lambda: app.batcher is not None and app.batcher.queued_docs == 4)
+        runner.gate.set()
+        await asyncio.gather(first, *queued)
+    spans = receiver.spans()
+    scores = {s.span_id: s for s in by_name(spans, "rerank.score")}
+    batches = sorted(by_name(spans, "rerank.batch"), key=lambda b: b.start_ns)
+    assert [(b.attributes["rerank.batch.rows"], b.attributes["rerank.batch.requests"]) for b in batches] == [
+        (1, 1), (4, 2)]
+    together = [scores[span] for _, span in batches[1].links]
+    assert sorted(s.attributes["rerank.documents"] for s in together) == [2, 2]
+    assert len({s.trace_id for s in together}) == 2  # two calls, two traces, one batch span
+
+
 @pytest.mark.parametrize(("flag", "env", "on"), [
     (None, {}, False),  # off by default
     ("http://c:4317", {}, True),
