@@ -52,8 +52,9 @@ class Settings:
     @staticmethod
     def read(endpoint: str | None, text: bool = False, env: Mapping[str, str] | None = None) -> Settings | None:
         """None: tracing off. On with ``endpoint`` (``--otlp-endpoint``), or an OTLP endpoint in
-        the environment, or ``OTEL_TRACES_EXPORTER=otlp``; ``OTEL_SDK_DISABLED=true`` or
-        ``OTEL_TRACES_EXPORTER=none`` keep the environment's settings off (the flag still wins).
+        the environment, or ``OTEL_TRACES_EXPORTER=otlp``. ``OTEL_TRACES_EXPORTER=none`` keeps the
+        environment's settings off (the flag still wins); ``OTEL_SDK_DISABLED=true`` turns it off
+        whatever else says so (the SDK would record nothing anyway).
         Raises ValueError for what this server cannot do (another exporter or protocol)."""
         env = os.environ if env is None else env
         exporter = env.get("OTEL_TRACES_EXPORTER", "").strip().lower()
@@ -64,11 +65,12 @@ class Settings:
         if protocol != "grpc":
             raise ValueError(f"OTLP protocol {protocol!r} is not supported: this server exports over 'grpc' "
                              "(port 4317 on a collector)")
+        if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+            return None
         if endpoint:
             return Settings(endpoint, text)
-        disabled = env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true" or exporter == "none"
         asked = exporter == "otlp" or any(env.get(v, "").strip() for v in _ENDPOINT_VARS)
-        return Settings(None, text) if asked and not disabled else None
+        return Settings(None, text) if asked and exporter != "none" else None
 
 
 class _State:

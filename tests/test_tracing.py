@@ -218,7 +218,8 @@ async def test_a_batch_of_several_calls_is_one_span_linked_to_each(receiver: Rec
     (None, {"OTEL_TRACES_EXPORTER": "otlp"}, True),
     (None, {"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, False),
     (None, {"OTEL_SDK_DISABLED": "true", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}, False),
-    ("http://c:4317", {"OTEL_SDK_DISABLED": "true"}, True),  # the flag is the operator's explicit ask
+    ("http://c:4317", {"OTEL_TRACES_EXPORTER": "none"}, True),  # the flag is the operator's explicit ask
+    ("http://c:4317", {"OTEL_SDK_DISABLED": "true"}, False),  # but the SDK, disabled, would record nothing
     (None, {"OTEL_SERVICE_NAME": "x"}, False),  # naming the service asks for nothing
 ])
 def test_what_turns_tracing_on(flag: str | None, env: dict[str, str], on: bool) -> None:
