@@ -13,6 +13,9 @@ and settles what finished. Every batch's measured time refits the cost model
 (``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch that
 is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
 row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
+A request may carry a ``Watcher`` (tracing, built above the worker): it hears when its prompts
+were built and when each batch holding its rows started, and each batch's ``BatchStats``
+names the watchers of the requests it served; nothing here knows what they do with it.
 
 Invariants
 ----------
