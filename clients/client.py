@@ -341,12 +341,14 @@ class AsyncRerankClient:
                      model: str | None = None, request_id: str | None = None,
                      max_tokens_per_doc: int | None = None, priority: int | None = None,
                      timeout_s: float | None = None, on_behalf_of: str | None = None,
-                     idempotent: bool = True) -> RerankResult:
+                     idempotent: bool = True, metadata: Sequence[tuple[str, str]] = ()) -> RerankResult:
+        """``metadata``: more to send with this call, e.g. a W3C ``traceparent``."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
                          idempotent=idempotent)
-        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
+        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of,
+                                          metadata))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,
                            request_id: str | None = None, timeout_s: float | None = None) -> list[RerankResult]:
@@ -358,9 +360,9 @@ class AsyncRerankClient:
         return _model_info(await self._invoke(self._stub.GetModelInfo, pb.GetModelInfoRequest(), timeout_s))
 
     async def _invoke(self, method: Any, request: Any, timeout_s: float | None, documents: int | None = None,
-                      on_behalf_of: str | None = None) -> Any:
+                      on_behalf_of: str | None = None, extra: Sequence[tuple[str, str]] = ()) -> Any:
         timeout = timeout_s or self.timeout_s
-        metadata = _with_tenant(self._metadata, on_behalf_of)
+        metadata = (*_with_tenant(self._metadata, on_behalf_of), *extra)
 
         async def send(seconds_left: float) -> Any:  # the same request, request_id included, on every attempt
             try:

@@ -18,13 +18,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from service import tracing
 from service.config import FrontConfig, ServeConfig
 from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
 from service.grpc.servicer import GrpcServer
 from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from service.remote import RemoteEngine
-from worker.batcher import Batcher
+from worker.batcher import Batcher, BatchStats
 from worker.prompt import LoadedModel
 from worker.types import DType, Precision
 
@@ -107,6 +108,8 @@ class App:
                  core_parts: CoreParts | None = None, *, remote: RemoteEngine | None = None) -> None:
         """``rerank serve`` (a ``ServeConfig``), or ``rerank gateway`` (``remote``, connected)."""
         self.config = config
+        self._tracing = config.tracing()  # read first: an OTEL_* setting it cannot honour stops the start
+        self._traced = False
         self.draining = False  # NOT_SERVING: from SIGTERM on; calls are still taken
         self.stopping = False  # new calls refused: after the drain delay
         self.metrics = Metrics()
@@ -148,6 +151,9 @@ class App:
 
     async def start(self) -> None:
         """Serve (NOT_SERVING) at once; load and warm the model in the background."""
+        if self._tracing is not None and not tracing.enabled():
+            tracing.start(self._tracing, "rerank-serve" if self.grpc is not None else "rerank-gateway")
+            self._traced = True  # this app set it up: it shuts it down
         for component in self.components:
             await component.start()
         self._warming = asyncio.create_task(self._warm(), name="warm-model")
@@ -165,7 +171,7 @@ class App:
         runner = await asyncio.to_thread(self._load_runner)  # seconds to minutes; health keeps answering
         info = runner.info()
         batcher = Batcher(runner, runner.builder, self._serve.batcher_config(info.device),
-                          on_batch=self.metrics.on_batch)
+                          on_batch=self._on_batch if tracing.enabled() else self.metrics.on_batch)
         batcher.start()
         await batcher.warmup()
         self.metrics.watch_queue(lambda: batcher.queued_docs, lambda: batcher.queue.queued_tokens,
@@ -175,6 +181,10 @@ class App:
         self.metrics.ready.set(1)
         await self.grpc.set_serving(True)
         log.info("ready: %s", info)
+
+    def _on_batch(self, stats: BatchStats) -> None:
+        self.metrics.on_batch(stats)
+        tracing.batch(stats)
 
     async def drain(self) -> None:
         self.draining = True  # the HTTP API's /ready answers 503 from now on; calls are still taken
@@ -194,3 +204,6 @@ class App:
         await self.engine.close()  # the servers have finished or cancelled every call
         if self.core.ledger is not None:  # last: calls bill until the servers stop
             await self.core.ledger.close()
+        if self._traced:  # after the engine: its last batches' spans are made
+            self._traced = False
+            await asyncio.to_thread(tracing.shutdown)  # exports what is buffered (blocking)

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from service import tracing
 from service.core import Limits
 from service.edge import EdgeLimits, GrpcLimits
 from service.logs import LogFormat
@@ -92,6 +93,18 @@ class FrontConfig:
     http_max_header_bytes: int = knob(_EDGE.max_header_bytes, "bytes in a request head; larger is 431")
     http_max_body_bytes_in_flight: int = knob(_EDGE.max_body_bytes_in_flight, "request body bytes received or "
                                               "held at once, all connections together; past it calls get 429")
+    # -- tracing (service.tracing; docs/OPERATIONS.md, "Tracing")
+    otlp_endpoint: str | None = knob(None, "export OpenTelemetry traces over OTLP/gRPC to this collector, e.g. "
+                                     "http://otel-collector:4317 (OTEL_EXPORTER_OTLP_ENDPOINT or "
+                                     "OTEL_TRACES_EXPORTER=otlp turn tracing on too; OTEL_SERVICE_NAME, "
+                                     "OTEL_TRACES_SAMPLER and the other OTEL_* variables apply)", metavar="URL",
+                                     unset="off, unless the OTEL_* environment asks for it")
+    trace_text: bool = knob(False, "put query, instruction and document text in the exported spans (off: "
+                            "counts only; the text is your callers' data)")
+
+    def tracing(self) -> tracing.Settings | None:
+        """Whether and where to export traces (None: off); ValueError for OTEL_* it cannot honour."""
+        return tracing.Settings.read(self.otlp_endpoint, self.trace_text)
 
     def edge_limits(self) -> EdgeLimits:
         """The HTTP edge's limits: the ``http_*`` knobs, EdgeLimits' fields with a prefix."""

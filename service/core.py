@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import date
 from typing import Protocol
 
+from service import tracing
 from service.errors import Code, ServiceError
 from service.flight import SingleFlight
 from worker.types import Device, DType, ScoreResult
@@ -314,12 +315,31 @@ class RerankCore:
         HTTP front's answers from the key check its edge made before reading the body); the
         core itself is shared by both fronts and never changed."""
         started = time.perf_counter()
-        principal = await (auth or self.auth).authenticate(call.api_key)
+        call_span = tracing.current()  # the front's span of this call (None: tracing is off)
+        with tracing.span("rerank.auth"):
+            principal = await self._authorize(call, auth or self.auth)
+        if call_span is not None:  # who calls and how (the key's id, never the key)
+            tracing.describe(call_span, key_id=principal.key_id, queries=len(call.queries),
+                             priority=effective_priority(principal, call.priority)[0],
+                             documents=sum(len(q.documents) for q in call.queries))
+        reply = await self._replay_or_admit(principal, call, started)
+        if call_span is not None:
+            tracing.describe(call_span, request_id=reply.request_id, replayed=reply.replayed,
+                             billed_documents=reply.billed_documents, prompt_tokens=reply.prompt_tokens,
+                             computed_tokens=reply.computed_tokens)
+        return reply
+
+    async def _authorize(self, call: RerankCall, auth: Authenticator) -> Principal:
+        """The caller, once the call is valid and its key may call this model."""
+        principal = await auth.authenticate(call.api_key)
         self.validate(call)
         if principal.models is not None and self.model_name not in principal.models:
             # one key table may serve several deployments (a shared PostgreSQL ledger)
             raise ServiceError(Code.PERMISSION_DENIED, f"API key {principal.key_id} may not call "
                                                        f"{self.model_name!r}")
+        return principal
+
+    async def _replay_or_admit(self, principal: Principal, call: RerankCall, started: float) -> RerankReply:
         idempotency_key = call.idempotency_key
         # the fingerprint hashes every document: only a keyed call is ever compared with one
         fingerprint = call.fingerprint() if idempotency_key else ""
@@ -336,7 +356,8 @@ class RerankCore:
     async def _replay_or_run(self, principal: Principal, call: RerankCall, idempotency_key: str,
                              fingerprint: str, started: float) -> RerankReply:
         if self.ledger is not None:
-            stored = await self.ledger.replay(principal, idempotency_key, fingerprint)
+            with tracing.span("rerank.replay"):
+                stored = await self.ledger.replay(principal, idempotency_key, fingerprint)
             if stored is not None:
                 # free of charge, not of the request rate: a replay costs a lookup and a reply
                 await self.limiter.admit(principal, 0)
@@ -349,13 +370,15 @@ class RerankCore:
                                 started: float) -> RerankReply:
         documents = sum(len(q.documents) for q in call.queries)
         tokens = self.engine.estimate_tokens(call.queries)
-        await self.limiter.admit(principal, documents, tokens)
+        with tracing.span("rerank.admission"):
+            await self.limiter.admit(principal, documents, tokens)
+            reservation = None if self.ledger is None else await self.ledger.reserve(principal, documents)
         if self.ledger is None:
             return await self._score_call(principal, call, tokens, started)
-        reservation = await self.ledger.reserve(principal, documents)
         try:
             reply = await self._score_call(principal, call, tokens, started)
-            return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
+            with tracing.span("rerank.bill"):
+                return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
         except BaseException:
             if reservation is not None:
                 await self._release(reservation)
@@ -491,7 +514,10 @@ def _tenant(principal: Principal, call: RerankCall) -> str:
 async def _score(engine: Engine, query: RerankQuery, tenant: str, priority: int, where: str) -> ScoreResult:
     """One query's scores; an invalid input names the query, as ``validate``'s errors do."""
     try:
-        return await engine.score(query, tenant, priority)
+        with tracing.span("rerank.score") as span:
+            if span is not None:
+                tracing.describe_query(span, query.query, query.instruction, query.documents)
+            return await engine.score(query, tenant, priority)
     except ServiceError as exc:
         if where and exc.code is Code.INVALID_ARGUMENT:
             raise ServiceError(exc.code, f"{where}{exc.message}", exc.retry_after_s) from exc
@@ -505,3 +531,4 @@ def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:
     docs = [RankedDoc(s.index, s.score, s.logit, s.truncated,
                       q.documents[s.index] if q.return_documents else None) for s in ranked]
     return QueryOutcome(docs, len(result.scores), result.prompt_tokens, result.computed_tokens)
+

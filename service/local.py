@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from service import tracing
 from service.core import ModelInfo, RerankQuery
 from service.errors import Code, ServiceError, from_worker
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.prompt import PREFIX, SUFFIX, format_body
-from worker.types import ScoreRequest, ScoreResult, WorkerError
+from worker.types import ScoreRequest, ScoreResult, Watcher, WorkerError
 
 
 class BatcherEngine:
@@ -22,7 +23,7 @@ class BatcherEngine:
     async def score(self, query: RerankQuery, tenant: str, priority: int) -> ScoreResult:
         batcher = self._ready()
         try:
-            return await batcher.score(score_request(query, tenant, priority))
+            return await batcher.score(score_request(query, tenant, priority, tracing.watch()))
         except WorkerError as exc:
             raise from_worker(exc) from exc
 
@@ -43,10 +44,11 @@ class BatcherEngine:
         return self.batcher
 
 
-def score_request(q: RerankQuery, tenant: str, priority: int) -> ScoreRequest:
-    """The worker's request for one query of a call; its documents are not copied."""
+def score_request(q: RerankQuery, tenant: str, priority: int, watcher: Watcher | None = None) -> ScoreRequest:
+    """The worker's request for one query of a call; its documents are not copied. ``watcher``:
+    what hears its steps in the worker (``service.tracing.CallWatch``, when traced)."""
     return ScoreRequest(q.query, q.documents, q.instruction, q.truncation, tenant=tenant, priority=priority,
-                        max_document_tokens=q.max_document_tokens)
+                        max_document_tokens=q.max_document_tokens, watcher=watcher)
 
 
 def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:

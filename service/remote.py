@@ -24,12 +24,14 @@ import grpc
 
 from clients import AsyncRerankClient, Pacing, RerankError, RerankResult
 from clients import ModelInfo as BackendModel
+from service import tracing
 from service.core import ModelInfo, RerankQuery, Truncation
 from service.errors import Code, ServiceError
 from service.local import estimate_prompt_tokens
 from worker.types import Device, DocScore, DType, ScoreResult
 
 log = logging.getLogger(__name__)
+_RERANK_METHOD = "rerank.v1.RerankService/Rerank"
 
 _CODES = {
     grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
@@ -72,19 +74,25 @@ class RemoteEngine:
     async def score(self, request: RerankQuery, tenant: str, priority: int) -> ScoreResult:
         start, self._next = self._next, (self._next + 1) % len(self.clients)
         for attempt in range(len(self.clients)):
-            client = self.clients[(start + attempt) % len(self.clients)]
-            try:  # scores only: every document (no top_n), no text echoed, no request id (see above)
-                reply = await client.rerank(request.query, request.documents, instruction=request.instruction,
-                                            truncate=request.truncation is Truncation.END,
-                                            max_tokens_per_doc=request.max_document_tokens,
-                                            priority=priority, on_behalf_of=tenant or None,
-                                            idempotent=False)
+            index = (start + attempt) % len(self.clients)
+            try:
+                reply = await self._call(index, request, tenant, priority)
             except RerankError as exc:
                 if exc.code is grpc.StatusCode.UNAVAILABLE and attempt + 1 < len(self.clients):
                     continue
                 raise _service_error(exc) from None
             return _score_result(reply, len(request.documents))
         raise AssertionError("the backend loop fell through: this is a bug")
+
+    async def _call(self, index: int, request: RerankQuery, tenant: str, priority: int) -> RerankResult:
+        """One backend's answer; traced, the call is a CLIENT span whose ``traceparent`` the
+        backend's own span continues."""
+        with tracing.client_span(_RERANK_METHOD, self.targets[index]) as metadata:
+            # scores only: every document (no top_n), no text echoed, no request id (see above)
+            return await self.clients[index].rerank(
+                request.query, request.documents, instruction=request.instruction,
+                truncate=request.truncation is Truncation.END, max_tokens_per_doc=request.max_document_tokens,
+                priority=priority, on_behalf_of=tenant or None, idempotent=False, metadata=metadata)
 
     def info(self) -> ModelInfo:
         if self.model is None:

@@ -76,7 +76,7 @@ def test_the_product_code_has_no_import_circle() -> None:
 @pytest.mark.parametrize(("importer", "forbidden"), [
     # the worker is torch and data: no wire format, no billing, nothing of the service above it
     (("worker",), ("service", "clients", "grpc", "fastapi", "starlette", "uvicorn", "pydantic", "sqlalchemy",
-                   "prometheus_client")),
+                   "prometheus_client", "opentelemetry")),
     (("service",), ("torch", "transformers")),  # the model lives behind worker.types.Runner
     (("clients",), ("service", "worker")),  # the client package installs without the server
     # the fronts translate wire formats into the core's vocabulary and back: nothing of the worker
@@ -85,9 +85,19 @@ def test_the_product_code_has_no_import_circle() -> None:
     (("service.core",), (*FRONTS, *ENGINES, "service.billing", "service.app", "service.config", "worker.prompt",
                          "worker.batcher", "worker.queue", "worker.runner")),
     (("service.billing",), (*FRONTS, *ENGINES, "worker", "service.app")),
+    # tracing is called from every layer of the service, so it imports none of them (the worker's
+    # batch statistics it reads by type only); OpenTelemetry stays in service/tracing.py alone
+    (("service.tracing",), (*FRONTS, *ENGINES, "service.core", "service.billing", "service.app",
+                            "service.config", "worker.queue", "worker.runner", "clients")),
 ])
 def test_what_may_import_what(importer: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
     assert _breaking(importer, forbidden) == []
+
+
+def test_opentelemetry_is_imported_by_the_tracing_module_alone() -> None:
+    """Off by default at no cost: no other module may import it (service/tracing.py does, lazily)."""
+    assert sorted(m for m, found in IMPORTS.items() for i in found if _under(i, "opentelemetry")
+                  and m != "service.tracing") == []
 
 
 def test_only_the_local_engine_builds_the_workers_request() -> None:

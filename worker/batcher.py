@@ -13,6 +13,9 @@ and settles what finished. Every batch's measured time refits the cost model
 (``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch that
 is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
 row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
+A request may carry a ``Watcher`` (tracing, built above the worker): it hears when its prompts
+were built and when each batch holding its rows started, and each batch's ``BatchStats``
+names the watchers of the requests it served; nothing here knows what they do with it.
 
 Invariants
 ----------
@@ -34,6 +37,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 from worker.cost import CostModel, Shape
 from worker.prompt import PromptBuilder, Prompts
@@ -54,6 +58,7 @@ from worker.types import (
     ScoreResult,
     ShuttingDown,
     Truncation,
+    Watcher,
 )
 
 log = logging.getLogger(__name__)
@@ -108,6 +113,8 @@ class BatchStats:
     seconds: float
     failed: bool
     estimated_seconds: float = 0.0  # what the cost model expected before it ran
+    started: float = 0.0  # time.perf_counter() when it was handed to the model
+    watchers: tuple[Watcher, ...] = ()  # of the requests it served, where they have one (tracing)
 
 
 @dataclass(eq=False)
@@ -123,6 +130,7 @@ class Group:
     computed_tokens: int = 0
     cancelled: bool = False
     tenant: str = ""
+    watcher: Watcher | None = None
 
     def result(self) -> ScoreResult:
         scores = [
@@ -202,12 +210,15 @@ class Batcher:
             raise InvalidInput("no documents: send at least one document")  # a group of none never settles
         self._admit(len(request.documents), 0, request.tenant)
         loop = asyncio.get_running_loop()
+        tokenizing = time.perf_counter()
         prompts = await loop.run_in_executor(
             self._tokenizer_for(request), self.builder.build, request.query, request.documents,
             request.instruction, request.truncation, request.max_document_tokens)
         prefix = self._prefix(prompts)
         group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
-                      len(prompts.sequences), tenant=request.tenant)
+                      len(prompts.sequences), tenant=request.tenant, watcher=request.watcher)
+        if group.watcher is not None:
+            group.watcher.tokenized(tokenizing, group.enqueued_at)
         prefix_len = 0 if prefix is None else len(prefix.ids)
         entries = [Entry(ids, prefix_len, group, i) for i, ids in enumerate(prompts.sequences)]
         # the queue may have filled while we tokenized; now the request's own work is known
@@ -280,18 +291,19 @@ class Batcher:
             shape, work = shape_of(batch), _to_batch(batch)
             expected = self.cost.estimate_ms(shape) / 1000
             started = time.perf_counter()
+            _tell_batched(batch, started)
             try:
                 out = await loop.run_in_executor(self._model_thread, self.runner.score, work)
             except Exception as exc:  # noqa: BLE001 - any model error fails this batch only
                 log.exception("model failed on a batch of %d documents", len(batch))
-                self._settle_failed(batch, exc, time.perf_counter() - started)
+                self._settle_failed(batch, exc, started)
                 continue
             seconds = time.perf_counter() - started
             self.cost.observe(shape, 1000 * seconds)
             if work.rows:
-                self._settle(batch, out, seconds, expected)
+                self._settle(batch, out, started, seconds, expected)
             else:
-                self._advance(batch[0], work.prefixes[0], out, seconds, expected)
+                self._advance(batch[0], work.prefixes[0], out, started, seconds, expected)
 
     async def _linger(self) -> None:
         """While the queue could take more, wait until max_wait_ms after the oldest queued
@@ -317,7 +329,8 @@ class Batcher:
         return (self.queue.queued_tokens >= self.config.max_batch_tokens
                 or len(self.queue) >= self.config.max_batch_size)
 
-    def _settle(self, batch: list[Entry], out: BatchScores, seconds: float, expected: float) -> None:
+    def _settle(self, batch: list[Entry], out: BatchScores, started: float, seconds: float,
+                expected: float) -> None:
         groups: set[Group] = set()
         for entry, logit, computed in zip(batch, out.logits, out.computed, strict=True):
             group = entry.owner
@@ -332,7 +345,7 @@ class Batcher:
         if tokens:
             self._seconds_per_token = 0.8 * self._seconds_per_token + 0.2 * seconds / tokens
         self._report(BatchStats(len(batch), len(groups), tokens, out.padded_tokens, out.prefill_tokens,
-                                seconds, False, expected))
+                                seconds, False, expected, started, _watchers(groups)))
 
     def _calibrate(self) -> None:
         """On the model thread: time a ladder of shapes on this device, doubling the tokens from 32
@@ -363,20 +376,24 @@ class Batcher:
         self.cost.calibrate(Shape.of((len(ids) - len(system.ids), len(ids)) for ids in prompts.sequences), ms)
         return ms
 
-    def _advance(self, entry: Entry, piece: Prefix, out: BatchScores, seconds: float, expected: float) -> None:
+    def _advance(self, entry: Entry, piece: Prefix, out: BatchScores, started: float, seconds: float,
+                 expected: float) -> None:
         """A row's leading piece ran: the row stays queued, to continue from it."""
         entry.advance(piece)
         group = entry.owner
         assert isinstance(group, Group)
         group.computed_tokens += out.prefill_tokens
-        self._report(BatchStats(1, 1, out.prefill_tokens, 0, out.prefill_tokens, seconds, False, expected))
+        self._report(BatchStats(1, 1, out.prefill_tokens, 0, out.prefill_tokens, seconds, False, expected,
+                                started, _watchers({group})))
 
-    def _settle_failed(self, batch: list[Entry], exc: BaseException, seconds: float) -> None:
+    def _settle_failed(self, batch: list[Entry], exc: BaseException, started: float) -> None:
+        seconds = time.perf_counter() - started
         groups = {entry.owner for entry in batch}
         for group in groups:
             assert isinstance(group, Group)
             self._fail(group, ModelFailure(f"the model failed on this request's batch: {exc}"))
-        self._report(BatchStats(len(batch), len(groups), 0, 0, 0, seconds, True))
+        self._report(BatchStats(len(batch), len(groups), 0, 0, 0, seconds, True, 0.0, started,
+                                _watchers(groups)))
 
     def _fail(self, group: Group, exc: Exception) -> None:
         group.cancelled = True
@@ -389,6 +406,19 @@ class Batcher:
                 self.on_batch(stats)
             except Exception:  # noqa: BLE001 - metrics must never break serving
                 log.exception("on_batch hook failed")
+
+
+def _tell_batched(batch: list[Entry], started: float) -> None:
+    """Tell the watchers of the batch's requests (tracing) that a batch of theirs started."""
+    for entry in batch:
+        group = entry.owner
+        assert isinstance(group, Group)
+        if group.watcher is not None:
+            group.watcher.batched(started)
+
+
+def _watchers(groups: set[Any]) -> tuple[Watcher, ...]:
+    return tuple(g.watcher for g in groups if g.watcher is not None)
 
 
 def _to_batch(entries: list[Entry]) -> Batch:

@@ -90,6 +90,17 @@ class ModelFailure(WorkerError):
     """The model raised while scoring a batch holding this request's documents."""
 
 
+class Watcher(Protocol):
+    """Hears one request's steps in the batcher, for tracing (``service/tracing.py`` makes
+    spans of them; the worker knows nothing else of it). Times are ``time.perf_counter()``
+    seconds; called on the event loop, and must not raise."""
+
+    def tokenized(self, started: float, ended: float) -> None: ...
+    def batched(self, started: float) -> None:
+        """A model batch holding rows of the request started (told once for each such row: the
+        first time ends the request's queue wait)."""
+
+
 @dataclass(frozen=True, slots=True)
 class ScoreRequest:
     query: str
@@ -99,6 +110,7 @@ class ScoreRequest:
     tenant: str = ""  # who the work is for (the API key id): the scheduler shares by tenant
     priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
     max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
+    watcher: Watcher | None = None  # told of its steps (tracing); None: nobody asks
 
 
 @dataclass(frozen=True, slots=True)

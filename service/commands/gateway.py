@@ -49,6 +49,7 @@ async def start(args: argparse.Namespace) -> App:
     config = knobs.config_from_args(args, knobs.GatewayConfig)
     if not config.backend or config.http_port is None:
         raise ValueError("no backend or no HTTP port: pass --backend HOST:PORT and --http-port N")
+    config.tracing()  # an OTEL_* setting it cannot honour fails now, not after the backends answer
     parts = billing_parts(config)
     engine = RemoteEngine(list(config.backend), api_key=config.backend_api_key, tls=config.backend_tls,
                           timeout_s=config.timeout_s, pacing=backend_pacing(config))

@@ -22,13 +22,17 @@ own way of reading the same unary HTTP/2 stream.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
+import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import grpc
 
+from service import tracing
 from service.edge import BodyBudget, CheckedOnce
 from service.errors import Code, ServiceError
 from service.grpc import wire
@@ -64,21 +68,22 @@ class KeyGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
         if handler is None:
             return None
         path: str = handler_call_details.method
+        traced = _traced(path, handler_call_details.invocation_metadata)
         if path in KEYED_METHODS:
             metadata = handler_call_details.invocation_metadata
             try:
                 key = wire.bearer_key(metadata)
                 principal = await self.auth.auth.authenticate(key)
             except ServiceError as exc:
-                return _refusal(handler, path, exc, self.metrics)
+                return _refusal(handler, path, exc, self.metrics, traced)
             except Exception:  # a bug in a key store: INTERNAL, as the servicer answers one, never UNKNOWN
                 log.exception("checking the key of %s failed", path)
                 return _refusal(handler, path, ServiceError(Code.INTERNAL, "internal error; see the server log"),
-                                self.metrics)
-            return self._budgeted(handler, path, lambda: CheckedOnce.vouch(key, principal))
-        return self._budgeted(handler, path, lambda: None)
+                                self.metrics, traced)
+            return self._budgeted(handler, path, lambda: CheckedOnce.vouch(key, principal), traced)
+        return self._budgeted(handler, path, lambda: None, traced)
 
-    def _budgeted(self, handler: Any, path: str, enter: Callable[[], None]) -> Any:
+    def _budgeted(self, handler: Any, path: str, enter: Callable[[], None], traced: Traced) -> Any:
         """``handler`` in its request-streaming form, its messages read under the budget."""
         deserialize = handler.request_deserializer or _identity
         unary = not handler.request_streaming
@@ -97,20 +102,50 @@ class KeyGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc is unt
 
         behaviour = (handler.unary_unary or handler.unary_stream) if unary else \
             (handler.stream_unary or handler.stream_stream)
-        return _streaming(handler, behaviour, meter, argument)
+        return _streaming(handler, behaviour, meter, argument, traced)
 
 
 Argument = Callable[["_Meter", grpc.aio.ServicerContext], Awaitable[Any]]
+Traced = Callable[[], AbstractContextManager[object]]
+_NO_SPAN = contextlib.nullcontext(None)
+
+
+def _traced(path: str, metadata: Any) -> Traced:
+    """The call's server span (``rerank.v1.RerankService/Rerank``), for this service's methods,
+    started now (the key check is part of the call) and current while its handler runs, its
+    access line included; health and reflection calls are not traced."""
+    if not tracing.enabled():
+        return _untraced  # off: no work for the call at all
+    service, _, method = path.lstrip("/").rpartition("/")
+    if service != SERVICE_NAME:
+        return _untraced
+    started_ns = time.time_ns()
+    attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": method}
+    return lambda: tracing.front_span(path.lstrip("/"), metadata or (), "SERVER", attributes, started_ns)
+
+
+def _untraced() -> AbstractContextManager[object]:
+    return _NO_SPAN
+
+
+def grpc_outcome(code: str) -> None:
+    """The current call span's gRPC status; the server-side codes mark it failed."""
+    if tracing.enabled():
+        tracing.outcome("rpc.grpc.status_code", grpc.StatusCode[code].value[0], code in _SERVER_FAULTS)
+
+
+_SERVER_FAULTS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                            "DATA_LOSS"})  # OpenTelemetry's RPC conventions: errors of a server span
 
 
 def _streaming(handler: Any, behaviour: Callable[..., Any], meter: Callable[[grpc.aio.ServicerContext], _Meter],
-               argument: Argument) -> Any:
+               argument: Argument, traced: Traced) -> Any:
     """``handler`` as grpcio's request-streaming kind: ``behaviour`` gets what ``argument``
     reads (one message, or an iterator of them), and the budget is given back when it ends.
     Messages are read with ``context.read()``: grpcio's request iterator, once started and
     left unfinished (a unary call's end of stream is never read), keeps the call's state and
     its message alive past the call."""
-    if inspect.isasyncgenfunction(behaviour):  # a streaming reply written by ``yield``
+    if inspect.isasyncgenfunction(behaviour):  # a streaming reply by ``yield``: none is ours, none traced
         async def generate(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             metered = meter(context)
             try:
@@ -124,12 +159,13 @@ def _streaming(handler: Any, behaviour: Callable[..., Any], meter: Callable[[grp
     else:
         async def call(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> Any:
             metered = meter(context)
-            try:
-                return await behaviour(await argument(metered, context), context)
-            except grpc.aio.AbortError as exc:
-                raise _without_frames(exc) from None
-            finally:
-                await metered.close()
+            with traced():
+                try:
+                    return await behaviour(await argument(metered, context), context)
+                except grpc.aio.AbortError as exc:
+                    raise _without_frames(exc) from None
+                finally:
+                    await metered.close()
         wrapped = call
     kinds: dict[str, Callable[..., Any] | None] = dict.fromkeys(
         ("unary_unary", "unary_stream", "stream_unary", "stream_stream"))
@@ -193,10 +229,11 @@ class _Meter:
         self.held = 0
 
 
-def _refusal(handler: Any, path: str, exc: ServiceError, metrics: Metrics) -> Any:
+def _refusal(handler: Any, path: str, exc: ServiceError, metrics: Metrics, traced: Traced) -> Any:
     """A handler that answers ``exc`` and never asks for the call's message."""
     async def refuse(request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> None:
-        await _abort(context, path, exc, metrics)
+        with traced():
+            await _abort(context, path, exc, metrics)
     return handler._replace(request_streaming=True, request_deserializer=None, unary_unary=None,
                             stream_unary=refuse)
 
@@ -206,6 +243,7 @@ async def _abort(context: grpc.aio.ServicerContext, path: str, exc: ServiceError
     service, _, method = path.lstrip("/").rpartition("/")
     if service == SERVICE_NAME:  # health and reflection calls are not counted, refused or not
         metrics.observe_request(method, exc.code.grpc_status, 0.0)
+        grpc_outcome(exc.code.grpc_status)
         write_access({"rpc": method, "code": exc.code.grpc_status, "peer": context.peer(), "error": exc.message})
     await context.abort(grpc.StatusCode[exc.code.grpc_status], exc.message, retry_metadata(exc))
 

@@ -36,7 +36,7 @@ from service.core import Limits, RerankCall, RerankCore, RerankReply
 from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
 from service.grpc import wire
-from service.grpc.edge import KeyGuard, retry_metadata
+from service.grpc.edge import KeyGuard, grpc_outcome, retry_metadata
 from service.logs import Fields, write_access
 from service.memory import Trimmer
 from service.metrics import Metrics
@@ -132,6 +132,7 @@ class RerankServicer(pb_grpc.RerankServiceServicer):
     def _finish(self, record: _CallRecord, code: str, message: str) -> None:
         seconds = time.perf_counter() - record.started
         self.metrics.observe_request(record.method, code, seconds)
+        grpc_outcome(code)  # on the call's span, current here (service.grpc.edge.KeyGuard) as the line is written
         write_access(_access_fields(record, code, message, seconds))
 
 
@@ -266,6 +267,7 @@ def _refusing(behaviour: Callable[..., Any], path: str, metrics: Metrics) -> Cal
     async def handle(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, _Undecodable):
             metrics.observe_request(method, "INVALID_ARGUMENT", 0.0)
+            grpc_outcome("INVALID_ARGUMENT")
             write_access({"rpc": method, "code": "INVALID_ARGUMENT", "peer": context.peer(),
                           "error": "undecodable request"})
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,

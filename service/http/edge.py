@@ -26,6 +26,7 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import tracing
 from service.edge import BodyBudget, CheckedOnce, EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.logs import write_access
@@ -286,7 +287,15 @@ class Observe:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        started, label = time.perf_counter(), self.label(scope)
+        api = label.split(" ")[-1].startswith(_API_PATHS)
+        # an API call's span is current until its access line is written (a log formatter finds it)
+        with _front_span(scope, label) if api else _NO_SPAN:
+            await self._observed(scope, receive, send, started, label, api)
+
+    async def _observed(self, scope: Scope, receive: Receive, send: Send, started: float, label: str,
+                        api: bool) -> None:
+        status = 500
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -297,11 +306,23 @@ class Observe:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            label = self.label(scope)
             seconds = time.perf_counter() - started
             self.metrics.observe_request(label, str(status), seconds)
-            if label.split(" ")[-1].startswith(_API_PATHS):
+            if api:
+                tracing.outcome("http.response.status_code", status, status >= 500)
                 client = scope.get("client") or ("-", 0)
                 write_access({"http": label, "status": status, "ms": round(1000 * seconds, 1),
                               "peer": f"{client[0]}:{client[1]}", **scope.get("state", {}).get("access", {})})
+
+
+_NO_SPAN = contextlib.nullcontext(None)
+
+
+def _front_span(scope: Scope, label: str) -> contextlib.AbstractContextManager[object]:
+    """The call's server span, named by its route (``POST /v1/rerank``)."""
+    if not tracing.enabled():
+        return _NO_SPAN
+    method, _, route = label.partition(" ")
+    return tracing.front_span(label, scope["headers"], "SERVER", {
+        "http.request.method": method, "http.route": route, "url.path": scope["path"]})
 
