@@ -20,6 +20,8 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from service import tracing
+
 access_log = logging.getLogger("rerank.access")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 ACCESS = "access"  # the LogRecord attribute that carries an access line's fields
@@ -54,25 +56,13 @@ class JsonFormatter(logging.Formatter):
         line: dict[str, Any] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        line.update(current_trace())
+        line.update(tracing.current_ids())
         fields = getattr(record, ACCESS, None)
         if isinstance(fields, dict):
             line.update({k: v for k, v in fields.items() if k not in line})
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return json.dumps(line, ensure_ascii=False, default=str)
-
-
-def current_trace() -> dict[str, str]:
-    """``trace_id`` and ``span_id`` of the OpenTelemetry span current here, if any."""
-    try:
-        from opentelemetry import trace
-    except ImportError:  # tracing's API is not installed: nothing can be current
-        return {}
-    context = trace.get_current_span().get_span_context()
-    if not context.is_valid:
-        return {}
-    return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
 
 
 def formatter(log_format: LogFormat) -> logging.Formatter:

@@ -130,6 +130,19 @@ def current() -> Span | None:
     return trace.get_current_span()
 
 
+def current_ids() -> dict[str, str]:
+    """``trace_id`` and ``span_id`` (W3C hex) of the span current here, for a log line; none
+    when no span is (a formatter may ask with tracing off: a caller's own provider, a test's)."""
+    try:
+        from opentelemetry import trace
+    except ImportError:  # the API is not installed: nothing can be current
+        return {}
+    context = trace.get_current_span().get_span_context()
+    if not context.is_valid:
+        return {}
+    return {"trace_id": trace.format_trace_id(context.trace_id), "span_id": trace.format_span_id(context.span_id)}
+
+
 def describe(span: Span, **attributes: str | int | bool) -> None:
     """``rerank.<name>`` attributes on ``span`` (the core's words for a call)."""
     span.set_attributes({f"rerank.{name}": value for name, value in attributes.items()})

@@ -79,7 +79,7 @@ def serving(model_dir: Path, data_dir: Path, *extra: str) -> Iterator[tuple[Serv
                            "--http-port", "0", "--no-auth", "--data-dir", str(data_dir), "--max-length", "256",
                            "--grace-s", "1", *extra])
     try:
-        server.wait_for(r"ready: ")  # after every port is bound and logged
+        server.wait_for(r"ready: ", 240)  # after every port is bound and logged (minutes on a loaded host)
         grpc_port = server.found(r"gRPC listening on 127\.0\.0\.1:(\d+)").group(1)
         http_url = server.found(r"HTTP gateway listening on (http://127\.0\.0\.1:\d+)").group(1)
         yield server, f"127.0.0.1:{grpc_port}", http_url
