@@ -485,3 +485,24 @@ async def test_a_quiet_call_waits_for_one_short_batch_behind_a_flood() -> None:
 def test_a_negative_time_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_ms"):
         BatcherConfig(max_batch_ms=-1)
+
+
+async def test_a_long_documents_chunks_are_rows_of_its_request_and_its_score_is_the_best() -> None:
+    """Chunks run as rows on the request's prefix; each document's score is its best chunk's
+    (the fake model's logit of exactly that chunk's ids), and billing still counts documents."""
+    runner = FakeRunner(max_length=96)
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0))
+    batcher.start()
+    try:
+        docs = ["short", " ".join(f"w{i}" for i in range(300)), "also short"]
+        result = await batcher.score(ScoreRequest("q", docs, max_chunks=10))
+    finally:
+        await batcher.close()
+    prompts = runner.builder.build("q", docs, None, Truncation.END, max_chunks=10)
+    assert prompts.chunks[0] == 1 and prompts.chunks[1] > 2 and len(result.scores) == 3
+    rows = [fake_logit(ids) for ids in prompts.sequences]
+    long_ = rows[1: 1 + prompts.chunks[1]]
+    assert [s.logit for s in result.scores] == [rows[0], max(long_), rows[-1]]
+    assert [(s.chunks, s.best_chunk) for s in result.scores] == [(1, 0), (len(long_), long_.index(max(long_))), (1, 0)]
+    assert result.prompt_tokens == sum(map(len, prompts.sequences))
+    assert all(prefix == prompts.shared_len for batch in runner.batches for _, prefix in batch)

@@ -99,6 +99,7 @@ class ScoreRequest:
     tenant: str = ""  # who the work is for (the API key id): the scheduler shares by tenant
     priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
     max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
+    max_chunks: int = 1  # a document over max_length is scored as up to this many chunks (worker/prompt.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +107,9 @@ class DocScore:
     index: int  # position in the request's documents
     score: float  # P(yes) = sigmoid(logit)
     logit: float  # raw log-odds: logit_yes - logit_no
-    truncated: bool
+    truncated: bool  # tokens were dropped: past max_length (after ``chunks`` windows), or asked for
+    chunks: int = 1  # the pairs the document was scored as; its score is the best one's
+    best_chunk: int = 0  # which of them (0-based, the first of equals); 0: the document's start
 
 
 @dataclass(frozen=True, slots=True)
