@@ -60,9 +60,9 @@ class Precision(enum.StrEnum):
 
 
 class Truncation(enum.Enum):
-    """What to do with a document too long for ``max_length``."""
+    """What to do with a document too long for its chunks (``max_chunks`` pairs of ``max_length``)."""
 
-    END = "end"  # cut the document's tail; the query and instruction stay whole
+    END = "end"  # drop the document's tail past its last chunk; the query and instruction stay whole
     NONE = "none"  # refuse the request with InvalidInput
 
 

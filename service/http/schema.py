@@ -97,9 +97,9 @@ class RerankRequest(BaseModel):
                                     "'Given a web search query, retrieve relevant passages that answer "
                                     "the query'.")
     truncation: Literal["end", "none"] | None = Field(
-        None, description="A (query, document) pair longer than the model's max_length: 'end' (the default) "
-        "cuts the document's tail (the query is never cut; result.truncated says so), 'none' refuses the "
-        "request with 400.")
+        None, description="A document longer than its chunks hold (max_chunks_per_doc pairs of the model's "
+        "max_length): 'end' (the default) drops the document's tail (the query is never cut; result.truncated "
+        "says so), 'none' refuses the request with 400.")
     max_tokens_per_doc: JsonInt | None = Field(
         None, description="Cohere v2: cut each document to this many of its own tokens (Qwen3 tokens) before "
         "scoring, whatever truncation says; at least 1.")

@@ -43,23 +43,25 @@ class _TruncationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Truncation
     TRUNCATION_UNSPECIFIED: _Truncation.ValueType  # 0
     """The default: the same as TRUNCATION_END."""
     TRUNCATION_END: _Truncation.ValueType  # 1
-    """Cut the document's tail so the pair fits; the query and instruction are never cut. The
-    result's `truncated` flag says which documents were cut.
+    """Drop the document's tail past its last chunk; the query and instruction are never cut.
+    The result's `truncated` flag says which documents lost tokens.
     """
     TRUNCATION_NONE: _Truncation.ValueType  # 2
-    """Refuse the request (INVALID_ARGUMENT) if any document does not fit."""
+    """Refuse the request (INVALID_ARGUMENT) if any document does not fit in its chunks."""
 
 class Truncation(_Truncation, metaclass=_TruncationEnumTypeWrapper):
-    """What to do with a (query, document) pair longer than the model's max_length."""
+    """What to do with a document longer than its chunks hold (`max_chunks_per_doc` pairs of the
+    model's max_length; with 1 chunk, a (query, document) pair longer than max_length).
+    """
 
 TRUNCATION_UNSPECIFIED: Truncation.ValueType  # 0
 """The default: the same as TRUNCATION_END."""
 TRUNCATION_END: Truncation.ValueType  # 1
-"""Cut the document's tail so the pair fits; the query and instruction are never cut. The
-result's `truncated` flag says which documents were cut.
+"""Drop the document's tail past its last chunk; the query and instruction are never cut.
+The result's `truncated` flag says which documents lost tokens.
 """
 TRUNCATION_NONE: Truncation.ValueType  # 2
-"""Refuse the request (INVALID_ARGUMENT) if any document does not fit."""
+"""Refuse the request (INVALID_ARGUMENT) if any document does not fit in its chunks."""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
 @_typing.final
