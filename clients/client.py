@@ -49,8 +49,10 @@ class RankedResult:
     index: int  # position in the documents sent
     score: float  # relevance probability, sigmoid(logit)
     logit: float  # raw log-odds, logit(yes) - logit(no)
-    truncated: bool  # the document was cut to fit the model's max_length
+    truncated: bool  # tokens of the document went unscored (past its last chunk, or max_tokens_per_doc)
     document: str | None = None  # the text, when return_documents was asked
+    chunks: int = 1  # the chunks a document longer than max_length was scored as
+    best_chunk: int = 0  # which one gave its score (0-based)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +90,7 @@ class Query:
     return_documents: bool = False
     truncate: bool = True
     max_tokens_per_doc: int | None = None  # cut each document to this many tokens; None: no cut
+    max_chunks_per_doc: int | None = None  # score a long document as up to this many chunks; None: the server's
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +101,7 @@ class Limits:
     max_instruction_chars: int
     max_document_chars: int
     max_request_bytes: int
+    max_chunks_per_doc: int = 1  # a call's default and most; 1: the server does not chunk
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,11 +186,13 @@ def _truncation(truncate: bool) -> pb.Truncation.ValueType:
 def _rerank_request(query: str, documents: Sequence[str], *, instruction: str | None, top_n: int | None,
                     return_documents: bool, truncate: bool, model: str | None,
                     request_id: str | None, max_tokens_per_doc: int | None = None,
-                    priority: int | None = None, idempotent: bool = True) -> pb.RerankRequest:
+                    priority: int | None = None, idempotent: bool = True,
+                    max_chunks_per_doc: int | None = None) -> pb.RerankRequest:
     return pb.RerankRequest(model=model or "", query=query, documents=list(documents), instruction=instruction,
                             top_n=top_n or 0, return_documents=return_documents, truncation=_truncation(truncate),
                             request_id=request_id or (uuid.uuid4().hex if idempotent else ""),
-                            max_tokens_per_doc=max_tokens_per_doc, priority=priority)
+                            max_tokens_per_doc=max_tokens_per_doc, priority=priority,
+                            max_chunks_per_doc=max_chunks_per_doc)
 
 
 def _with_tenant(metadata: tuple[tuple[str, str], ...], on_behalf_of: str | None) -> tuple[tuple[str, str], ...]:
@@ -197,7 +203,7 @@ def _batch_request(queries: Sequence[Query], model: str | None, request_id: str 
     return pb.RerankBatchRequest(model=model or "", request_id=request_id or uuid.uuid4().hex, queries=[
         pb.BatchQuery(query=q.query, documents=list(q.documents), instruction=q.instruction, top_n=q.top_n or 0,
                       return_documents=q.return_documents, truncation=_truncation(q.truncate),
-                      max_tokens_per_doc=q.max_tokens_per_doc)
+                      max_tokens_per_doc=q.max_tokens_per_doc, max_chunks_per_doc=q.max_chunks_per_doc)
         for q in queries])
 
 
@@ -226,7 +232,8 @@ def _expired(message: str) -> RerankError:
 
 
 def _ranked(results: Sequence[pb.RankedDocument]) -> list[RankedResult]:
-    return [RankedResult(r.index, r.score, r.logit, r.truncated, r.document if r.HasField("document") else None)
+    return [RankedResult(r.index, r.score, r.logit, r.truncated, r.document if r.HasField("document") else None,
+                         max(1, r.chunks), r.best_chunk)  # 0 chunks: a server older than chunking
             for r in results]
 
 
@@ -248,7 +255,7 @@ def _model_info(m: pb.ModelInfo) -> ModelInfo:
     lim = m.limits
     return ModelInfo(m.model, m.max_length, m.dtype, m.device,
                      Limits(lim.max_documents, lim.max_queries, lim.max_query_chars, lim.max_instruction_chars,
-                            lim.max_document_chars, lim.max_request_bytes))
+                            lim.max_document_chars, lim.max_request_bytes, max(1, lim.max_chunks_per_doc)))
 
 
 # -- the clients -------------------------------------------------------------------------------
@@ -273,16 +280,19 @@ class RerankClient:
                top_n: int | None = None, return_documents: bool = False, truncate: bool = True,
                model: str | None = None, request_id: str | None = None, max_tokens_per_doc: int | None = None,
                priority: int | None = None, timeout_s: float | None = None,
-               on_behalf_of: str | None = None, idempotent: bool = True) -> RerankResult:
-        """Score ``documents`` against ``query``; best first, cut to ``top_n``. ``priority``: 0
-        (first) to 999; None: the key's default. ``on_behalf_of``: for a front calling a server
-        without keys, the caller it serves (the server shares its model fairly between them).
-        ``idempotent=False`` with no ``request_id``: send none, so the server neither hashes
-        nor remembers the call (nor replays a retry of it)."""
+               on_behalf_of: str | None = None, idempotent: bool = True,
+               max_chunks_per_doc: int | None = None) -> RerankResult:
+        """Score ``documents`` against ``query``; best first, cut to ``top_n``. ``priority``: 0 (first) to 999;
+        None: the key's default. ``max_chunks_per_doc``: a document longer than the model's
+        max_length is scored as up to this many chunks, its best chunk's score (each result's
+        ``chunks`` and ``best_chunk`` say how); None: the server's default. ``on_behalf_of``: for a
+        front calling a server without keys, the caller it serves (the server shares its model
+        fairly between them). ``idempotent=False`` with no ``request_id``: send none, so the server
+        neither hashes nor remembers the call (nor replays a retry of it)."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
-                         idempotent=idempotent)
+                         idempotent=idempotent, max_chunks_per_doc=max_chunks_per_doc)
         return _result(self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of))
 
     def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None, request_id: str | None = None,
@@ -341,12 +351,13 @@ class AsyncRerankClient:
                      model: str | None = None, request_id: str | None = None,
                      max_tokens_per_doc: int | None = None, priority: int | None = None,
                      timeout_s: float | None = None, on_behalf_of: str | None = None,
-                     idempotent: bool = True, metadata: Sequence[tuple[str, str]] = ()) -> RerankResult:
+                     idempotent: bool = True, max_chunks_per_doc: int | None = None,
+                     metadata: Sequence[tuple[str, str]] = ()) -> RerankResult:
         """``metadata``: more to send with this call, e.g. a W3C ``traceparent``."""
         request = _build(_rerank_request, query, documents, instruction=instruction, top_n=top_n,
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
-                         idempotent=idempotent)
+                         idempotent=idempotent, max_chunks_per_doc=max_chunks_per_doc)
         return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of,
                                           metadata))
 

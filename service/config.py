@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service import tracing
-from service.core import Limits
+from service.core import MAX_CHUNKS_PER_DOC, Limits
 from service.edge import EdgeLimits, GrpcLimits
 from service.logs import LogFormat
 from worker.batcher import BatcherConfig
@@ -166,6 +166,9 @@ class ServeConfig(FrontConfig):
     max_document_chars: int = knob(_LIMITS.max_document_chars, "characters in one document")
     max_request_bytes: int = knob(_LIMITS.max_request_bytes, "bytes in one request message: the gRPC "
                                                              "max receive size")
+    max_chunks_per_doc: int = knob(_LIMITS.max_chunks_per_doc, "chunks a document longer than --max-length is "
+                                   "scored as (its best chunk's score) when a call names none, and the most a call "
+                                   f"may ask for (1-{MAX_CHUNKS_PER_DOC}; 1: no chunking, a long document is cut)")
     # -- TLS and shutdown
     tls_cert: Path | None = knob(None, "PEM certificate chain; with --tls-key, serve gRPC over TLS",
                                  unset="plaintext")

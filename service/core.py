@@ -48,6 +48,9 @@ from worker.types import Truncation as Truncation  # the core's word too: the fr
 log = logging.getLogger(__name__)
 
 
+MAX_CHUNKS_PER_DOC = 1000  # what --max-chunks-per-doc may be set to, at most
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     """What one call may carry; over any of these is INVALID_ARGUMENT (or 413 for bytes)."""
@@ -58,6 +61,14 @@ class Limits:
     max_instruction_chars: int = 8_192
     max_document_chars: int = 262_144  # longer documents are refused before tokenizing
     max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
+    # chunks a document over max_length is scored as (its best chunk's score): what a call that
+    # names no max_chunks_per_doc gets, and the most one may ask for (more is clamped, with a
+    # warning); Cohere's default. 1: no chunking, a long document is cut (or refused)
+    max_chunks_per_doc: int = 10
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.max_chunks_per_doc <= MAX_CHUNKS_PER_DOC:
+            raise ValueError(f"max_chunks_per_doc must be 1-{MAX_CHUNKS_PER_DOC}, not {self.max_chunks_per_doc}")
 
 
 # Scheduling priority (Cohere v2's ``priority``): lower runs first; see worker/queue.py.
@@ -82,6 +93,7 @@ class RerankQuery:
     instruction: str | None = None  # None: the model's default instruction
     truncation: Truncation = Truncation.END
     max_document_tokens: int | None = None  # Cohere's max_tokens_per_doc; None: no cut
+    max_chunks_per_doc: int | None = None  # Cohere v1's; None: the server's (``Limits``)
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
 
@@ -104,6 +116,7 @@ class RerankCall:
         body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
                                     q.return_documents, q.truncation.value)
                                    + (() if q.max_document_tokens is None else (q.max_document_tokens,))
+                                   + (() if q.max_chunks_per_doc is None else ("chunks", q.max_chunks_per_doc))
                                    for q in self.queries]]
         return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
 
@@ -115,6 +128,8 @@ class RankedDoc:
     logit: float
     truncated: bool
     document: str | None = None
+    chunks: int = 1  # pairs the document was scored as (its score is the best one's)
+    best_chunk: int = 0  # which of them, 0-based
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,15 +383,16 @@ class RerankCore:
 
     async def _admit_score_bill(self, principal: Principal, call: RerankCall, fingerprint: str,
                                 started: float) -> RerankReply:
+        call, chunk_notes = self._chunked(call)
         documents = sum(len(q.documents) for q in call.queries)
         tokens = self.engine.estimate_tokens(call.queries)
         with tracing.span("rerank.admission"):
             await self.limiter.admit(principal, documents, tokens)
             reservation = None if self.ledger is None else await self.ledger.reserve(principal, documents)
         if self.ledger is None:
-            return await self._score_call(principal, call, tokens, started)
+            return await self._score_call(principal, call, tokens, started, chunk_notes)
         try:
-            reply = await self._score_call(principal, call, tokens, started)
+            reply = await self._score_call(principal, call, tokens, started, chunk_notes)
             with tracing.span("rerank.bill"):
                 return await self.ledger.record(principal, reply, call.idempotency_key, fingerprint, reservation)
         except BaseException:
@@ -384,9 +400,21 @@ class RerankCore:
                 await self._release(reservation)
             raise
 
+    def _chunked(self, call: RerankCall) -> tuple[RerankCall, list[str]]:
+        """The call with every query's chunk cap settled: the server's where it names none, and
+        clamped to it where it asks for more (with a warning), so the token estimate, the
+        limiter and the engine all count the chunks that will run."""
+        cap, notes = self.limits.max_chunks_per_doc, []
+        asked = {q.max_chunks_per_doc for q in call.queries if q.max_chunks_per_doc is not None}
+        if any(n > cap for n in asked):
+            notes.append(f"max_chunks_per_doc {max(asked)} is more than this server scores; clamped to {cap}")
+        queries = [replace(q, max_chunks_per_doc=min(cap, q.max_chunks_per_doc or cap)) for q in call.queries]
+        return replace(call, queries=queries), notes
+
     async def _score_call(self, principal: Principal, call: RerankCall, estimated_tokens: int,
-                          started: float) -> RerankReply:
+                          started: float, notes: Sequence[str] = ()) -> RerankReply:
         priority, warnings = effective_priority(principal, call.priority)
+        warnings = [*warnings, *notes]
         results = await _score_all(self.engine, call.queries, _tenant(principal, call), priority)
         self.limiter.refund(principal, max(0, estimated_tokens - sum(r.prompt_tokens for r in results)))
         return RerankReply(
@@ -453,6 +481,9 @@ def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
     if q.max_document_tokens is not None and not 1 <= q.max_document_tokens <= MAX_DOCUMENT_TOKENS:
         raise _invalid(f"{where}max_tokens_per_doc must be 1-{MAX_DOCUMENT_TOKENS} (or absent for no cut), "
                        f"got {q.max_document_tokens}")
+    if q.max_chunks_per_doc is not None and q.max_chunks_per_doc < 1:
+        raise _invalid(f"{where}max_chunks_per_doc must be at least 1 (1: no chunking; absent: the server's "
+                       f"default; more than the server's limit is clamped to it), got {q.max_chunks_per_doc}")
     for i, doc in enumerate(q.documents):
         if len(doc) > lim.max_document_chars:
             raise _invalid(f"{where}documents[{i}] has {len(doc)} characters; the limit is "
@@ -529,6 +560,5 @@ def _rank(q: RerankQuery, result: ScoreResult) -> QueryOutcome:
     if q.top_n:
         ranked = ranked[: q.top_n]
     docs = [RankedDoc(s.index, s.score, s.logit, s.truncated,
-                      q.documents[s.index] if q.return_documents else None) for s in ranked]
+                      q.documents[s.index] if q.return_documents else None, s.chunks, s.best_chunk) for s in ranked]
     return QueryOutcome(docs, len(result.scores), result.prompt_tokens, result.computed_tokens)
-

@@ -92,7 +92,8 @@ class RemoteEngine:
             return await self.clients[index].rerank(
                 request.query, request.documents, instruction=request.instruction,
                 truncate=request.truncation is Truncation.END, max_tokens_per_doc=request.max_document_tokens,
-                priority=priority, on_behalf_of=tenant or None, idempotent=False, metadata=metadata)
+                max_chunks_per_doc=request.max_chunks_per_doc, priority=priority, on_behalf_of=tenant or None,
+                idempotent=False, metadata=metadata)
 
     def info(self) -> ModelInfo:
         if self.model is None:
@@ -120,6 +121,6 @@ def _score_result(reply: RerankResult, documents: int) -> ScoreResult:
     scores = sorted(reply.results, key=lambda r: r.index)
     if [r.index for r in scores] != list(range(documents)):
         raise ServiceError(Code.INTERNAL, f"a backend answered {len(scores)} of {documents} documents")
-    return ScoreResult([DocScore(r.index, r.score, r.logit, r.truncated) for r in scores],
+    return ScoreResult([DocScore(r.index, r.score, r.logit, r.truncated, r.chunks, r.best_chunk) for r in scores],
                        prompt_tokens=reply.usage.prompt_tokens, computed_tokens=reply.usage.computed_tokens,
                        queue_and_model_ms=reply.total_ms)

@@ -485,3 +485,66 @@ async def test_a_quiet_call_waits_for_one_short_batch_behind_a_flood() -> None:
 def test_a_negative_time_budget_is_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_ms"):
         BatcherConfig(max_batch_ms=-1)
+
+
+async def test_a_long_documents_chunks_are_rows_of_its_request_and_its_score_is_the_best() -> None:
+    """Chunks run as rows on the request's prefix; each document's score is its best chunk's
+    (the fake model's logit of exactly that chunk's ids), and billing still counts documents."""
+    runner = FakeRunner(max_length=96)
+    batcher = Batcher(runner, runner.builder, BatcherConfig(max_batch_tokens=10_000, max_wait_ms=0))
+    batcher.start()
+    try:
+        docs = ["short", " ".join(f"w{i}" for i in range(300)), "also short"]
+        result = await batcher.score(ScoreRequest("q", docs, max_chunks=10))
+    finally:
+        await batcher.close()
+    prompts = runner.builder.build("q", docs, None, Truncation.END, max_chunks=10)
+    assert prompts.chunks[0] == 1 and prompts.chunks[1] > 2 and len(result.scores) == 3
+    rows = [fake_logit(ids) for ids in prompts.sequences]
+    long_ = rows[1: 1 + prompts.chunks[1]]
+    assert [s.logit for s in result.scores] == [rows[0], max(long_), rows[-1]]
+    assert [(s.chunks, s.best_chunk) for s in result.scores] == [(1, 0), (len(long_), long_.index(max(long_))), (1, 0)]
+    assert result.prompt_tokens == sum(map(len, prompts.sequences))
+    assert all(prefix == prompts.shared_len for batch in runner.batches for _, prefix in batch)
+
+
+LONG_DOC = " ".join(f"w{i}" for i in range(1200))  # 20 chunks at max_length 96 (the fake tokenizer's words)
+
+
+# fair: after one turn of the flood, as for a call of many documents; fifo (the control, so the
+# test can fail): after every chunk of it
+@pytest.mark.parametrize(("scheduler", "docs"), [("fair", 1), ("fair", 3), ("fifo", 1)])
+async def test_a_long_documents_chunks_do_not_stall_another_keys_short_call(scheduler: str, docs: int) -> None:
+    """The chunks of one very long document (or of several) are rows of the flood's call: the
+    fair queue serves the quiet key's short call after the batch in flight and one turn of the
+    flood (the queue's promise: the turns of tenants no further ahead, one batch each), each
+    batch keeps to the token budget, and every chunk row is at most max_length."""
+    runner = FakeRunner(max_length=96)
+    runner.gate.clear()
+    config = BatcherConfig(max_batch_tokens=160, max_wait_ms=0, scheduler=scheduler, max_queued_docs=1000)
+    batcher = Batcher(runner, runner.builder, config)
+    batcher.start()
+    flood_docs = [f"doc {d} " + LONG_DOC for d in range(docs)]
+    rows = sum(runner.builder.build("q", flood_docs, None, Truncation.END, max_chunks=100).chunks)
+    try:
+        first = asyncio.ensure_future(batcher.score(request(1)))
+        await entered(runner)  # the model is busy; what follows queues
+        flood = asyncio.ensure_future(batcher.score(ScoreRequest("q", flood_docs, tenant="flood", max_chunks=100)))
+        while batcher.queued_docs < rows:
+            await asyncio.sleep(0)
+        small = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["short"], tenant="quiet")))
+        while batcher.queued_docs < rows + 1:
+            await asyncio.sleep(0)
+        runner.gate.set()
+        flooded, _, _ = await asyncio.gather(flood, first, small)
+    finally:
+        runner.gate.set()
+        await batcher.close()
+    assert rows >= 20 * docs and [s.chunks for s in flooded.scores] == [rows // docs] * docs
+    small_len = len(runner.builder.build("q", ["short"], None, Truncation.END).sequences[0])
+    where = [n for n, batch in enumerate(runner.batches) if (small_len, len(runner.builder.prefix_ids)) in batch]
+    # the batch in flight (0), the flood's one turn (it queued first), then the quiet call
+    assert where == ([2] if scheduler == "fair" else [len(runner.batches) - 1])
+    for batch in runner.batches:
+        assert all(length <= 96 for length, _ in batch)
+        assert max(length - prefix for length, prefix in batch) * len(batch) <= config.max_batch_tokens

@@ -70,3 +70,13 @@ def test_scheduler_cost_reports_both_policies() -> None:
     rows = [line.split("|")[1:-1] for line in run_script("bench/scheduler_cost.py").splitlines()[2:]]
     assert [r[1].strip() for r in rows] == ["fifo", "fair"] * 4
     assert all(float(r[3]) >= 1.0 for r in rows)  # padding never below the real tokens
+
+
+def test_long_docs_bench_reports_both_paths(tiny_model_dir: Path) -> None:
+    out = run_script("bench/long_docs.py", "--model-dir", str(tiny_model_dir), "--tokens", "300",
+                     "--chunk-length", "160")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [(r["path"], r["doc_tokens"]) for r in rows] == [("chunked", 300), ("whole", 300)]
+    chunked, whole = rows
+    assert chunked["chunks"] > 1 and whole["chunks"] == 1  # the chunked path really chunked
+    assert all(r["seconds"] > 0 and r["peak_rss_mib"] >= r["rss_warm_mib"] > 0 for r in rows)

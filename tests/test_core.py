@@ -163,6 +163,16 @@ def test_the_fingerprint_of_a_body_never_changes() -> None:
     assert full.fingerprint() == "c7455dd10abf61092ffb48ef02e8f96466b9b94b4c6737e47e4dead4b169fd17"
 
 
+def test_the_chunk_cap_is_part_of_what_was_asked() -> None:
+    """A call naming max_chunks_per_doc is another body than one naming none (whose digest is
+    the one pinned above, from before the field): a retry must not replay the other's reply."""
+    def body(n: int | None) -> str:
+        return RerankCall([RerankQuery(query="q", documents=["a", "b"], max_chunks_per_doc=n)]).fingerprint()
+
+    assert body(None) == "3450fbae8c53efdf996fec08c499b7d575b03a63d7a0802baabf6466deae926b"
+    assert len({body(None), body(1), body(3)}) == 3
+
+
 @pytest.mark.parametrize(("auth", "tenant"), [
     (None, "key_a"),  # no keys here: the front that called names whose share it spends
     (OneKey(), "key-7"),  # a keyed caller is its own tenant, whatever it claims

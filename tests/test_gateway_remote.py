@@ -77,3 +77,42 @@ async def test_gateway_without_backends_refuses_to_start(tmp_path: Path) -> None
                                           "--data-dir", str(tmp_path), "--connect-timeout-s", "0"])
     with pytest.raises(ConnectionError, match="no backend answered"):
         await start(args)
+
+
+async def test_gateway_passes_the_chunk_cap_on_and_brings_each_documents_chunks_back(tmp_path: Path) -> None:
+    """The gateway's cap is the backends' (GetModelInfo); a call's cap travels to the backend,
+    and each document's chunks and best chunk come back; billing counts documents."""
+    from worker.fake import fake_logit
+    from worker.types import Truncation
+
+    runner = FakeRunner(max_length=64)
+    long_doc = " ".join(f"w{i}" for i in range(200))
+    docs = ["short", long_doc]
+    async with running_app(runner, model="backend-model", max_chunks_per_doc=4) as backend:
+        args = cli.build_parser().parse_args(
+            ["gateway", "--backend", target(backend), "--host", "127.0.0.1", "--http-port", "0", "--no-auth",
+             "--data-dir", str(tmp_path), "--connect-timeout-s", "10"])
+        gateway = await start(args)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port(gateway)}", timeout=30) as http:
+                (card,) = (await http.get("/v1/models")).json()["data"]
+                calls = {n: await http.post("/v1/rerank", json={"query": "q", "documents": docs,
+                                                                "max_chunks_per_doc": n}) for n in (None, 2, 9, 0)}
+            records = await gateway.core.ledger.records()
+        finally:
+            await gateway.stop(0)
+    assert card["limits"]["max_chunks_per_doc"] == 4
+    assert calls[0].status_code == 400 and "max_chunks_per_doc must be at least 1" in calls[0].json()["detail"]
+    for n, want in ((None, 4), (2, 2), (9, 4)):
+        body = calls[n].json()
+        prompts = runner.builder.build("q", docs, None, Truncation.END, max_chunks=want)
+        chunk_logits = [fake_logit(ids) for ids in prompts.sequences[1:]]
+        (long_,) = [r for r in body["results"] if r["index"] == 1]
+        assert (long_["chunks"], long_["best_chunk"], long_["truncated"]) == (
+            want, chunk_logits.index(max(chunk_logits)), True)
+        assert long_["logit"] == pytest.approx(max(chunk_logits), abs=1e-12)
+        assert body["meta"]["billed_units"]["documents"] == 2
+        assert body["usage"]["prompt_tokens"] == sum(map(len, prompts.sequences))
+    assert calls[9].json()["meta"]["warnings"] == ["max_chunks_per_doc 9 is more than this server scores; "
+                                                   "clamped to 4"]
+    assert [r.documents for r in records] == [2, 2, 2]

@@ -18,7 +18,7 @@ import torch
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.cost import CostModel, Shape
 from worker.runner import ModelRunner
-from worker.types import Batch, Prefix, Row, ScoreRequest, Truncation
+from worker.types import Batch, BatchScores, Prefix, Row, RunnerInfo, ScoreRequest, Truncation
 
 MAX_LENGTH = 1024
 TOL_SCORE = 1e-5
@@ -309,6 +309,89 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
     for s, ids in zip(result.scores, prompts.sequences):
         assert len(ids) <= MAX_LENGTH
         assert s.score == pytest.approx(reference_score(reference_model, ids), abs=TOL_SCORE)
+
+
+class RecordingRunner:
+    """The runner, recording every row it scores and the row's log-odds: chunks are rows, so
+    each chunk's score can be held against the reference on exactly its ids."""
+
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner, self.builder = runner, runner.builder
+        self.rows: dict[tuple[int, ...], float] = {}
+
+    def score(self, batch: Batch) -> BatchScores:
+        out = self.runner.score(batch)
+        self.rows.update((tuple(row.ids), logit) for row, logit in zip(batch.rows, out.logits, strict=True))
+        return out
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+
+    def info(self) -> RunnerInfo:
+        return self.runner.info()
+
+
+LONG_DOCUMENTS = [
+    "Paris is the capital of France. " + " ".join(DOCUMENTS) * 2,  # 3 chunks of MAX_LENGTH
+    "Bananas are yellow. " * 300 + "Paris is the capital and most populous city of France.",  # the answer at its end
+]
+
+
+@pytest.mark.parametrize(("config_name", "max_chunks"), [("large-budget", 10), ("one-row-batches", 10),
+                                                         ("row-pieces", 10), ("no-prefix-reuse", 2)])
+async def test_chunked_documents_match_the_reference_chunk_by_chunk(
+    any_runner: ModelRunner, reference_model: torch.nn.Module, config_name: str, max_chunks: int
+) -> None:
+    """Each chunk of a long document is scored as the reference scores exactly its ids, and the
+    document's score is the best chunk's; the short documents beside them are unchanged."""
+    recording = RecordingRunner(any_runner)
+    batcher = Batcher(recording, any_runner.builder, CONFIGS[config_name],
+                      cost=pieces_cost() if config_name == "row-pieces" else None)
+    batcher.start()
+    query, instruction = QUERIES[0]
+    docs = [DOCUMENTS[0], LONG_DOCUMENTS[0], DOCUMENTS[1], LONG_DOCUMENTS[1]]
+    try:
+        result = await batcher.score(ScoreRequest(query, docs, instruction, Truncation.END, max_chunks=max_chunks))
+    finally:
+        await batcher.close()
+    prompts = any_runner.builder.build(query, docs, instruction, Truncation.END, max_chunks=max_chunks)
+    assert prompts.chunks[1] > 1 and prompts.chunks[3] > 1 and prompts.chunks[0] == prompts.chunks[2] == 1
+    rows = iter(prompts.sequences)
+    for s, chunks in zip(result.scores, prompts.chunks, strict=True):
+        chunk_ids = [next(rows) for _ in range(chunks)]
+        want = [reference_logit(reference_model, ids) for ids in chunk_ids]
+        assert all(len(ids) <= MAX_LENGTH for ids in chunk_ids)
+        assert [recording.rows[tuple(ids)] for ids in chunk_ids] == pytest.approx(want, abs=TOL_LOGIT)
+        assert s.logit == max(recording.rows[tuple(ids)] for ids in chunk_ids)  # the best chunk's, exactly
+        assert s.logit == pytest.approx(max(want), abs=TOL_LOGIT)
+        assert s.score == pytest.approx(reference_score(reference_model, chunk_ids[s.best_chunk]), abs=TOL_SCORE)
+        assert s.chunks == chunks and s.truncated == (max_chunks == 2 and s.index == 1)
+    assert result.prompt_tokens == sum(map(len, prompts.sequences))
+
+
+async def test_documents_under_the_budget_score_identically_with_and_without_chunking(
+    any_runner: ModelRunner, expected: dict[tuple[int, int], tuple[float, float]]
+) -> None:
+    """Chunking changes nothing for a document that fits: the same ids, the same batches (calls
+    one at a time, no time budget: the batching is deterministic), the same floats (each run on a cold prefix
+    cache, so both compute the same prefixes)."""
+    results = {}
+    for max_chunks in (1, 10):
+        any_runner.cache = type(any_runner.cache)(any_runner.cache.max_bytes)
+        batcher = Batcher(any_runner, any_runner.builder, BatcherConfig(max_batch_tokens=2048, max_wait_ms=0,
+                                                                        max_batch_ms=0))
+        batcher.start()
+        try:
+            results[max_chunks] = [  # one at a time: the same batches in both runs
+                await batcher.score(ScoreRequest(q, DOCUMENTS, ins, Truncation.NONE, max_chunks=max_chunks))
+                for q, ins in QUERIES]
+        finally:
+            await batcher.close()
+    assert [r.scores for r in results[1]] == [r.scores for r in results[10]]
+    for qn, result in enumerate(results[10]):
+        assert [(s.chunks, s.best_chunk, s.truncated) for s in result.scores] == [(1, 0, False)] * len(DOCUMENTS)
+        assert [s.logit for s in result.scores] == pytest.approx([expected[qn, d][1] for d in range(len(DOCUMENTS))],
+                                                                 abs=TOL_LOGIT)
 
 
 @pytest.mark.parametrize("kernel", ["flash", "math"])

@@ -100,3 +100,58 @@ def test_max_document_tokens_cuts_the_document_only(tokenizer, truncation) -> No
     assert long_ == builder.build(query, ["river river river river river"], None, truncation).sequences[0]
     assert short == builder.build(query, ["short"], None, truncation).sequences[0]
     assert long_[: prompts.shared_len] == short[: prompts.shared_len]
+
+
+def chunk_rule(builder: PromptBuilder, tokenizer, query: str, doc: str, cap: int,  # type: ignore[no-untyped-def]
+               max_document_tokens: int | None = None) -> tuple[list[list[int]], bool]:
+    """The issue's rule, written out from the tokenizer alone: the body tokenized whole, the run
+    it shares with the head's own encoding as the head, the rest in windows of W tokens."""
+    body = encode(tokenizer, format_body(query, doc))
+    head_ids = encode(tokenizer, format_body(query, "")[:-1])
+    own = next((i for i, (a, b) in enumerate(zip(head_ids, body)) if a != b), min(len(head_ids), len(body)))
+    rest = body[own:] if max_document_tokens is None else body[own: own + max_document_tokens]
+    width = builder.max_length - len(builder.prefix_ids) - len(builder.suffix_ids) - own
+    windows = [rest[k: k + width] for k in range(0, max(1, len(rest)), width)]
+    chunks = [builder.prefix_ids + body[:own] + w + builder.suffix_ids for w in windows[:cap]]
+    return chunks, len(windows) > cap
+
+
+LONG = "The river Seine flows through Paris; its banks are a world heritage site. " * 12
+
+
+@pytest.mark.parametrize(("max_length", "cap", "doc_tokens", "chunks", "truncated"), [
+    (8192, 10, None, 1, False),  # under the budget: one chunk, today's pair
+    (128, 1, None, 1, True),  # no chunking: today's truncation
+    (128, 3, None, 3, True),  # the cap drops the tail
+    (128, 100, None, 4, False),  # every token in some chunk
+    (128, 4, None, 4, False),  # ... the cap exactly reached drops nothing
+    (128, 100, 70, 2, True),  # max_tokens_per_doc cuts first, then the rest is chunked
+    (96, 100, None, 11, False),
+    (80, 1000, None, 97, False),  # a window of two tokens: still the rule
+])
+def test_chunks_follow_the_rule(tokenizer, max_length, cap, doc_tokens, chunks, truncated) -> None:  # type: ignore[no-untyped-def]
+    builder = PromptBuilder(tokenizer, max_length)
+    query = "where does the Seine flow"
+    prompts = builder.build(query, ["short one", LONG, "also short"], None, Truncation.END, doc_tokens, cap)
+    expected, dropped = chunk_rule(builder, tokenizer, query, LONG, cap, doc_tokens)
+    assert prompts.chunks == [1, chunks, 1] and len(expected) == chunks
+    assert prompts.sequences[1: 1 + chunks] == expected
+    assert prompts.truncated == [False, dropped or doc_tokens is not None, False] and dropped == (
+        truncated and doc_tokens is None)
+    assert all(len(s) <= max_length for s in prompts.sequences)
+    # chunk 0 is exactly the pair that truncation scores; the short documents are untouched
+    alone = builder.build(query, ["short one", LONG, "also short"], None, Truncation.END, doc_tokens)
+    assert prompts.sequences[1] == alone.sequences[1]
+    assert [prompts.sequences[0], prompts.sequences[-1]] == [alone.sequences[0], alone.sequences[-1]]
+    assert prompts.shared_len == alone.shared_len
+    assert len({tuple(s[: prompts.shared_len]) for s in prompts.sequences}) == 1
+
+
+def test_truncation_none_refuses_only_what_the_chunks_cannot_hold(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    builder = PromptBuilder(tokenizer, 128)
+    whole = builder.build("q", [LONG], None, Truncation.NONE, max_chunks=100)
+    assert whole.chunks == [len(chunk_rule(builder, tokenizer, "q", LONG, 100)[0])] and whole.truncated == [False]
+    with pytest.raises(InvalidInput, match=r"document 0 needs \d+ tokens, more than 3 chunks"):
+        builder.build("q", [LONG], None, Truncation.NONE, max_chunks=3)
+    with pytest.raises(InvalidInput, match="must be at least 1"):
+        builder.build("q", [LONG], None, Truncation.END, max_chunks=0)

@@ -41,6 +41,26 @@ def test_estimate_bounds_the_real_prompt_tokens(tokenizer: Any, instruction: str
         assert estimate_prompt_tokens([RerankQuery(query, TEXTS, instruction)] * 2, max_length) == 2 * sum(bounds)
 
 
+@pytest.mark.parametrize("max_chunks", [1, 2, 10, 1000])
+@pytest.mark.parametrize("max_length", [8192, 400, 160])
+def test_estimate_bounds_every_chunks_tokens(tokenizer: Any, max_length: int, max_chunks: int) -> None:
+    """Chunked, a document's prompts are all its chunks: the estimate the limiter admits by
+    bounds their sum. It counts the template and query in bytes, so it guesses more chunks than
+    a document needs where they are a large part of max_length (the limiter refunds it); where
+    a document's bytes fit one chunk, it is the unchunked estimate."""
+    builder = PromptBuilder(tokenizer, max_length)
+    query = "what is a reranker"
+    prompts = builder.build(query, TEXTS, None, Truncation.END, max_chunks=max_chunks)
+    rows = iter(prompts.sequences)
+    for doc, chunks in zip(TEXTS, prompts.chunks, strict=True):
+        real = sum(len(next(rows)) for _ in range(chunks))
+        bound = estimate_prompt_tokens([RerankQuery(query, [doc], max_chunks_per_doc=max_chunks)], max_length)
+        assert real <= bound <= max_chunks * max_length, (doc[:20], real, bound)
+        unchunked = estimate_prompt_tokens([RerankQuery(query, [doc])], max_length)
+        assert bound == unchunked or max_length < 8192
+    assert max(prompts.chunks) > 1 or max_length == 8192 or max_chunks == 1
+
+
 class Keys:
     """Every call is made by one key with ``tpm`` prompt tokens per minute."""
 

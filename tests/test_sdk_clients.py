@@ -90,7 +90,7 @@ def test_cohere_v1_every_option(url: str, http: httpx.Client) -> None:
     ranked_as = ["title: Capitals\ntext: " + DOCS[0], "title: Fruit\ntext: " + DOCS[1], "text: " + DOCS[2]]
     assert_same([(x.index, x.relevance_score) for x in r.results], reference(url, ranked_as), top_n=2)
     assert [x.document.text for x in r.results] == [objects[x.index]["text"] for x in r.results]
-    assert r.meta.warnings and "max_chunks_per_doc" in r.meta.warnings[0]
+    assert r.meta.warnings is None  # max_chunks_per_doc is honoured (short documents: one chunk each)
     plain = co.rerank(query=QUERY, documents=DOCS[:4] + [{"text": DOCS[4]}])
     assert_same([(x.index, x.relevance_score) for x in plain.results], reference(url, DOCS))
     assert plain.meta.warnings is None
@@ -204,7 +204,7 @@ def test_tei_shape(url: str, raw_scores: bool) -> None:
 
 
 def test_tei_refuses_what_it_cannot_honour(url: str) -> None:
-    long_text = "word " * 400  # over --max-length 256
+    long_text = "word " * 2400  # over 10 chunks (the server's default) of --max-length 256
     refused = requests.post(url + "/rerank", json={"query": QUERY, "texts": [long_text]}, timeout=30)
     assert refused.status_code == 400 and "allow truncation" in refused.json()["detail"]  # TEI's default
     left = requests.post(url + "/rerank", json={"query": QUERY, "texts": DOCS, "truncate": True,
@@ -239,3 +239,47 @@ def test_a_body_of_two_conventions_is_refused(url: str) -> None:
     r = requests.post(url + "/rerank", json={"query": QUERY, "texts": DOCS, "documents": DOCS}, timeout=30)
     assert r.status_code == 422 and "documents" in r.json()["detail"]
 
+
+
+LONG = " ".join(f"line {i} of a long page about rivers, capitals and France." for i in range(60))  # ~4 chunks
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/v2/rerank", "/rerank"])
+def test_max_chunks_per_doc_on_every_cohere_shaped_path_scores_as_grpc(served: tuple[str, str], path: str) -> None:
+    """Cohere v1 and v2 and Jina's shape carry max_chunks_per_doc; each result tells its chunks
+    and best chunk; the scores are the gRPC client's for the same cap (one scoring path)."""
+    url, grpc_target = served
+    docs = [DOCS[0], LONG]
+    with RerankClient(grpc_target) as client:
+        want = {n: {r.index: r for r in client.rerank(QUERY, docs, max_chunks_per_doc=n).results} for n in (None, 1, 2)}
+    assert want[None][1].chunks > 2 and want[1][1].chunks == 1 and want[1][1].truncated
+    for n in (None, 1, 2):
+        body = {"query": QUERY, "documents": docs} | ({} if n is None else {"max_chunks_per_doc": n})
+        r = requests.post(url + path, json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        got = r.json()
+        assert got["meta"]["billed_units"]["documents"] == 2 and not got["meta"].get("warnings")
+        for x in got["results"]:
+            w = want[n][x["index"]]
+            assert (x["chunks"], x["best_chunk"], x["truncated"]) == (w.chunks, w.best_chunk, w.truncated)
+            assert x["relevance_score"] == pytest.approx(w.score, abs=TOL)
+    bad = requests.post(url + path, json={"query": QUERY, "documents": docs, "max_chunks_per_doc": 0}, timeout=30)
+    assert bad.status_code == 400 and "max_chunks_per_doc" in bad.json()["detail"]
+
+
+def test_shapes_without_the_field_get_the_servers_default_chunks(served: tuple[str, str]) -> None:
+    url, grpc_target = served
+    with RerankClient(grpc_target) as client:
+        want = {r.index: r.score for r in client.rerank(QUERY, [DOCS[0], LONG]).results}
+    tei = requests.post(url + "/rerank", json={"query": QUERY, "texts": [DOCS[0], LONG], "truncate": True}, timeout=30)
+    voyage = requests.post(url + "/v1/rerank", json={"query": QUERY, "documents": [DOCS[0], LONG],
+                                                     "truncation": True}, timeout=30)
+    assert {x["index"]: x["score"] for x in tei.json()} == pytest.approx(want, abs=TOL)
+    assert {x["index"]: x["relevance_score"] for x in voyage.json()["data"]} == pytest.approx(want, abs=TOL)
+
+
+def test_cohere_sdk_sends_max_chunks_per_doc_and_parses_the_chunk_fields(url: str, http: httpx.Client) -> None:
+    co = cohere.Client(api_key="unused", base_url=url, httpx_client=http)
+    r = co.rerank(model=MODEL, query=QUERY, documents=[DOCS[0], LONG], max_chunks_per_doc=1)
+    (long_,) = [x for x in r.results if x.index == 1]
+    assert r.meta.warnings is None and long_.chunks == 1 and long_.truncated is True

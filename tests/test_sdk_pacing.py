@@ -184,7 +184,8 @@ async def test_gateway_asks_the_backend_only_for_scores_and_keeps_them_whole() -
             return reply
 
         app.core.rerank = spy  # type: ignore[method-assign]
-        request = RerankQuery("bears", [*DOCS, "word " * 100])  # the last one is cut to max_length
+        # the last one is chunked, and cut after its 3 chunks (the core settles the cap before an engine)
+        request = RerankQuery("bears", [*DOCS, "word " * 100], max_chunks_per_doc=3)
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)
@@ -194,6 +195,6 @@ async def test_gateway_asks_the_backend_only_for_scores_and_keeps_them_whole() -
         local = await app.engine.score(request, "", 0)
     ((call, reply),) = calls
     assert (call.idempotency_key, call.queries[0].top_n, call.queries[0].return_documents) == (None, None, False)
-    assert remote.scores == local.scores and remote.scores[-1].truncated
+    assert remote.scores == local.scores and remote.scores[-1].truncated and remote.scores[-1].chunks == 3
     assert (remote.prompt_tokens, remote.computed_tokens) == (reply.prompt_tokens, reply.computed_tokens)
     assert remote.prompt_tokens == local.prompt_tokens and remote.computed_tokens > 0

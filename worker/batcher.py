@@ -2,16 +2,17 @@
 
 Theory of operation
 -------------------
-``score(request)`` tokenizes on a thread pool (off the loop and off the model thread, so
-the next batch's tokens are ready while the model runs), turns the request into a
-``Group`` of per-document entries, appends them to the scheduler (``worker.queue``) and awaits the
-group's future. One background task, ``_run``, sleeps on an ``asyncio.Event`` until work
-arrives, optionally lingers for more until ``max_wait_ms`` after the oldest queued request
-arrived, takes ``next_batch()``, hands it to ``runner.score`` as a ``Batch`` (rows and the
-prefixes they share, which the batcher decides: see ``_prefix``) on a single model thread,
-and settles what finished. Every batch's measured time refits the cost model
-(``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch that
-is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
+``score(request)`` tokenizes on a thread pool (off the loop and off the model thread, so the
+next batch's tokens are ready while the model runs), turns the request into a ``Group`` of
+per-row entries (one per document, or one per chunk of a document longer than ``max_length``:
+chunks are rows of their request like any other), appends them to the scheduler
+(``worker.queue``) and awaits the group's future. One background task, ``_run``, sleeps on an
+``asyncio.Event`` until work arrives, optionally lingers for more until ``max_wait_ms`` after
+the oldest queued request arrived, takes ``next_batch()``, hands it to ``runner.score`` as a
+``Batch`` (rows and the prefixes they share, which the batcher decides: see ``_prefix``) on a
+single model thread, and settles what finished. Every batch's measured time refits the cost
+model (``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch
+that is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
 row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
 A request may carry a ``Watcher`` (tracing, built above the worker): it hears when its prompts
 were built and when each batch holding its rows started, and each batch's ``BatchStats``
@@ -133,13 +134,15 @@ class Group:
     watcher: Watcher | None = None
 
     def result(self) -> ScoreResult:
-        scores = [
-            DocScore(index=i, score=_sigmoid(logit), logit=logit, truncated=cut)
-            for i, (logit, cut) in enumerate(zip(self.logits, self.prompts.truncated, strict=True))
-            if logit is not None
-        ]
-        if len(scores) != len(self.logits):
+        """Each document's score is its best chunk's (a document of one chunk: its own)."""
+        if any(logit is None for logit in self.logits):
             raise AssertionError("a group settled with unscored documents: this is a bug")
+        scores, row = [], 0
+        for i, (chunks, cut) in enumerate(zip(self.prompts.chunks, self.prompts.truncated, strict=True)):
+            logits = [x for x in self.logits[row: row + chunks] if x is not None]
+            best = logits.index(max(logits))
+            scores.append(DocScore(i, _sigmoid(logits[best]), logits[best], cut, chunks, best))
+            row += chunks
         return ScoreResult(scores, prompt_tokens=sum(len(s) for s in self.prompts.sequences),
                            computed_tokens=self.computed_tokens,
                            queue_and_model_ms=1000 * (time.perf_counter() - self.enqueued_at))
@@ -213,7 +216,7 @@ class Batcher:
         tokenizing = time.perf_counter()
         prompts = await loop.run_in_executor(
             self._tokenizer_for(request), self.builder.build, request.query, request.documents,
-            request.instruction, request.truncation, request.max_document_tokens)
+            request.instruction, request.truncation, request.max_document_tokens, request.max_chunks)
         prefix = self._prefix(prompts)
         group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences), tenant=request.tenant, watcher=request.watcher)
@@ -238,9 +241,10 @@ class Batcher:
         return self._small_tokenizer if chars <= SMALL_CALL_CHARS else self._tokenizers
 
     def _prefix(self, prompts: Prompts) -> Prefix | None:
-        """Prefix reuse: a request's documents share its whole prefix (system prompt,
-        instruction, query), computed on top of the system prompt; a lone document shares
-        only the system prompt, with every other request (the rest of its prefix is its own)."""
+        """Prefix reuse: a request's rows (documents, and a long document's chunks) share its whole
+        prefix (system prompt, instruction, query), computed on top of the system prompt; a lone
+        row shares only the system prompt, with every other request (the rest of its prefix is
+        its own)."""
         system = self.builder.system
         if not self.config.prefix_reuse:
             return None

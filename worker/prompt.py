@@ -16,6 +16,17 @@ the document only": the query and instruction are never cut. ``max_document_toke
 ``max_tokens_per_doc``) cuts the same way, counting the document's own tokens: those of the
 body past the run it shares with the head (the document's first word fuses with the space
 before it, so that token counts as the document's).
+
+Chunking (``max_chunks`` > 1; Cohere's ``max_chunks_per_doc``): a document over the budget is
+not cut but split. Its body is tokenized as above; ``head`` is the run it shares with the head
+encoding, and the document's own tokens (after any ``max_document_tokens`` cut) are split into
+consecutive, non-overlapping windows of ``W = max_length - len(prefix) - len(suffix) -
+len(head)`` tokens. Chunk k is ``prefix + head + window_k + suffix``, so chunk 0 is exactly the
+pair that truncation would have scored, and every chunk is a pair of its own, scored exactly.
+At most ``max_chunks`` windows are kept; tokens past them are dropped (``truncated``), or with
+``Truncation.NONE`` the request is refused. The document's score is its best chunk's
+(``worker.batcher``). A window boundary may split a word: each window holds the ids the whole
+document tokenized to, never a re-tokenization of a piece of text.
 """
 
 from __future__ import annotations
@@ -50,9 +61,10 @@ def format_head(query: str, instruction: str | None = None) -> str:
 class Prompts:
     """One request's documents as token ids, ready for the queue."""
 
-    sequences: list[list[int]]  # full prefix + body + suffix ids, one per document
+    sequences: list[list[int]]  # full prefix + body + suffix ids, one per row (a document's chunks in order)
     shared_len: int  # leading ids every sequence shares (prefix + query head)
-    truncated: list[bool]
+    truncated: list[bool]  # per document: tokens were dropped (after the chunk cap, or asked for)
+    chunks: list[int]  # rows (chunks) per document, in order: a document's rows are consecutive
 
 
 class PromptBuilder:
@@ -68,9 +80,12 @@ class PromptBuilder:
         self.no_id = self._single_id(NO_TOKEN)
 
     def build(self, query: str, documents: Sequence[str], instruction: str | None,
-              truncation: Truncation, max_document_tokens: int | None = None) -> Prompts:
-        """``truncation`` decides what a pair over ``max_length`` does; ``max_document_tokens``
-        is a cut the caller asked for, so it applies whatever ``truncation`` says."""
+              truncation: Truncation, max_document_tokens: int | None = None, max_chunks: int = 1) -> Prompts:
+        """``truncation`` decides what a pair over ``max_length`` does once ``max_chunks``
+        windows are used up; ``max_document_tokens`` is a cut the caller asked for, so it
+        applies whatever ``truncation`` says."""
+        if max_chunks < 1:
+            raise InvalidInput(f"max_chunks must be at least 1, not {max_chunks}")
         head = self._encode([format_head(query, instruction)])[0]
         fixed = len(self.prefix_ids) + len(self.suffix_ids)
         if fixed + len(head) + 1 > self.max_length:
@@ -78,25 +93,36 @@ class PromptBuilder:
                 f"query and instruction take {len(head) + fixed} tokens with the template; "
                 f"max_length is {self.max_length}: shorten the query or instruction")
         bodies = self._encode([format_body(query, d, instruction) for d in documents])
-        budget = self.max_length - fixed
-        sequences, truncated = [], []
+        sequences: list[list[int]] = []
+        truncated: list[bool] = []
+        chunks: list[int] = []
         shared = len(head)
         for i, body in enumerate(bodies):
             own = _common_prefix_len(head, body)
             limit = len(body) if max_document_tokens is None else own + max_document_tokens
             asked = len(body) > limit
-            body = body[:limit]
-            cut = len(body) > budget
-            if cut and truncation is Truncation.NONE:
-                raise InvalidInput(
-                    f"document {i} needs {len(body) + fixed} tokens, over max_length "
-                    f"{self.max_length}; shorten it or allow truncation")
-            body = body[:budget]
-            shared = min(shared, own, len(body))
-            cut = cut or asked
-            sequences.append(self.prefix_ids + body + self.suffix_ids)
-            truncated.append(cut)
-        return Prompts(sequences, len(self.prefix_ids) + shared, truncated)
+            windows, dropped = self._windows(body[own:limit], own, max_chunks)
+            if dropped and truncation is Truncation.NONE:
+                raise InvalidInput(self._too_long(i, len(body[:limit]) + fixed, max_chunks))
+            shared = min(shared, own, own + len(windows[0]))
+            sequences.extend(self.prefix_ids + body[:own] + w + self.suffix_ids for w in windows)
+            truncated.append(dropped or asked)
+            chunks.append(len(windows))
+        return Prompts(sequences, len(self.prefix_ids) + shared, truncated, chunks)
+
+    def _windows(self, tokens: list[int], head: int, max_chunks: int) -> tuple[list[list[int]], bool]:
+        """The document's own tokens in at most ``max_chunks`` consecutive windows that each fit
+        beside the template and the head, and whether any were left over."""
+        width = self.max_length - len(self.prefix_ids) - len(self.suffix_ids) - head
+        windows = [tokens[k: k + width] for k in range(0, max(1, len(tokens)), width)]
+        return windows[:max_chunks], len(windows) > max_chunks
+
+    def _too_long(self, i: int, tokens: int, max_chunks: int) -> str:
+        if max_chunks == 1:
+            return (f"document {i} needs {tokens} tokens, over max_length {self.max_length}; shorten it "
+                    "or allow truncation")
+        return (f"document {i} needs {tokens} tokens, more than {max_chunks} chunks of max_length "
+                f"{self.max_length} hold; shorten it, allow more chunks or allow truncation")
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         out = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)

@@ -60,9 +60,9 @@ class Precision(enum.StrEnum):
 
 
 class Truncation(enum.Enum):
-    """What to do with a document too long for ``max_length``."""
+    """What to do with a document too long for its chunks (``max_chunks`` pairs of ``max_length``)."""
 
-    END = "end"  # cut the document's tail; the query and instruction stay whole
+    END = "end"  # drop the document's tail past its last chunk; the query and instruction stay whole
     NONE = "none"  # refuse the request with InvalidInput
 
 
@@ -111,6 +111,7 @@ class ScoreRequest:
     priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
     max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
     watcher: Watcher | None = None  # told of its steps (tracing); None: nobody asks
+    max_chunks: int = 1  # a document over max_length is scored as up to this many chunks (worker/prompt.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,9 @@ class DocScore:
     index: int  # position in the request's documents
     score: float  # P(yes) = sigmoid(logit)
     logit: float  # raw log-odds: logit_yes - logit_no
-    truncated: bool
+    truncated: bool  # tokens were dropped: past max_length (after ``chunks`` windows), or asked for
+    chunks: int = 1  # the pairs the document was scored as; its score is the best one's
+    best_chunk: int = 0  # which of them (0-based, the first of equals); 0: the document's start
 
 
 @dataclass(frozen=True, slots=True)

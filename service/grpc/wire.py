@@ -103,12 +103,13 @@ def _query(q: pb.RerankRequest | pb.BatchQuery) -> RerankQuery:
     return RerankQuery(query=q.query, documents=list(q.documents),
                        instruction=q.instruction if q.HasField("instruction") else None, top_n=q.top_n or None,
                        return_documents=q.return_documents, truncation=_TRUNCATION[q.truncation],
-                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None)
+                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None,
+                       max_chunks_per_doc=q.max_chunks_per_doc if q.HasField("max_chunks_per_doc") else None)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:
     return [pb.RankedDocument(index=r.index, score=r.score, logit=r.logit, truncated=r.truncated,
-                              document=r.document) for r in results]
+                              document=r.document, chunks=r.chunks, best_chunk=r.best_chunk) for r in results]
 
 
 def _usage(outcomes: Sequence[QueryOutcome]) -> pb.Usage:

@@ -97,9 +97,9 @@ class RerankRequest(BaseModel):
                                     "'Given a web search query, retrieve relevant passages that answer "
                                     "the query'.")
     truncation: Literal["end", "none"] | None = Field(
-        None, description="A (query, document) pair longer than the model's max_length: 'end' (the default) "
-        "cuts the document's tail (the query is never cut; result.truncated says so), 'none' refuses the "
-        "request with 400.")
+        None, description="A document longer than its chunks hold (max_chunks_per_doc pairs of the model's "
+        "max_length): 'end' (the default) drops the document's tail (the query is never cut; result.truncated "
+        "says so), 'none' refuses the request with 400.")
     max_tokens_per_doc: JsonInt | None = Field(
         None, description="Cohere v2: cut each document to this many of its own tokens (Qwen3 tokens) before "
         "scoring, whatever truncation says; at least 1.")
@@ -107,8 +107,11 @@ class RerankRequest(BaseModel):
         None, description="Cohere v1: the keys of object documents to rank on, in order, as 'key: value' "
         "lines; absent: the `text` key.")
     max_chunks_per_doc: JsonInt | None = Field(
-        None, description="Cohere v1: not honoured (documents are not chunked: a long one is cut, see "
-        "truncation); accepted with a meta.warnings entry.")
+        None, description="Cohere v1 (accepted on v2 too): a document longer than the model's max_length is "
+        "scored as up to this many chunks (the template, the query and the next window of its tokens each), "
+        "and its score is the best chunk's; result.chunks and result.best_chunk say how. 1: no chunking. "
+        "Absent: the server's default (GET /v1/models: limits.max_chunks_per_doc); more is clamped to it, "
+        "with a meta.warnings entry. At least 1.")
     priority: PriorityValue | None = Field(
         None, description=f"Scheduling priority, {MIN_PRIORITY} (first) to {MAX_PRIORITY}, as Cohere v2: better "
         "work runs first, worse work still gets a bounded share. Absent: the API key's default (0 without "
@@ -119,7 +122,8 @@ class RerankRequest(BaseModel):
         query = RerankQuery(query=self.query, documents=self.texts(), instruction=self.instruction,
                             top_n=self.top_n, return_documents=bool(self.return_documents),
                             truncation=Truncation(self.truncation or "end"),
-                            max_document_tokens=self.max_tokens_per_doc)
+                            max_document_tokens=self.max_tokens_per_doc,
+                            max_chunks_per_doc=self.max_chunks_per_doc)
         return RerankCall([query], api_key=api_key, model=self.model or None,
                           idempotency_key=idempotency_key,  # "" is refused by the core
                           priority=_priority(self.priority))  # its range too
@@ -130,9 +134,6 @@ class RerankRequest(BaseModel):
 
     def warnings(self) -> list[str]:
         notes = []
-        if self.max_chunks_per_doc is not None:
-            notes.append("max_chunks_per_doc is not honoured: documents are not chunked; one longer than the "
-                         "model's max_length is cut at its end (see truncation and result.truncated)")
         missing = [i for i, d in enumerate(self.documents)
                    if self.rank_fields and not isinstance(d, str) and not set(self.rank_fields) & set(d.fields())]
         if missing:
@@ -170,8 +171,12 @@ class RerankResult(BaseModel):
     relevance_score: float = Field(description="P(yes) in [0, 1]: sigmoid(logit).")
     logit: float = Field(description="Raw log-odds logit(yes) - logit(no); keeps the resolution that "
                          "relevance_score loses near 0 and 1.")
-    truncated: bool = Field(description="The document was cut to fit the model's max_length.")
+    truncated: bool = Field(description="Tokens of the document went unscored: past its last chunk (see "
+                            "max_chunks_per_doc), or cut by max_tokens_per_doc.")
     document: ResultDocument | None = Field(None, description="Only with return_documents.")
+    chunks: int = Field(1, description="The chunks the document was scored as: 1 unless it is longer than the "
+                        "model's max_length. Billing counts it as one document.")
+    best_chunk: int = Field(0, description="The chunk that gave relevance_score (0-based, the first of equals).")
 
 
 def result_document(sent: Document) -> ResultDocument:
@@ -235,7 +240,8 @@ class RerankResponse(BaseModel):
         docs = reply.billed_documents
         billed = 0 if reply.replayed else docs
         results = [RerankResult(index=r.index, relevance_score=r.score, logit=r.logit, truncated=r.truncated,
-                                document=None if sent is None else result_document(sent[r.index]))
+                                document=None if sent is None else result_document(sent[r.index]),
+                                chunks=r.chunks, best_chunk=r.best_chunk)
                    for r in only_outcome(reply).results]
         notes = [*reply.warnings, *(warnings or [])]
         return cls(
@@ -266,6 +272,8 @@ class ModelLimits(BaseModel):  # service.core.Limits but max_queries (one query 
     max_instruction_chars: int
     max_document_chars: int
     max_request_bytes: int
+    max_chunks_per_doc: int = Field(description="Chunks a long document is scored as when a call names no "
+                                    "max_chunks_per_doc, and the most it may ask for.")
 
 
 class ModelCard(BaseModel):
@@ -331,6 +339,7 @@ def _limit_request(props: dict[str, Any], documents: str, limits: Limits, models
     _set(items.get("anyOf", [items])[0], maxLength=limits.max_document_chars)  # the string branch
     for key, constraints in (("top_n", {"minimum": 0}), ("top_k", {"minimum": 0}),
                              ("max_tokens_per_doc", {"minimum": 1, "maximum": MAX_DOCUMENT_TOKENS}),
+                             ("max_chunks_per_doc", {"minimum": 1}),
                              ("model", {"enum": ["", *models]}),
                              ("instruction", {"maxLength": limits.max_instruction_chars})):
         if key in props:

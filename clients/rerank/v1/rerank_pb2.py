@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\xae\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12)\n\ntruncation\x18\x07 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\x08priority\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_tokens_per_doc\x18\n \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_instructionB\x0b\n\t_priorityB\x15\n\x13_max_tokens_per_doc\"t\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\x08\x64ocument\x18\x05 \x01(\tH\x00\x88\x01\x01\x42\x0b\n\t_document\"J\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x04\"-\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tengine_ms\x18\x02 \x01(\x01\"\xc7\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\xe4\x01\n\nBatchQuery\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x18\n\x0binstruction\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12)\n\ntruncation\x18\x06 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x1f\n\x12max_tokens_per_doc\x18\x07 \x01(\x05H\x01\x88\x01\x01\x42\x0e\n\x0c_instructionB\x15\n\x13_max_tokens_per_doc\"\x83\x01\n\x12RerankBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x03(\x0b\x32\x15.rerank.v1.BatchQuery\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"[\n\x0cQueryResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\"\xca\x01\n\x13RerankBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x07queries\x18\x03 \x03(\x0b\x32\x17.rerank.v1.QueryResults\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xa3\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x13\n\x0bmax_queries\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1d\n\x15max_instruction_chars\x18\x04 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\"p\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Limits*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x32\xe2\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12L\n\x0bRerankBatch\x12\x1d.rerank.v1.RerankBatchRequest\x1a\x1e.rerank.v1.RerankBatchResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x14.rerank.v1.ModelInfoB8\n\trerank.v1P\x01Z)example.com/rerank/gen/rerank/v1;rerankv1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rerank/v1/rerank.proto\x12\trerank.v1\"\xe6\x02\n\rRerankRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x11\n\tdocuments\x18\x03 \x03(\t\x12\x18\n\x0binstruction\x18\x04 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x05 \x01(\r\x12\x18\n\x10return_documents\x18\x06 \x01(\x08\x12)\n\ntruncation\x18\x07 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x12\n\nrequest_id\x18\x08 \x01(\t\x12\x15\n\x08priority\x18\t \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_tokens_per_doc\x18\n \x01(\x05H\x02\x88\x01\x01\x12\x1f\n\x12max_chunks_per_doc\x18\x0b \x01(\x05H\x03\x88\x01\x01\x42\x0e\n\x0c_instructionB\x0b\n\t_priorityB\x15\n\x13_max_tokens_per_docB\x15\n\x13_max_chunks_per_doc\"\x98\x01\n\x0eRankedDocument\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05score\x18\x02 \x01(\x01\x12\r\n\x05logit\x18\x03 \x01(\x01\x12\x11\n\ttruncated\x18\x04 \x01(\x08\x12\x15\n\x08\x64ocument\x18\x05 \x01(\tH\x00\x88\x01\x01\x12\x0e\n\x06\x63hunks\x18\x06 \x01(\r\x12\x12\n\nbest_chunk\x18\x07 \x01(\rB\x0b\n\t_document\"J\n\x05Usage\x12\x11\n\tdocuments\x18\x01 \x01(\r\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x17\n\x0f\x63omputed_tokens\x18\x03 \x01(\x04\"-\n\x06Timing\x12\x10\n\x08total_ms\x18\x01 \x01(\x01\x12\x11\n\tengine_ms\x18\x02 \x01(\x01\"\xc7\x01\n\x0eRerankResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12*\n\x07results\x18\x03 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\x9c\x02\n\nBatchQuery\x12\r\n\x05query\x18\x01 \x01(\t\x12\x11\n\tdocuments\x18\x02 \x03(\t\x12\x18\n\x0binstruction\x18\x03 \x01(\tH\x00\x88\x01\x01\x12\r\n\x05top_n\x18\x04 \x01(\r\x12\x18\n\x10return_documents\x18\x05 \x01(\x08\x12)\n\ntruncation\x18\x06 \x01(\x0e\x32\x15.rerank.v1.Truncation\x12\x1f\n\x12max_tokens_per_doc\x18\x07 \x01(\x05H\x01\x88\x01\x01\x12\x1f\n\x12max_chunks_per_doc\x18\x08 \x01(\x05H\x02\x88\x01\x01\x42\x0e\n\x0c_instructionB\x15\n\x13_max_tokens_per_docB\x15\n\x13_max_chunks_per_doc\"\x83\x01\n\x12RerankBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x07queries\x18\x02 \x03(\x0b\x32\x15.rerank.v1.BatchQuery\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x15\n\x08priority\x18\x04 \x01(\x05H\x00\x88\x01\x01\x42\x0b\n\t_priority\"[\n\x0cQueryResults\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.rerank.v1.RankedDocument\x12\x1f\n\x05usage\x18\x02 \x01(\x0b\x32\x10.rerank.v1.Usage\"\xca\x01\n\x13RerankBatchResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12(\n\x07queries\x18\x03 \x03(\x0b\x32\x17.rerank.v1.QueryResults\x12\x1f\n\x05usage\x18\x04 \x01(\x0b\x32\x10.rerank.v1.Usage\x12!\n\x06timing\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Timing\x12\x10\n\x08replayed\x18\x06 \x01(\x08\x12\x10\n\x08warnings\x18\x07 \x03(\t\"\x15\n\x13GetModelInfoRequest\"\xbf\x01\n\x06Limits\x12\x15\n\rmax_documents\x18\x01 \x01(\r\x12\x13\n\x0bmax_queries\x18\x02 \x01(\r\x12\x17\n\x0fmax_query_chars\x18\x03 \x01(\r\x12\x1d\n\x15max_instruction_chars\x18\x04 \x01(\r\x12\x1a\n\x12max_document_chars\x18\x05 \x01(\r\x12\x19\n\x11max_request_bytes\x18\x06 \x01(\x04\x12\x1a\n\x12max_chunks_per_doc\x18\x07 \x01(\r\"p\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12\x12\n\nmax_length\x18\x02 \x01(\r\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12!\n\x06limits\x18\x05 \x01(\x0b\x32\x11.rerank.v1.Limits*Q\n\nTruncation\x12\x1a\n\x16TRUNCATION_UNSPECIFIED\x10\x00\x12\x12\n\x0eTRUNCATION_END\x10\x01\x12\x13\n\x0fTRUNCATION_NONE\x10\x02\x32\xe2\x01\n\rRerankService\x12=\n\x06Rerank\x12\x18.rerank.v1.RerankRequest\x1a\x19.rerank.v1.RerankResponse\x12L\n\x0bRerankBatch\x12\x1d.rerank.v1.RerankBatchRequest\x1a\x1e.rerank.v1.RerankBatchResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.rerank.v1.GetModelInfoRequest\x1a\x14.rerank.v1.ModelInfoB8\n\trerank.v1P\x01Z)example.com/rerank/gen/rerank/v1;rerankv1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,32 +32,32 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rerank.v1.rerank_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\trerank.v1P\001Z)example.com/rerank/gen/rerank/v1;rerankv1'
-  _globals['_TRUNCATION']._serialized_start=1751
-  _globals['_TRUNCATION']._serialized_end=1832
+  _globals['_TRUNCATION']._serialized_start=1928
+  _globals['_TRUNCATION']._serialized_end=2009
   _globals['_RERANKREQUEST']._serialized_start=38
-  _globals['_RERANKREQUEST']._serialized_end=340
-  _globals['_RANKEDDOCUMENT']._serialized_start=342
-  _globals['_RANKEDDOCUMENT']._serialized_end=458
-  _globals['_USAGE']._serialized_start=460
-  _globals['_USAGE']._serialized_end=534
-  _globals['_TIMING']._serialized_start=536
-  _globals['_TIMING']._serialized_end=581
-  _globals['_RERANKRESPONSE']._serialized_start=584
-  _globals['_RERANKRESPONSE']._serialized_end=783
-  _globals['_BATCHQUERY']._serialized_start=786
-  _globals['_BATCHQUERY']._serialized_end=1014
-  _globals['_RERANKBATCHREQUEST']._serialized_start=1017
-  _globals['_RERANKBATCHREQUEST']._serialized_end=1148
-  _globals['_QUERYRESULTS']._serialized_start=1150
-  _globals['_QUERYRESULTS']._serialized_end=1241
-  _globals['_RERANKBATCHRESPONSE']._serialized_start=1244
-  _globals['_RERANKBATCHRESPONSE']._serialized_end=1446
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1448
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1469
-  _globals['_LIMITS']._serialized_start=1472
-  _globals['_LIMITS']._serialized_end=1635
-  _globals['_MODELINFO']._serialized_start=1637
-  _globals['_MODELINFO']._serialized_end=1749
-  _globals['_RERANKSERVICE']._serialized_start=1835
-  _globals['_RERANKSERVICE']._serialized_end=2061
+  _globals['_RERANKREQUEST']._serialized_end=396
+  _globals['_RANKEDDOCUMENT']._serialized_start=399
+  _globals['_RANKEDDOCUMENT']._serialized_end=551
+  _globals['_USAGE']._serialized_start=553
+  _globals['_USAGE']._serialized_end=627
+  _globals['_TIMING']._serialized_start=629
+  _globals['_TIMING']._serialized_end=674
+  _globals['_RERANKRESPONSE']._serialized_start=677
+  _globals['_RERANKRESPONSE']._serialized_end=876
+  _globals['_BATCHQUERY']._serialized_start=879
+  _globals['_BATCHQUERY']._serialized_end=1163
+  _globals['_RERANKBATCHREQUEST']._serialized_start=1166
+  _globals['_RERANKBATCHREQUEST']._serialized_end=1297
+  _globals['_QUERYRESULTS']._serialized_start=1299
+  _globals['_QUERYRESULTS']._serialized_end=1390
+  _globals['_RERANKBATCHRESPONSE']._serialized_start=1393
+  _globals['_RERANKBATCHRESPONSE']._serialized_end=1595
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1597
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1618
+  _globals['_LIMITS']._serialized_start=1621
+  _globals['_LIMITS']._serialized_end=1812
+  _globals['_MODELINFO']._serialized_start=1814
+  _globals['_MODELINFO']._serialized_end=1926
+  _globals['_RERANKSERVICE']._serialized_start=2012
+  _globals['_RERANKSERVICE']._serialized_end=2238
 # @@protoc_insertion_point(module_scope)

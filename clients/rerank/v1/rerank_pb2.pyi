@@ -43,23 +43,25 @@ class _TruncationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Truncation
     TRUNCATION_UNSPECIFIED: _Truncation.ValueType  # 0
     """The default: the same as TRUNCATION_END."""
     TRUNCATION_END: _Truncation.ValueType  # 1
-    """Cut the document's tail so the pair fits; the query and instruction are never cut. The
-    result's `truncated` flag says which documents were cut.
+    """Drop the document's tail past its last chunk; the query and instruction are never cut.
+    The result's `truncated` flag says which documents lost tokens.
     """
     TRUNCATION_NONE: _Truncation.ValueType  # 2
-    """Refuse the request (INVALID_ARGUMENT) if any document does not fit."""
+    """Refuse the request (INVALID_ARGUMENT) if any document does not fit in its chunks."""
 
 class Truncation(_Truncation, metaclass=_TruncationEnumTypeWrapper):
-    """What to do with a (query, document) pair longer than the model's max_length."""
+    """What to do with a document longer than its chunks hold (`max_chunks_per_doc` pairs of the
+    model's max_length; with 1 chunk, a (query, document) pair longer than max_length).
+    """
 
 TRUNCATION_UNSPECIFIED: Truncation.ValueType  # 0
 """The default: the same as TRUNCATION_END."""
 TRUNCATION_END: Truncation.ValueType  # 1
-"""Cut the document's tail so the pair fits; the query and instruction are never cut. The
-result's `truncated` flag says which documents were cut.
+"""Drop the document's tail past its last chunk; the query and instruction are never cut.
+The result's `truncated` flag says which documents lost tokens.
 """
 TRUNCATION_NONE: Truncation.ValueType  # 2
-"""Refuse the request (INVALID_ARGUMENT) if any document does not fit."""
+"""Refuse the request (INVALID_ARGUMENT) if any document does not fit in its chunks."""
 Global___Truncation: _TypeAlias = Truncation  # noqa: Y015
 
 @_typing.final
@@ -78,6 +80,7 @@ class RerankRequest(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     PRIORITY_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _builtins.int
     model: _builtins.str
     """The model to use; empty means the model this server serves. Any other name that the
     server does not serve is NOT_FOUND.
@@ -113,6 +116,15 @@ class RerankRequest(_message.Message):
     `max_tokens_per_doc`); absent means no cut beyond max_length. Applies whatever
     `truncation` says; the cut documents are flagged `truncated`. Must be at least 1.
     """
+    max_chunks_per_doc: _builtins.int
+    """A document longer than max_length is scored as up to this many chunks, and its score is
+    the best chunk's (Cohere's `max_chunks_per_doc`; the rule is in docs/SCORING.md). Each
+    chunk is the template, the query and instruction, and the next window of the document's
+    tokens. 1: no chunking (a long document is cut, or refused with TRUNCATION_NONE). Absent:
+    the server's default (`Limits.max_chunks_per_doc`); more than it is clamped to it, and
+    `warnings` says so. Tokens past the last chunk are dropped (`truncated`), or with
+    TRUNCATION_NONE the call is refused. Must be at least 1.
+    """
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, at least one. Results refer to them by index."""
@@ -130,19 +142,24 @@ class RerankRequest(_message.Message):
         request_id: _builtins.str = ...,
         priority: _builtins.int | None = ...,
         max_tokens_per_doc: _builtins.int | None = ...,
+        max_chunks_per_doc: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "priority", b"priority"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_chunks_per_doc", b"_max_chunks_per_doc", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "instruction", b"instruction", "max_chunks_per_doc", b"max_chunks_per_doc", "max_tokens_per_doc", b"max_tokens_per_doc", "priority", b"priority"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "documents", b"documents", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "priority", b"priority", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_chunks_per_doc", b"_max_chunks_per_doc", "_max_tokens_per_doc", b"_max_tokens_per_doc", "_priority", b"_priority", "documents", b"documents", "instruction", b"instruction", "max_chunks_per_doc", b"max_chunks_per_doc", "max_tokens_per_doc", b"max_tokens_per_doc", "model", b"model", "priority", b"priority", "query", b"query", "request_id", b"request_id", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    _WhichOneofReturnType__max_chunks_per_doc: _TypeAlias = _typing.Literal["max_chunks_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_chunks_per_doc: _TypeAlias = _typing.Literal["_max_chunks_per_doc", b"_max_chunks_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__priority: _TypeAlias = _typing.Literal["priority"]  # noqa: Y015
     _WhichOneofArgType__priority: _TypeAlias = _typing.Literal["_priority", b"_priority"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_chunks_per_doc) -> _WhichOneofReturnType__max_chunks_per_doc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
     @_typing.overload
@@ -161,6 +178,8 @@ class RankedDocument(_message.Message):
     LOGIT_FIELD_NUMBER: _builtins.int
     TRUNCATED_FIELD_NUMBER: _builtins.int
     DOCUMENT_FIELD_NUMBER: _builtins.int
+    CHUNKS_FIELD_NUMBER: _builtins.int
+    BEST_CHUNK_FIELD_NUMBER: _builtins.int
     index: _builtins.int
     """The document's position in the request's `documents`."""
     score: _builtins.float
@@ -170,9 +189,19 @@ class RankedDocument(_message.Message):
     0 and 1.
     """
     truncated: _builtins.bool
-    """True if the document was cut to fit max_length (TRUNCATION_END)."""
+    """True if tokens of the document were not scored: past its last chunk (TRUNCATION_END), or
+    cut by `max_tokens_per_doc`.
+    """
     document: _builtins.str
     """The document text, only when `return_documents` was set."""
+    chunks: _builtins.int
+    """How many chunks the document was scored as (1 for one that fits max_length); billing
+    still counts it as one document.
+    """
+    best_chunk: _builtins.int
+    """Which chunk gave `score` and `logit` (0-based; the first of equal ones): chunk k holds
+    the document's tokens from k * window on.
+    """
     def __init__(
         self,
         *,
@@ -181,10 +210,12 @@ class RankedDocument(_message.Message):
         logit: _builtins.float = ...,
         truncated: _builtins.bool = ...,
         document: _builtins.str | None = ...,
+        chunks: _builtins.int = ...,
+        best_chunk: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_document", b"_document", "document", b"document"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_document", b"_document", "document", b"document", "index", b"index", "logit", b"logit", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_document", b"_document", "best_chunk", b"best_chunk", "chunks", b"chunks", "document", b"document", "index", b"index", "logit", b"logit", "score", b"score", "truncated", b"truncated"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__document: _TypeAlias = _typing.Literal["document"]  # noqa: Y015
     _WhichOneofArgType__document: _TypeAlias = _typing.Literal["_document", b"_document"]  # noqa: Y015
@@ -319,6 +350,7 @@ class BatchQuery(_message.Message):
     RETURN_DOCUMENTS_FIELD_NUMBER: _builtins.int
     TRUNCATION_FIELD_NUMBER: _builtins.int
     MAX_TOKENS_PER_DOC_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _builtins.int
     query: _builtins.str
     """The search query. Must not be empty or blank."""
     instruction: _builtins.str
@@ -331,6 +363,8 @@ class BatchQuery(_message.Message):
     """What to do with documents too long for the model."""
     max_tokens_per_doc: _builtins.int
     """As in `RerankRequest`: cut each document to this many of its own tokens."""
+    max_chunks_per_doc: _builtins.int
+    """As in `RerankRequest`: score a long document as up to this many chunks."""
     @_builtins.property
     def documents(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The candidate documents, at least one."""
@@ -345,17 +379,22 @@ class BatchQuery(_message.Message):
         return_documents: _builtins.bool = ...,
         truncation: Global___Truncation.ValueType = ...,
         max_tokens_per_doc: _builtins.int | None = ...,
+        max_chunks_per_doc: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_chunks_per_doc", b"_max_chunks_per_doc", "_max_tokens_per_doc", b"_max_tokens_per_doc", "instruction", b"instruction", "max_chunks_per_doc", b"max_chunks_per_doc", "max_tokens_per_doc", b"max_tokens_per_doc"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_tokens_per_doc", b"_max_tokens_per_doc", "documents", b"documents", "instruction", b"instruction", "max_tokens_per_doc", b"max_tokens_per_doc", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_instruction", b"_instruction", "_max_chunks_per_doc", b"_max_chunks_per_doc", "_max_tokens_per_doc", b"_max_tokens_per_doc", "documents", b"documents", "instruction", b"instruction", "max_chunks_per_doc", b"max_chunks_per_doc", "max_tokens_per_doc", b"max_tokens_per_doc", "query", b"query", "return_documents", b"return_documents", "top_n", b"top_n", "truncation", b"truncation"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__instruction: _TypeAlias = _typing.Literal["instruction"]  # noqa: Y015
     _WhichOneofArgType__instruction: _TypeAlias = _typing.Literal["_instruction", b"_instruction"]  # noqa: Y015
+    _WhichOneofReturnType__max_chunks_per_doc: _TypeAlias = _typing.Literal["max_chunks_per_doc"]  # noqa: Y015
+    _WhichOneofArgType__max_chunks_per_doc: _TypeAlias = _typing.Literal["_max_chunks_per_doc", b"_max_chunks_per_doc"]  # noqa: Y015
     _WhichOneofReturnType__max_tokens_per_doc: _TypeAlias = _typing.Literal["max_tokens_per_doc"]  # noqa: Y015
     _WhichOneofArgType__max_tokens_per_doc: _TypeAlias = _typing.Literal["_max_tokens_per_doc", b"_max_tokens_per_doc"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__instruction) -> _WhichOneofReturnType__instruction | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_chunks_per_doc) -> _WhichOneofReturnType__max_chunks_per_doc | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_tokens_per_doc) -> _WhichOneofReturnType__max_tokens_per_doc | None: ...
 
@@ -514,6 +553,7 @@ class Limits(_message.Message):
     MAX_INSTRUCTION_CHARS_FIELD_NUMBER: _builtins.int
     MAX_DOCUMENT_CHARS_FIELD_NUMBER: _builtins.int
     MAX_REQUEST_BYTES_FIELD_NUMBER: _builtins.int
+    MAX_CHUNKS_PER_DOC_FIELD_NUMBER: _builtins.int
     max_documents: _builtins.int
     """Documents in one call, summed over its queries."""
     max_queries: _builtins.int
@@ -526,6 +566,11 @@ class Limits(_message.Message):
     """Characters in one document; longer documents are refused before tokenizing."""
     max_request_bytes: _builtins.int
     """Bytes in one request message on the wire (the server's max receive message size)."""
+    max_chunks_per_doc: _builtins.int
+    """Chunks a long document is scored as when a call names no `max_chunks_per_doc`, and the
+    most a call may ask for. 1: this server does not chunk. (0 from a server older than the
+    field: it does not chunk either.)
+    """
     def __init__(
         self,
         *,
@@ -535,10 +580,11 @@ class Limits(_message.Message):
         max_instruction_chars: _builtins.int = ...,
         max_document_chars: _builtins.int = ...,
         max_request_bytes: _builtins.int = ...,
+        max_chunks_per_doc: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_document_chars", b"max_document_chars", "max_documents", b"max_documents", "max_instruction_chars", b"max_instruction_chars", "max_queries", b"max_queries", "max_query_chars", b"max_query_chars", "max_request_bytes", b"max_request_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["max_chunks_per_doc", b"max_chunks_per_doc", "max_document_chars", b"max_document_chars", "max_documents", b"max_documents", "max_instruction_chars", b"max_instruction_chars", "max_queries", b"max_queries", "max_query_chars", b"max_query_chars", "max_request_bytes", b"max_request_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
