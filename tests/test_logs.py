@@ -28,12 +28,14 @@ def json_access() -> Iterator[io.StringIO]:
     handler.setFormatter(JsonFormatter())
     logger = logging.getLogger("rerank.access")
     logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
+    # an earlier test's dictConfig (uvicorn's) may have disabled the loggers that existed then
+    level, disabled, logger.level, logger.disabled = logger.level, logger.disabled, logging.INFO, False
     try:
         yield out
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.disabled = disabled
 
 
 def lines(out: io.StringIO) -> list[dict[str, object]]:
