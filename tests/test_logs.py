@@ -29,7 +29,8 @@ def json_access() -> Iterator[io.StringIO]:
     logger = logging.getLogger("rerank.access")
     logger.addHandler(handler)
     # an earlier test's dictConfig (uvicorn's) may have disabled the loggers that existed then
-    level, disabled, logger.level, logger.disabled = logger.level, logger.disabled, logging.INFO, False
+    level, disabled, logger.disabled = logger.level, logger.disabled, False
+    logger.setLevel(logging.INFO)  # (setLevel, not an assignment: it clears the level cache)
     try:
         yield out
     finally:
