@@ -25,8 +25,8 @@ from serving import running_app, target  # noqa: E402
 
 from clients import AsyncRerankClient  # noqa: E402
 from service.app import CoreParts, billing_parts  # noqa: E402
+from service.calls import RerankCall, RerankQuery  # noqa: E402
 from service.config import ServeConfig  # noqa: E402
-from service.core import RerankCall, RerankQuery  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
 
 DOCS = ["river city capital " * 10] * 4

@@ -26,7 +26,8 @@ from service.billing import prepare_schema  # noqa: E402
 from service.billing.db import database_url, open_engine  # noqa: E402
 from service.billing.keys import KeyStore  # noqa: E402
 from service.billing.ledger import SqlLedger  # noqa: E402
-from service.core import Principal, QueryOutcome, RankedDoc, RerankReply  # noqa: E402
+from service.calls import QueryOutcome, RankedDoc, RerankReply  # noqa: E402
+from service.seams import Principal  # noqa: E402
 
 
 def reply(n: int) -> RerankReply:

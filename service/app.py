@@ -19,12 +19,14 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from service import tracing
+from service.calls import Limits
 from service.config import FrontConfig, ServeConfig
-from service.core import Authenticator, Engine, Limits, RateLimiter, RerankCore, UsageLedger
+from service.core import RerankCore
 from service.grpc.servicer import GrpcServer
 from service.local import BatcherEngine
 from service.metrics import Metrics, MetricsServer
 from service.remote import RemoteEngine
+from service.seams import Authenticator, Engine, RateLimiter, UsageLedger
 from worker.batcher import Batcher, BatchStats
 from worker.prompt import LoadedModel
 from worker.types import DType, Precision

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from service import tracing
-from service.core import MAX_CHUNKS_PER_DOC, Limits
+from service.calls import MAX_CHUNKS_PER_DOC, Limits
 from service.edge import EdgeLimits, GrpcLimits
 from service.logs import LogFormat
 from worker.batcher import BatcherConfig

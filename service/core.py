@@ -28,284 +28,48 @@ its reservation is released.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from datetime import date
-from typing import Protocol
 
 from service import tracing
+from service.calls import (
+    DEFAULT_PRIORITY,
+    ID_PATTERN,
+    MAX_DOCUMENT_TOKENS,
+    MAX_ID_CHARS,
+    MAX_PRIORITY,
+    MIN_PRIORITY,
+    PRIORITY_RULE,
+    Limits,
+    QueryOutcome,
+    RankedDoc,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+    Timings,
+)
 from service.errors import Code, ServiceError
 from service.flight import SingleFlight
-from worker.types import Device, DType, ScoreResult
-from worker.types import Truncation as Truncation  # the core's word too: the fronts take it from here
+from service.seams import (
+    ANONYMOUS,
+    Authenticator,
+    Engine,
+    ModelInfo,
+    NoRateLimit,
+    OpenAccess,
+    Principal,
+    RateLimiter,
+    Reservation,
+    UsageLedger,
+    UsageReport,
+)
+from worker.types import ScoreResult
 
 log = logging.getLogger(__name__)
-
-
-MAX_CHUNKS_PER_DOC = 1000  # what --max-chunks-per-doc may be set to, at most
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """What one call may carry; over any of these is INVALID_ARGUMENT (or 413 for bytes)."""
-
-    max_documents: int = 1000  # per call, summed over its queries
-    max_queries: int = 64  # queries in one batch call
-    max_query_chars: int = 32_768
-    max_instruction_chars: int = 8_192
-    max_document_chars: int = 262_144  # longer documents are refused before tokenizing
-    max_request_bytes: int = 16 * 2**20  # HTTP body and gRPC message size
-    # chunks a document over max_length is scored as (its best chunk's score): what a call that
-    # names no max_chunks_per_doc gets, and the most one may ask for (more is clamped, with a
-    # warning); Cohere's default. 1: no chunking, a long document is cut (or refused)
-    max_chunks_per_doc: int = 10
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.max_chunks_per_doc <= MAX_CHUNKS_PER_DOC:
-            raise ValueError(f"max_chunks_per_doc must be 1-{MAX_CHUNKS_PER_DOC}, not {self.max_chunks_per_doc}")
-
-
-# Scheduling priority (Cohere v2's ``priority``): lower runs first; see worker/queue.py.
-MIN_PRIORITY, MAX_PRIORITY = 0, 999
-DEFAULT_PRIORITY = 0  # what a call that names none gets, unless its key says otherwise
-PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORITY} (lower runs first)"
-
-# Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
-# through headers, log lines and every database's text columns.
-MAX_ID_CHARS = 255
-MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
-ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
-
-
-@dataclass(frozen=True, slots=True)
-class RerankQuery:
-    """One query as a front sends it. The engine is handed it with the call's tenant and
-    priority (``Engine.score``); ``top_n`` and ``return_documents`` are the reply's alone."""
-
-    query: str
-    documents: Sequence[str]
-    instruction: str | None = None  # None: the model's default instruction
-    truncation: Truncation = Truncation.END
-    max_document_tokens: int | None = None  # Cohere's max_tokens_per_doc; None: no cut
-    max_chunks_per_doc: int | None = None  # Cohere v1's; None: the server's (``Limits``)
-    top_n: int | None = None  # None or 0: all
-    return_documents: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class RerankCall:
-    queries: Sequence[RerankQuery]
-    api_key: str | None = None  # the bearer token as sent, if any
-    model: str | None = None  # None or "": the served model
-    request_id: str | None = None
-    idempotency_key: str | None = None
-    priority: int | None = None  # MIN_PRIORITY..MAX_PRIORITY; None: the key's default
-    # the caller a trusted front (``rerank gateway``) calls for: the scheduler's tenant, but
-    # only where this server has no keys (``--no-auth``); a keyed caller is its own tenant
-    on_behalf_of: str | None = None
-
-    def fingerprint(self) -> str:
-        """Hash of what the caller asked for, to tell a retry from a different call (the
-        priority is how to schedule it, not what it is, so a retry may change it)."""
-        body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
-                                    q.return_documents, q.truncation.value)
-                                   + (() if q.max_document_tokens is None else (q.max_document_tokens,))
-                                   + (() if q.max_chunks_per_doc is None else ("chunks", q.max_chunks_per_doc))
-                                   for q in self.queries]]
-        return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
-
-
-@dataclass(frozen=True, slots=True)
-class RankedDoc:
-    index: int
-    score: float
-    logit: float
-    truncated: bool
-    document: str | None = None
-    chunks: int = 1  # pairs the document was scored as (its score is the best one's)
-    best_chunk: int = 0  # which of them, 0-based
-
-
-@dataclass(frozen=True, slots=True)
-class QueryOutcome:
-    results: list[RankedDoc]  # best first, cut to top_n
-    documents: int  # billed documents (all sent, not only the top_n returned)
-    prompt_tokens: int
-    computed_tokens: int
-
-
-@dataclass(frozen=True, slots=True)
-class Timings:
-    """A call's server-side milliseconds (HTTP ``timings_ms``, gRPC ``Timing``)."""
-
-    total: float = 0.0
-    engine: float = 0.0  # the slowest query's queue + model time: the rest of total is overhead
-
-
-@dataclass(frozen=True, slots=True)
-class RerankReply:
-    request_id: str
-    model: str
-    outcomes: list[QueryOutcome]
-    timings_ms: Timings = field(default_factory=Timings)
-    replayed: bool = False  # served from the idempotency record, not billed again
-    warnings: list[str] = field(default_factory=list)  # what was changed rather than refused
-
-    @property
-    def billed_documents(self) -> int:
-        return sum(o.documents for o in self.outcomes)
-
-    @property
-    def prompt_tokens(self) -> int:
-        return sum(o.prompt_tokens for o in self.outcomes)
-
-    @property
-    def computed_tokens(self) -> int:
-        return sum(o.computed_tokens for o in self.outcomes)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
-
-    def with_documents(self, queries: Sequence[RerankQuery] | None) -> RerankReply:
-        """This reply with each result's document text taken from ``queries`` (by index, where
-        the query set ``return_documents``), or with no text at all (``queries`` None): the
-        idempotency record stores none, and a replay, whose body has the same fingerprint,
-        gets it back from the replaying call."""
-        def text(q: RerankQuery | None, index: int) -> str | None:
-            return q.documents[index] if q is not None and q.return_documents else None
-
-        qs: Sequence[RerankQuery | None] = [None] * len(self.outcomes) if queries is None else queries
-        outcomes = [replace(o, results=[replace(r, document=text(q, r.index))
-                                                    for r in o.results])
-                    for q, o in zip(qs, self.outcomes, strict=True)]
-        return replace(self, outcomes=outcomes)
-
-    @classmethod
-    def from_json(cls, text: str) -> RerankReply:
-        raw = json.loads(text)
-        outcomes = [QueryOutcome([RankedDoc(**r) for r in o.pop("results")], **o) for o in raw.pop("outcomes")]
-        return cls(outcomes=outcomes, timings_ms=Timings(**raw.pop("timings_ms", {})), **raw)
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """Who is calling; ``key_id`` is what usage is billed to."""
-
-    key_id: str
-    name: str
-    rate_limit_rps: float | None = None  # requests per second, None: unlimited
-    rate_limit_dps: float | None = None  # documents per second
-    quota_documents: int | None = None  # lifetime document quota
-    models: frozenset[str] | None = None  # the served models this key may call, None: any
-    rate_limit_tpm: float | None = None  # prompt tokens per minute
-    default_priority: int | None = None  # a call that names no priority runs at this (None: DEFAULT_PRIORITY)
-    best_priority: int | None = None  # the best (lowest) priority it may ask for; None: any
-
-
-ANONYMOUS = Principal(key_id="anonymous", name="anonymous")
-
-
-@dataclass(frozen=True, slots=True)
-class Reservation:
-    """Documents held against a key's quota for one call in flight (``UsageLedger.reserve``)."""
-
-    id: str
-    key_id: str
-    documents: int
-
-
-@dataclass(frozen=True, slots=True)
-class UsageTotals:
-    requests: int = 0
-    documents: int = 0  # the billed quantity
-    prompt_tokens: int = 0
-    computed_tokens: int = 0
-
-    def __add__(self, other: UsageTotals) -> UsageTotals:
-        return UsageTotals(self.requests + other.requests, self.documents + other.documents,
-                           self.prompt_tokens + other.prompt_tokens,
-                           self.computed_tokens + other.computed_tokens)
-
-
-@dataclass(frozen=True, slots=True)
-class UsageReport:
-    key_id: str
-    days: list[tuple[str, UsageTotals]]  # (UTC date, totals), oldest first
-    total: UsageTotals
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInfo:
-    model: str
-    max_length: int  # tokens in one (query, document) prompt
-    dtype: DType
-    device: Device
-
-
-# -- seams ------------------------------------------------------------------------------
-class Engine(Protocol):
-    """Scores one query's documents for a tenant at a priority; raises ServiceError."""
-
-    async def score(self, query: RerankQuery, tenant: str, priority: int) -> ScoreResult: ...
-    def info(self) -> ModelInfo: ...
-    def estimate_tokens(self, queries: Sequence[RerankQuery]) -> int:
-        """An upper bound of the queries' prompt tokens, before anything is tokenized."""
-
-
-class Authenticator(Protocol):
-    async def authenticate(self, api_key: str | None) -> Principal: ...  # raises ServiceError
-
-
-class RateLimiter(Protocol):
-    async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
-        """Take a request, its documents and an upper bound of its prompt tokens; RATE_LIMITED."""
-
-    def refund(self, principal: Principal, tokens: int) -> None:
-        """Give back the prompt tokens ``admit`` took beyond the call's real count."""
-
-
-class UsageLedger(Protocol):
-    async def replay(self, principal: Principal, idempotency_key: str, fingerprint: str) -> RerankReply | None:
-        """The stored reply of an already billed call, without document text (the ledger keeps
-        none: ``RerankReply.with_documents``); IDEMPOTENCY_CONFLICT if the body differs."""
-
-    async def reserve(self, principal: Principal, documents: int) -> Reservation | None:
-        """Hold ``documents`` against the key's quota (None: the key has none); raises QUOTA_EXCEEDED."""
-
-    async def release(self, reservation: Reservation) -> None:
-        """Give back the reservation of a call that will not be billed."""
-
-    async def record(self, principal: Principal, reply: RerankReply, idempotency_key: str | None,
-                     fingerprint: str, reservation: Reservation | None = None) -> RerankReply:
-        """Bill ``reply`` once and settle its reservation. On a lost race for the same
-        idempotency key, the winner's reply (the reservation released)."""
-
-    async def usage(self, key_id: str, since: date | None = None, until: date | None = None) -> UsageReport:
-        """What ``key_id`` was billed, by UTC day, ``since`` and ``until`` inclusive."""
-
-    async def close(self) -> None:
-        """Let go of the database and any background work; the server's last step."""
-
-
-class OpenAccess:
-    """Auth switched off (trusted networks only): every caller is ``ANONYMOUS``."""
-
-    async def authenticate(self, api_key: str | None) -> Principal:
-        return ANONYMOUS
-
-
-class NoRateLimit:
-    async def admit(self, principal: Principal, documents: int, tokens: int = 0) -> None:
-        return None
-
-    def refund(self, principal: Principal, tokens: int) -> None:
-        return None
 
 
 class RerankCore:

@@ -15,8 +15,8 @@ import contextvars
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
-from service.core import Authenticator, Principal
 from service.errors import Code, ServiceError
+from service.seams import Authenticator, Principal
 
 _SHOWN_SCHEME_CHARS = 20
 

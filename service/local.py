@@ -6,8 +6,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from service import tracing
-from service.core import ModelInfo, RerankQuery
+from service.calls import RerankQuery
 from service.errors import Code, ServiceError, from_worker
+from service.seams import ModelInfo
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.prompt import PREFIX, SUFFIX, format_body
 from worker.types import ScoreRequest, ScoreResult, Watcher, WorkerError

@@ -25,9 +25,10 @@ import grpc
 from clients import AsyncRerankClient, Pacing, RerankError, RerankResult
 from clients import ModelInfo as BackendModel
 from service import tracing
-from service.core import ModelInfo, RerankQuery, Truncation
+from service.calls import RerankQuery, Truncation
 from service.errors import Code, ServiceError
 from service.local import estimate_prompt_tokens
+from service.seams import ModelInfo
 from worker.types import Device, DocScore, DType, ScoreResult
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from service.app import CoreParts
 from service.billing.ledger import UsageRecord
-from service.core import Limits
+from service.calls import Limits
 from service.edge import EdgeLimits
 from service.http.app import create_app
 from service.http.server import HttpServer

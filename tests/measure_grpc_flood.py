@@ -27,8 +27,8 @@ from rerank.v1 import rerank_pb2 as pb  # noqa: E402
 from serving import running_app  # noqa: E402
 
 from service.app import CoreParts  # noqa: E402
-from service.core import Principal  # noqa: E402
 from service.errors import Code, ServiceError  # noqa: E402
+from service.seams import Principal  # noqa: E402
 
 RERANK = "/rerank.v1.RerankService/Rerank"
 GOOD = "rk_live_" + "g" * 43

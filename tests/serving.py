@@ -17,8 +17,9 @@ from service.billing.db import open_engine
 from service.billing.keys import KeyStore
 from service.billing.ledger import SqlLedger
 from service.config import ServeConfig
-from service.core import RateLimiter, RerankCore
+from service.core import RerankCore
 from service.local import BatcherEngine
+from service.seams import RateLimiter
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.types import Runner

@@ -26,11 +26,11 @@ from serving import eventually, running_app, target
 
 from service.app import App, CoreParts
 from service.config import add_arguments, from_args
-from service.core import Principal
 from service.edge import GrpcLimits
 from service.errors import Code, ServiceError
 from service.grpc.edge import BUDGET_WAIT_S
 from service.memory import Trimmer
+from service.seams import Principal
 from worker.fake import FakeRunner
 
 RERANK = "/rerank.v1.RerankService/Rerank"

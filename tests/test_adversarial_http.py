@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import pytest
 from gateway_support import LiveGateway, Options
 
-from service.core import Limits, RerankCall, RerankQuery
+from service.calls import Limits, RerankCall, RerankQuery
 from service.edge import EdgeLimits
 from service.http.app import create_app
 from service.lograte import FloodFilter

@@ -22,7 +22,8 @@ from service.billing.db import api_keys, idempotency_records, open_engine, usage
 from service.billing.keys import KEY_PREFIX, KeyStore, hash_key
 from service.billing.ledger import SqlLedger
 from service.billing.ratelimit import KeyRateLimiter
-from service.core import RerankCall, RerankCore, RerankQuery
+from service.calls import RerankCall, RerankQuery
+from service.core import RerankCore
 from service.errors import Code, ServiceError
 from service.local import BatcherEngine
 from worker.fake import FakeRunner

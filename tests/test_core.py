@@ -7,9 +7,11 @@ from collections.abc import Sequence
 
 import pytest
 
-from service.core import ANONYMOUS, ModelInfo, Principal, RerankCall, RerankCore, RerankQuery, RerankReply
+from service.calls import RerankCall, RerankQuery, RerankReply
+from service.core import RerankCore
 from service.errors import Code, ServiceError
 from service.local import BatcherEngine, score_request
+from service.seams import ANONYMOUS, ModelInfo, Principal
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation

@@ -1,5 +1,5 @@
-"""Each fact is declared once: the request limits in ``service.core.Limits`` and the usage
-totals in ``service.core.UsageTotals``. Every other type that carries them (the proto, the
+"""Each fact is declared once: the request limits in ``service.calls.Limits`` and the usage
+totals in ``service.seams.UsageTotals``. Every other type that carries them (the proto, the
 client, the HTTP schema, the serve flags) must match, field for field: a limit added in
 one place only fails here, not in a user's hands."""
 
@@ -10,10 +10,11 @@ import dataclasses
 from rerank.v1 import rerank_pb2 as pb
 
 from clients import client
+from service.calls import Limits
 from service.config import ServeConfig
-from service.core import Limits, ModelInfo, UsageTotals
 from service.grpc import wire
 from service.http import schema as gateway_schema
+from service.seams import ModelInfo, UsageTotals
 from worker.types import Device, DType
 
 LIMITS = [f.name for f in dataclasses.fields(Limits)]

@@ -30,7 +30,8 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.core import ID_PATTERN, Limits, RerankCore
+from service.calls import ID_PATTERN, Limits
+from service.core import RerankCore
 from service.http.app import create_app
 
 LIMITS = Limits(max_documents=20, max_query_chars=200, max_instruction_chars=200, max_document_chars=500,

@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gateway_support import MODEL, LiveGateway, Options
 
-from service.core import Limits
+from service.calls import Limits
 
 LIMITS = Limits(max_documents=100, max_query_chars=2000, max_document_chars=10_000, max_request_bytes=2**20)
 QUERY = "what is the capital of France?"

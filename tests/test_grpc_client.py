@@ -15,7 +15,7 @@ from serving import running_app, target
 
 from clients import AsyncRerankClient, RerankClient, RerankError
 from service.app import CoreParts
-from service.core import Principal
+from service.seams import Principal
 
 
 class Flaky(pb_grpc.RerankServiceServicer):

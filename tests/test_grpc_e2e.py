@@ -20,7 +20,7 @@ from serving import running_app, target
 
 from clients import AsyncRerankClient, Query, RerankResult
 from service.app import App
-from service.core import Limits
+from service.calls import Limits
 from worker.prompt import PromptBuilder
 from worker.runner import ModelRunner
 from worker.types import Batch, BatchScores, RunnerInfo, Truncation

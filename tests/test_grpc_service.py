@@ -19,8 +19,8 @@ from serving import eventually, running_app, target
 
 from clients import AsyncRerankClient, Query, RerankClient, RerankError
 from service.app import CoreParts
-from service.core import Principal
 from service.errors import Code, ServiceError
+from service.seams import Principal
 from worker.fake import FakeRunner, fake_logit
 from worker.types import Truncation
 

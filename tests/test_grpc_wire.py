@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from rerank.v1 import rerank_pb2 as pb
 
-from service.core import QueryOutcome, RankedDoc, RerankReply, Timings
+from service.calls import QueryOutcome, RankedDoc, RerankReply, Timings
 from service.errors import Code, ServiceError
 from service.grpc import wire
 from worker.types import Truncation

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("service", "worker", "clients")
 FRONTS = ("service.http", "service.grpc")
 ENGINES = ("service.local", "service.remote")
+CORE = ("service.core", "service.calls", "service.seams")  # the core, its vocabulary and its seams
 
 
 def _name(path: Path) -> str:
@@ -82,12 +83,14 @@ def test_the_product_code_has_no_import_circle() -> None:
     # the fronts translate wire formats into the core's vocabulary and back: nothing of the worker
     (FRONTS, ("worker", *ENGINES, "service.billing")),
     # the core: its own types and seams; no front, engine, billing or composition
-    (("service.core",), (*FRONTS, *ENGINES, "service.billing", "service.app", "service.config", "worker.prompt",
-                         "worker.batcher", "worker.queue", "worker.runner")),
+    (CORE, (*FRONTS, *ENGINES, "service.billing", "service.app", "service.config", "worker.prompt",
+            "worker.batcher", "worker.queue", "worker.runner")),
+    # the core's vocabulary and seams are plain values and protocols: they import not the core itself
+    (("service.calls", "service.seams"), ("service.core", "service.tracing", "service.flight")),
     (("service.billing",), (*FRONTS, *ENGINES, "worker", "service.app")),
     # tracing is called from every layer of the service, so it imports none of them (the worker's
     # batch statistics it reads by type only); OpenTelemetry stays in service/tracing.py alone
-    (("service.tracing",), (*FRONTS, *ENGINES, "service.core", "service.billing", "service.app",
+    (("service.tracing",), (*FRONTS, *ENGINES, *CORE, "service.billing", "service.app",
                             "service.config", "worker.queue", "worker.runner", "clients")),
 ])
 def test_what_may_import_what(importer: tuple[str, ...], forbidden: tuple[str, ...]) -> None:
@@ -109,4 +112,5 @@ def test_only_the_local_engine_builds_the_workers_request() -> None:
 def test_the_rules_see_the_code() -> None:
     """A rule that checks nothing cannot fail: the walk must find the modules and their imports."""
     assert {"service.core", "service.local", "service.http.app", "worker.batcher"} <= set(MODULES)
-    assert "service.core" in GRAPH["service.local"] and "worker.types" in GRAPH["service.core"]
+    assert "service.calls" in GRAPH["service.local"] and "worker.types" in GRAPH["service.calls"]
+    assert {"service.calls", "service.seams"} <= GRAPH["service.core"]

@@ -13,9 +13,9 @@ from sqlalchemy.exc import OperationalError
 from service.billing.db import unavailable
 from service.billing.ledger import SqlLedger
 from service.billing.ratelimit import KeyRateLimiter
-from service.core import Principal
 from service.errors import Code, ServiceError
 from service.metrics import BillingTally, Metrics
+from service.seams import Principal
 
 
 def test_queue_depth_and_limits_are_sampled_at_scrape_time() -> None:

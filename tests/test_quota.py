@@ -25,8 +25,9 @@ from sqlalchemy import insert, select
 
 from service.billing.db import quota_reservations, usage_records
 from service.billing.ledger import SqlLedger
-from service.core import Principal, RerankCall, RerankQuery
+from service.calls import RerankCall, RerankQuery
 from service.errors import Code, ServiceError
+from service.seams import Principal
 
 
 @pytest.fixture

@@ -9,16 +9,9 @@ from serving import schema_engine
 from test_core import SpyEngine
 
 from service.billing.keys import KeyStore
-from service.core import (
-    ANONYMOUS,
-    DEFAULT_PRIORITY,
-    MAX_PRIORITY,
-    Principal,
-    RerankCall,
-    RerankCore,
-    RerankQuery,
-    effective_priority,
-)
+from service.calls import DEFAULT_PRIORITY, MAX_PRIORITY, RerankCall, RerankQuery
+from service.core import RerankCore, effective_priority
+from service.seams import ANONYMOUS, Principal
 
 
 def key(default: int | None = None, best: int | None = None) -> Principal:

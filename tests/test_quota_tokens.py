@@ -10,9 +10,11 @@ from typing import Any
 import pytest
 
 from service.billing.ratelimit import KeyRateLimiter
-from service.core import Principal, RerankCall, RerankCore, RerankQuery
+from service.calls import RerankCall, RerankQuery
+from service.core import RerankCore
 from service.errors import Code, ServiceError
 from service.local import BatcherEngine, estimate_prompt_tokens
+from service.seams import Principal
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.prompt import PromptBuilder

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from service.billing.ratelimit import KeyRateLimiter, TokenBucket
-from service.core import Principal
 from service.errors import Code, ServiceError
+from service.seams import Principal
 
 
 class Clock:

@@ -18,10 +18,11 @@ from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
 from service.billing.db import open_engine
 from service.billing.ledger import SqlLedger
-from service.core import ANONYMOUS, Principal, RerankCall, RerankQuery, RerankReply
+from service.calls import RerankCall, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
 from service.local import score_request
 from service.remote import RemoteEngine
+from service.seams import ANONYMOUS, Principal
 from worker.fake import FakeRunner
 from worker.types import ScoreRequest
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from service import cli
-from service.core import RerankCall, RerankCore, RerankQuery
+from service.calls import RerankCall, RerankQuery
+from service.core import RerankCore
 from service.local import BatcherEngine
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner

@@ -22,7 +22,7 @@ from service.billing.db import api_keys, database_url, describe_url, metadata, o
 from service.billing.keys import KeyStore
 from service.billing.ledger import DEFAULT_IDEMPOTENCY_TTL, SqlLedger
 from service.billing.ratelimit import KeyRateLimiter
-from service.core import Authenticator, OpenAccess
+from service.seams import Authenticator, OpenAccess
 
 log = logging.getLogger("rerank.billing")
 

@@ -28,8 +28,9 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.billing.db import api_keys, unavailable
-from service.core import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_RULE, Principal
+from service.calls import MAX_PRIORITY, MIN_PRIORITY, PRIORITY_RULE
 from service.errors import Code, ServiceError
+from service.seams import Principal
 
 KEY_PREFIX = "rk_live_"
 _SECRET_BYTES = 32

@@ -43,8 +43,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from service.billing.db import api_keys, idempotency_records, quota_reservations, unavailable, usage_records
 from service.billing.tally import throttled
-from service.core import Principal, RerankReply, Reservation, UsageReport, UsageTotals
+from service.calls import RerankReply
 from service.errors import Code, ServiceError
+from service.seams import Principal, Reservation, UsageReport, UsageTotals
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from a full bucket and leaves it in debt, so a key's average stays at its limit 
 large calls being refused forever.
 
 Prompt tokens are not known before the worker tokenizes, so ``admit`` takes an upper bound
-(``service.core.estimate_prompt_tokens``: the prompt's UTF-8 bytes, which no token of a
+(``service.local.estimate_prompt_tokens``: the prompt's UTF-8 bytes, which no token of a
 byte-level BPE is shorter than, capped at the model's ``max_length``), and ``refund`` gives
 back the difference once the call's real prompt tokens are known. A key's tpm is thus spent
 on the tokens it was billed for; only admission is conservative. A call that fails keeps
@@ -32,8 +32,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.billing.tally import throttled
-from service.core import Principal
 from service.errors import Code, ServiceError
+from service.seams import Principal
 
 
 @dataclass(slots=True)

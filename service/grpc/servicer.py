@@ -31,8 +31,9 @@ from grpc_reflection.v1alpha import reflection
 from rerank.v1 import rerank_pb2 as pb
 from rerank.v1 import rerank_pb2_grpc as pb_grpc
 
+from service.calls import Limits, RerankCall, RerankReply
 from service.config import TlsFiles
-from service.core import Limits, RerankCall, RerankCore, RerankReply
+from service.core import RerankCore
 from service.edge import BodyBudget, CheckedOnce, GrpcLimits
 from service.errors import Code, ServiceError
 from service.grpc import wire

@@ -12,19 +12,10 @@ from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.core import (
-    ID_PATTERN,
-    Limits,
-    ModelInfo,
-    QueryOutcome,
-    RankedDoc,
-    RerankCall,
-    RerankQuery,
-    RerankReply,
-    Truncation,
-)
+from service.calls import ID_PATTERN, Limits, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply, Truncation
 from service.edge import bearer_token
 from service.errors import Code, ServiceError
+from service.seams import ModelInfo
 
 # request metadata: the tenant a trusted front calls for (clients.client sends it)
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"

@@ -31,7 +31,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.core import Authenticator, RerankCore
+from service.core import RerankCore
 from service.edge import CheckedOnce, EdgeLimits, bearer_token
 from service.errors import Code, ServiceError
 from service.http.compat import AnyRerankRequest, AnyRerankResponse, RerankBody
@@ -52,6 +52,7 @@ from service.http.schema import (
     document_limits,
 )
 from service.metrics import Metrics
+from service.seams import Authenticator
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

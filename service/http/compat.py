@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from service.core import RerankCall, RerankQuery, RerankReply, Truncation
+from service.calls import RerankCall, RerankQuery, RerankReply, Truncation
 from service.errors import Code, ServiceError
 from service.http.schema import JsonInt, RerankRequest, RerankResponse, Version, only_outcome
 

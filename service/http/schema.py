@@ -23,7 +23,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
-from service.core import (
+from service.calls import (
     ID_PATTERN,
     MAX_DOCUMENT_TOKENS,
     MAX_ID_CHARS,
@@ -266,7 +266,7 @@ class ErrorBody(BaseModel):
     detail: str = Field(description="What went wrong and, where it can, what to change.")
 
 
-class ModelLimits(BaseModel):  # service.core.Limits but max_queries (one query a call here)
+class ModelLimits(BaseModel):  # service.calls.Limits but max_queries (one query a call here)
     max_documents: int
     max_query_chars: int
     max_instruction_chars: int
@@ -291,7 +291,7 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class UsageTotal(BaseModel):  # service.core.UsageTotals on the wire (tests/test_facts_once.py)
+class UsageTotal(BaseModel):  # service.seams.UsageTotals on the wire (tests/test_facts_once.py)
     requests: int
     documents: int = Field(description="Documents billed: what the invoice counts.")
     prompt_tokens: int
