@@ -166,7 +166,7 @@ def run_child(args: argparse.Namespace, path: str, length: int) -> dict[str, obj
 
 def print_table(rows: list[dict[str, object]]) -> None:
     print("\n| document tokens | path | max_length | chunks (best) | prompt tokens | computed tokens | seconds "
-          "| tokens/s | batches (slowest s) | peak RSS GB | score | neighbour s (alone s) |")
+          "| tokens/s | batches (slowest s) | peak RSS GiB | score | neighbour s (alone s) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         if r["path"] == "base":
