@@ -72,11 +72,16 @@ def test_scheduler_cost_reports_both_policies() -> None:
     assert all(float(r[3]) >= 1.0 for r in rows)  # padding never below the real tokens
 
 
-def test_long_docs_bench_reports_both_paths(tiny_model_dir: Path) -> None:
-    out = run_script("bench/long_docs.py", "--model-dir", str(tiny_model_dir), "--tokens", "300",
-                     "--chunk-length", "160")
-    rows = [json.loads(line) for line in out.splitlines()]
-    assert [(r["path"], r["doc_tokens"]) for r in rows] == [("chunked", 300), ("whole", 300)]
-    chunked, whole = rows
-    assert chunked["chunks"] > 1 and whole["chunks"] == 1  # the chunked path really chunked
-    assert all(r["seconds"] > 0 and r["peak_rss_mib"] >= r["rss_warm_mib"] > 0 for r in rows)
+def test_long_documents_runs_every_path_and_chunks_the_long_one(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "long.json"
+    run_script("bench/long_documents.py", "--model-dir", str(tiny_model_dir), "--size", "tiny", "--device", "cpu",
+               "--lengths", "600", "--whole-max-length", "1024", "--chunked-max-length", "256",
+               "--small-max-length", "128", "--neighbour-after-s", "0.01", "--compile", "off", "--json", str(out))
+    rows = {r["path"]: r for r in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["base", "whole", "chunked", "small"]
+    assert all(r["peak_rss_gb"] > 0 for r in rows.values())  # each path's own process, measured
+    assert rows["whole"]["chunks"] == 1 and not rows["whole"]["truncated"]  # fits whole at 1024
+    assert rows["chunked"]["chunks"] >= 3 and rows["small"]["chunks"] > rows["chunked"]["chunks"]
+    for r in (rows["whole"], rows["chunked"], rows["small"]):
+        assert not r["truncated"] and 0.0 < r["score"] < 1.0 and r["computed_tokens"] >= 600
+        assert r["neighbour_s"] is not None and 0 <= r["best_chunk"] < r["chunks"]
