@@ -17,7 +17,7 @@ import torch
 
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.cost import CostModel, Shape
-from worker.runner import ModelRunner
+from worker.runner import ModelRunner, PrefixCache
 from worker.types import Batch, BatchScores, Prefix, Row, RunnerInfo, ScoreRequest, Truncation
 
 MAX_LENGTH = 1024
@@ -573,3 +573,23 @@ def test_a_rows_pieces_are_exact_and_leave_nothing_in_the_cache(
     out = runner.score(Batch([Row(ids, 0)], [second]))
     assert len(runner.cache) == before
     assert out.logits[0] == pytest.approx(reference_logit(reference_model, ids), abs=TOL_LOGIT)
+
+
+def test_a_rows_next_piece_does_not_evict_what_others_share(runner: ModelRunner) -> None:
+    """The earlier piece is dropped before the next is cached: with room for the system prompt
+    and one piece (not two), the system prompt every call shares stays cached through a row's
+    pieces. Cached together for a moment, the two pieces evicted it (and the calls' prefixes)."""
+    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
+    system = runner.builder.system
+    s = runner.scorer
+    per_token = len(s.layers) * 2 * s.kv_heads * s.head_dim * runner.dtype.itemsize
+    saved, runner.cache = runner.cache, PrefixCache(per_token * (len(system.ids) + 300 + 100))
+    try:
+        runner.score(Batch([Row(ids, 0)], [system]))
+        first = Prefix(ids[: len(system.ids) + 150], base=system, transient=True)
+        second = Prefix(ids[: len(system.ids) + 300], base=first, transient=True)
+        runner.score(Batch([], [first]))
+        assert runner.score(Batch([], [second])).prefill_tokens == 150
+        assert runner.cache.get(system) is not None and runner.cache.get(second) is not None
+    finally:
+        runner.cache = saved

@@ -251,12 +251,12 @@ class ModelRunner:  # implements worker.types.Runner
             return
         skip = 0 if base is None else len(base.ids)
         kvs = self.scorer.prefill([p.ids[skip:] for p in prefixes], past=None if base is None else known[base])
+        if base is not None and base.transient:  # a row's earlier piece: the new one carries it on.
+            self.cache.drop(base)  # dropped first: cached beside the new one, it would evict what others share
         for p, kv in zip(prefixes, kvs):
             self.cache.put(p, kv)
             known[p] = kv
             spent[charge[p]] += len(p.ids) - skip
-        if base is not None and base.transient:  # a row's earlier piece: the new one carries it on
-            self.cache.drop(base)
 
 
 @dataclass(frozen=True, slots=True)
