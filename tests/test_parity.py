@@ -593,3 +593,13 @@ def test_a_rows_next_piece_does_not_evict_what_others_share(runner: ModelRunner)
         assert runner.cache.get(system) is not None and runner.cache.get(second) is not None
     finally:
         runner.cache = saved
+
+
+def test_the_cpu_cache_holds_one_max_length_row_in_pieces_beside_the_prefixes(runner: ModelRunner) -> None:
+    """So no row is too long to split within the time budget on a CPU: the room for one row of
+    max_length comes on top of --prefix-cache-mb (default 512), which stays the shared prefixes' own."""
+    s = runner.scorer
+    per_token = len(s.layers) * 2 * s.kv_heads * s.head_dim * runner.dtype.itemsize
+    assert runner.info().device == "cpu"
+    assert runner.cache.max_bytes == 512 * 2**20 + runner.builder.max_length * per_token
+    assert runner.info().max_split_tokens >= runner.builder.max_length

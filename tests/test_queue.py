@@ -387,10 +387,25 @@ def test_without_the_warm_up_ladder_no_row_is_split() -> None:
 
 def test_rows_start_pieces_only_while_the_cache_holds_every_row_in_pieces() -> None:
     """Three tenants' long rows, and a cache that holds 700 tokens of pieces: while A's 300 are
-    held, B's 500 would not fit beside them, so B runs whole; C's 300 fit beside A's."""
+    held, B's 500 would not fit beside them, so B waits (run whole, it would hold every caller
+    for 500 ms) and A's pieces go on; C's 300 would fit, but no long row starts pieces while
+    B waits, so the cache frees for B, whose pieces go on while C waits in turn."""
     cost = per_row_and_token(0.0, 1.0)
     queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 700))
     queue.append([Entry(list(range(300)), 0, Owner(label="A"), 0)], tenant="a")
     queue.append([Entry(list(range(500)), 0, Owner(label="B"), 0)], tenant="b")
     queue.append([Entry(list(range(300)), 0, Owner(label="C"), 0)], tenant="c")
-    assert run_pieces(queue) == ["A100", "B500", "C100", "A100", "C100", "A100", "C100"]
+    assert run_pieces(queue) == ["A100"] * 3 + ["B100"] * 5 + ["C100"] * 3
+
+
+def test_a_short_call_runs_while_a_long_row_waits_for_the_cache() -> None:
+    """B's long row waits for A's pieces; a short call due meanwhile leads a batch of its own
+    instead of waiting behind B's whole row (the stall this rule removes)."""
+    cost = per_row_and_token(0.0, 1.0)
+    queue = FairQueue(max_batch_tokens=100_000, max_batch_size=64, time=TimeBudget(100, cost, 700))
+    queue.append([Entry(list(range(300)), 0, Owner(label="A"), 0)], tenant="a")
+    queue.append([Entry(list(range(500)), 0, Owner(label="B"), 0)], tenant="b")
+    first = run_pieces_once(queue)
+    queue.append(entries([20], Owner(label="q")), tenant="c")
+    order = [first, *run_pieces(queue)]
+    assert order[:2] == ["A100", "q20"] and "B500" not in order

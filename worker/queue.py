@@ -43,11 +43,13 @@ Invariants
   is the most that fits the budget, but at least ``PIECE_OVER_FIXED`` times the device's
   fixed cost of a batch (a CPU streams every weight once a batch; smaller pieces would waste
   most of it). A row starts pieces only while the runner's cache (``max_split_tokens`` of
-  K/V) can hold it beside every row already in pieces, which go on; else it runs whole (rows
-  in pieces evicting each other's K/V would recompute it, many times over). So the batch in
-  flight, which is all a newly due caller waits for, takes at most about
-  ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``,
-  or, behind a row too long to split, that row's own time (docs/OPERATIONS.md). Each piece is
+  K/V) can hold it beside every row already in pieces, which go on; else it waits for them,
+  and rows in pieces or within the budget alone lead the batches meanwhile (run whole, it would
+  hold every caller for its whole time; rows in pieces evicting each other's K/V would
+  recompute it, many times over). So the batch in flight, which is all a newly due caller
+  waits for, takes at most about ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``, or,
+  behind a row longer than the cache holds in pieces, that row's own time (the CPU runner
+  makes room for one ``max_length`` row: docs/OPERATIONS.md). Each piece is
   charged to its request's and tenant's clocks like a row, so the fair order puts every other
   due request between the pieces of a long row, and between one call's long rows.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
@@ -169,6 +171,14 @@ class _Budget:
         pieces = -(-head.cost // fits) if fits >= efficient else head.cost // efficient
         return -(-head.cost // pieces) if pieces > 1 else 0
 
+    def waits(self, head: Entry, held: int) -> bool:
+        """Whether ``head`` must wait for the rows in pieces: alone over the time budget, and
+        the runner's cache holds its pieces, but not beside the ``held`` tokens of theirs."""
+        time = self.time
+        return (time is not None and time.cost.calibrated and held > 0
+                and len(head.ids) <= time.max_split_tokens < len(head.ids) + held
+                and not self.in_time(Shape.of([(head.cost, len(head.ids))])))
+
     def fill(self, candidates: list[Entry], tiers: list[int] | None = None,
              early: list[bool] | None = None, held: int = 0) -> list[Entry]:
         """The batch: ``candidates[0]`` and what joins it. ``tiers`` (lower first) rank the
@@ -211,6 +221,12 @@ class _QueueBase:
         """``budget.fill``, told what the rows already in pieces hold in the runner's cache: a
         row in pieces goes on; another starts its pieces only if the cache holds them all."""
         self._in_pieces = {k: e for k, e in self._in_pieces.items() if not e.owner.cancelled}
+        first = self._runnable(candidates, sum(len(e.ids) for e in self._in_pieces.values()))
+        if first:  # the head waits for the rows in pieces: the first that may run leads instead
+            order = [first, *(n for n in range(len(candidates)) if n != first)]
+            candidates = [candidates[n] for n in order]
+            tiers = None if tiers is None else [tiers[n] for n in order]
+            early = None if early is None else [early[n] for n in order]
         head = candidates[0]
         held = 0 if id(head) in self._in_pieces else sum(len(e.ids) for e in self._in_pieces.values())
         batch = self.budget.fill(candidates, tiers, early, held)
@@ -220,6 +236,20 @@ class _QueueBase:
             else:
                 self._in_pieces.pop(id(entry), None)
         return batch
+
+    def _runnable(self, candidates: list[Entry], held: int) -> int:
+        """The first candidate that may lead a batch now: 0, unless the head is a row that
+        must run in pieces and the cache cannot hold them beside the rows already in pieces
+        (run whole instead, it would hold every caller for its whole time); then a row in
+        pieces, which goes on, or a row within the time budget alone. No other long row starts
+        pieces meanwhile, so the cache only frees until the head's turn comes. None such: the
+        head (it runs rather than never)."""
+        if id(candidates[0]) in self._in_pieces or not self.budget.waits(candidates[0], held):
+            return 0
+        for n, entry in enumerate(candidates):
+            if id(entry) in self._in_pieces or self.budget.in_time(Shape.of([(entry.cost, len(entry.ids))])):
+                return n
+        return 0
 
     def __len__(self) -> int:
         """Queued entries, cancelled ones not yet dropped included."""

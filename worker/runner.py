@@ -94,8 +94,11 @@ class ModelRunner:  # implements worker.types.Runner
         device = next(model.parameters()).device
         self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile,
                                   attention=attention or Attention.for_device(device.type))
-        self.cache = PrefixCache(prefix_cache_mb * 2**20)
         self.dtype = next(model.parameters()).dtype
+        # on a CPU, room beside the shared prefixes for one row of max_length in pieces, so no
+        # row is too long to split within the time budget (worker/queue.py; a GPU runs it whole fast)
+        room = self._kv_bytes() * max_length if device.type == Device.CPU else 0
+        self.cache = PrefixCache(prefix_cache_mb * 2**20 + room)
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: DType | str | None = None,
@@ -132,12 +135,16 @@ class ModelRunner:  # implements worker.types.Runner
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
 
+    def _kv_bytes(self) -> int:
+        """One token's K/V, every layer."""
+        s = self.scorer
+        return int(len(s.layers) * 2 * s.kv_heads * s.head_dim * self.dtype.itemsize)
+
     def info(self) -> RunnerInfo:
         s = self.scorer
-        kv_bytes = len(s.layers) * 2 * s.kv_heads * s.head_dim * self.dtype.itemsize  # one token's K/V
         return RunnerInfo(model=self.model_id, max_length=self.builder.max_length,
                           dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(s.device.type),
-                          attention=s.attention.kind, max_split_tokens=self.cache.max_bytes // kv_bytes)
+                          attention=s.attention.kind, max_split_tokens=self.cache.max_bytes // self._kv_bytes())
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
