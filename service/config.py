@@ -130,8 +130,8 @@ class ServeConfig(FrontConfig):
                             "1e-5; docs/PERFORMANCE.md)", metavar="DTYPE", alias="--precision")
     max_length: int = knob(8192, "tokens in one (query, document) prompt; longer ones are truncated or refused")
     prefix_cache_mb: int = knob(512, "memory for cached query-prefix K/V, MiB; on a CPU the runner adds room for "
-                                 "one --max-length row's K/V, so any row can run in pieces within --max-batch-ms "
-                                 "(0.6B in fp32: 224 KiB a token, 1.75 GiB at 8192)")
+                                 "one --max-length row's K/V (up to 8,192 tokens: 1.75 GiB for the 0.6B in fp32), so "
+                                 "such a row can run in pieces within --max-batch-ms")
     compile: bool | None = knob(None, "torch.compile the per-token layer work (fuses norms, rotary and "
                                 "the MLP gate); adds ~15-60 s to warm-up, 1.3-1.5x on a GPU, 1.2-1.4x for bf16 "
                                 "and 1.07-1.13x for float32 on a CPU (docs/PERFORMANCE.md); falls back to eager "

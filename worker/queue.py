@@ -49,7 +49,7 @@ Invariants
   recompute it, many times over). So the batch in flight, which is all a newly due caller
   waits for, takes at most about ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``, or,
   behind a row longer than the cache holds in pieces, that row's own time (the CPU runner
-  makes room for one ``max_length`` row: docs/OPERATIONS.md). Each piece is
+  makes room for one ``max_length`` row of up to 8,192 tokens: docs/OPERATIONS.md). Each piece is
   charged to its request's and tenant's clocks like a row, so the fair order puts every other
   due request between the pieces of a long row, and between one call's long rows.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order

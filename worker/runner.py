@@ -78,6 +78,9 @@ class PrefixCache:
         return len(self._entries)
 
 
+MAX_ROOM_TOKENS = 8192  # the CPU cache's room for one row in pieces: the default max_length
+
+
 class ModelRunner:  # implements worker.types.Runner
     """Scores ``Batch``es with a real Qwen3-Reranker checkpoint. ``builder`` is the prompt
     builder for its tokenizer: the composition root hands it to the batcher."""
@@ -96,8 +99,9 @@ class ModelRunner:  # implements worker.types.Runner
                                   attention=attention or Attention.for_device(device.type))
         self.dtype = next(model.parameters()).dtype
         # on a CPU, room beside the shared prefixes for one row of max_length in pieces, so no
-        # row is too long to split within the time budget (worker/queue.py; a GPU runs it whole fast)
-        room = self._kv_bytes() * max_length if device.type == Device.CPU else 0
+        # row is too long to split within the time budget (worker/queue.py; a GPU runs it whole
+        # fast), up to MAX_ROOM_TOKENS: a longer row in pieces held 12 GB (docs/PERFORMANCE.md)
+        room = self._kv_bytes() * min(max_length, MAX_ROOM_TOKENS) if device.type == Device.CPU else 0
         self.cache = PrefixCache(prefix_cache_mb * 2**20 + room)
 
     @classmethod
