@@ -221,15 +221,15 @@ class _QueueBase:
         """``budget.fill``, told what the rows already in pieces hold in the runner's cache: a
         row in pieces goes on; another starts its pieces only if the cache holds them all."""
         self._in_pieces = {k: e for k, e in self._in_pieces.items() if not e.owner.cancelled}
-        first = self._runnable(candidates, sum(len(e.ids) for e in self._in_pieces.values()))
+        in_pieces = sum(len(e.ids) for e in self._in_pieces.values())
+        first = self._runnable(candidates, in_pieces)
         if first:  # the head waits for the rows in pieces: the first that may run leads instead
             order = [first, *(n for n in range(len(candidates)) if n != first)]
             candidates = [candidates[n] for n in order]
             tiers = None if tiers is None else [tiers[n] for n in order]
             early = None if early is None else [early[n] for n in order]
         head = candidates[0]
-        held = 0 if id(head) in self._in_pieces else sum(len(e.ids) for e in self._in_pieces.values())
-        batch = self.budget.fill(candidates, tiers, early, held)
+        batch = self.budget.fill(candidates, tiers, early, 0 if id(head) in self._in_pieces else in_pieces)
         for entry in batch:
             if entry.piece:
                 self._in_pieces[id(entry)] = entry
