@@ -125,7 +125,8 @@ async def child(args: argparse.Namespace) -> dict[str, object]:
         result = await long_call
         seconds = time.perf_counter() - started
         doc_score = result.scores[0]
-        long_batches = [b for b in batches if b.computed_tokens > 64 or b.rows == 0]  # not the neighbour's
+        # the long call's batches, not the neighbour's: a piece (of a row walked) pads nothing
+        long_batches = [b for b in batches if b.computed_tokens > 64 or not b.padded_tokens]
         row.update(
             prompt_tokens=sum(len(s) for s in prompts.sequences), computed_tokens=result.computed_tokens,
             seconds=seconds, tokens_per_s=result.computed_tokens / seconds, chunks=doc_score.chunks,

@@ -17,7 +17,7 @@ import torch
 
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.cost import CostModel, Shape
-from worker.runner import ModelRunner, PrefixCache
+from worker.runner import ModelRunner
 from worker.types import Batch, BatchScores, Prefix, Row, RunnerInfo, ScoreRequest, Truncation
 
 MAX_LENGTH = 1024
@@ -557,49 +557,67 @@ def test_a_prefix_that_no_row_continues_changes_nothing(
     assert got == pytest.approx([expected[0, d][1] for d in range(3)], abs=TOL_LOGIT)
 
 
-def test_a_rows_pieces_are_exact_and_leave_nothing_in_the_cache(
+def _pieces(runner: ModelRunner, ids: list[int], *ends: int) -> list[Prefix]:
+    """A row's leading pieces on the system prompt, through ``ends`` of its own tokens."""
+    system = runner.builder.system
+    pieces: list[Prefix] = []
+    for end in ends:
+        pieces.append(Prefix(ids[: len(system.ids) + end], base=pieces[-1] if pieces else system, transient=True))
+    return pieces
+
+
+def test_a_walked_row_is_exact_and_leaves_nothing_behind(
         runner: ModelRunner, reference_model: torch.nn.Module) -> None:
-    """Each piece's K/V waits in the cache for the next, which carries it on; the row drops the
-    last: a row run in pieces holds one piece's K/V at a time, and none once scored."""
+    """A row split across batches is walked layer by layer: its pieces cache no K/V, the runner
+    holds its walk until the row's last batch, which scores it (beside an ordinary row) as
+    the reference does, and lets it go."""
     ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
+    other = runner.builder.build("capital of France", [DOCUMENTS[3]], None, Truncation.NONE).sequences[0]
     system = runner.builder.system
     runner.score(Batch([Row(ids, 0)], [system]))  # the system prompt is cached, as after warm-up
     before = len(runner.cache)
-    first = Prefix(ids[: len(system.ids) + 150], base=system, transient=True)
-    second = Prefix(ids[: len(system.ids) + 300], base=first, transient=True)
-    assert runner.score(Batch([], [first])).prefill_tokens == 150
-    assert runner.score(Batch([], [second])).prefill_tokens == 150
-    assert len(runner.cache) == before + 1  # the second piece only
+    first, second = _pieces(runner, ids, 150, 300)
+    assert runner.score(Batch([], [first], piece=ids)).prefill_tokens == 150
+    assert runner.score(Batch([], [second], piece=ids)).prefill_tokens == 150
+    assert len(runner.cache) == before and list(runner._walks) == [second]
+    out = runner.score(Batch([Row(other, 1), Row(ids, 0)], [second, system]))
+    assert not runner._walks and len(runner.cache) == before
+    assert out.computed[1] == len(ids) - len(second.ids)
+    assert out.logits == pytest.approx([reference_logit(reference_model, other), reference_logit(reference_model, ids)],
+                                       abs=TOL_LOGIT)
+
+
+@pytest.mark.parametrize("lost", ["between pieces", "before the last batch"])
+def test_a_walk_the_runner_let_go_is_begun_again(runner: ModelRunner, reference_model: torch.nn.Module,
+                                                 lost: str) -> None:
+    """Walks past the runner's room go, oldest first (a cancelled row's is dropped so): a row
+    whose walk went is walked again from its request's prefix, slower and as exact."""
+    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
+    first, second = _pieces(runner, ids, 100, 250)
+    runner.score(Batch([], [first], piece=ids))
+    if lost == "between pieces":
+        runner._walks.clear()
+    runner.score(Batch([], [second], piece=ids))
+    if lost == "before the last batch":
+        runner._walks.clear()
     out = runner.score(Batch([Row(ids, 0)], [second]))
-    assert len(runner.cache) == before
     assert out.logits[0] == pytest.approx(reference_logit(reference_model, ids), abs=TOL_LOGIT)
 
 
-def test_a_rows_next_piece_does_not_evict_what_others_share(runner: ModelRunner) -> None:
-    """The earlier piece is dropped before the next is cached: with room for the system prompt
-    and one piece (not two), the system prompt every call shares stays cached through a row's
-    pieces. Cached together for a moment, the two pieces evicted it (and the calls' prefixes)."""
-    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
-    system = runner.builder.system
-    s = runner.scorer
-    per_token = len(s.layers) * 2 * s.kv_heads * s.head_dim * runner.dtype.itemsize
-    saved, runner.cache = runner.cache, PrefixCache(per_token * (len(system.ids) + 300 + 100))
+def test_the_runner_holds_walks_of_two_max_length_rows_at_most(runner: ModelRunner) -> None:
+    """What it tells the scheduler (``max_split_tokens``) is what it keeps: the least recently
+    walked go past it. The prefix cache stays --prefix-cache-mb (default 512): walks hold no K/V
+    of past layers."""
+    assert runner.info().max_split_tokens == runner.walk_tokens >= 2 * runner.builder.max_length
+    assert runner.cache.max_bytes == 512 * 2**20
+    saved = runner.walk_tokens
+    rows = [runner.builder.build(f"query {n}", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0] for n in range(3)]
+    runner.walk_tokens = 2 * len(rows[0])
     try:
-        runner.score(Batch([Row(ids, 0)], [system]))
-        first = Prefix(ids[: len(system.ids) + 150], base=system, transient=True)
-        second = Prefix(ids[: len(system.ids) + 300], base=first, transient=True)
-        runner.score(Batch([], [first]))
-        assert runner.score(Batch([], [second])).prefill_tokens == 150
-        assert runner.cache.get(system) is not None and runner.cache.get(second) is not None
+        firsts = [_pieces(runner, ids, 50)[0] for ids in rows]
+        for ids, first in zip(rows, firsts):
+            runner.score(Batch([], [first], piece=ids))
+        assert list(runner._walks) == firsts[1:]
     finally:
-        runner.cache = saved
-
-
-def test_the_cpu_cache_holds_one_max_length_row_in_pieces_beside_the_prefixes(runner: ModelRunner) -> None:
-    """So no row is too long to split within the time budget on a CPU: the room for one row of
-    max_length comes on top of --prefix-cache-mb (default 512), which stays the shared prefixes' own."""
-    s = runner.scorer
-    per_token = len(s.layers) * 2 * s.kv_heads * s.head_dim * runner.dtype.itemsize
-    assert runner.info().device == "cpu"
-    assert runner.cache.max_bytes == 512 * 2**20 + runner.builder.max_length * per_token
-    assert runner.info().max_split_tokens >= runner.builder.max_length
+        runner.walk_tokens = saved
+        runner._walks.clear()

@@ -334,6 +334,9 @@ def run_pieces(queue: FairQueue | FifoQueue) -> list[str]:
         # 50.2 ms a batch: a piece of 50 tokens would be half fixed cost; 5x the fixed cost is 206
         # tokens or more: 4 equal pieces
         (50.2, 10_000, ["L250", "L250", "L250", "L250"]),
+        # walked by layer (``pieces_by_layer``), a piece skips the 50.2 ms: 100 ms of tokens fit,
+        # and no floor of 5x the fixed cost: 950 tokens in 10 equal pieces
+        (50.2, -10_000, ["L95"] * 10),
     ],
 )
 def test_a_row_over_the_time_budget_runs_in_pieces(policy: Policy, ms_per_batch: float, max_split_tokens: int,
@@ -341,7 +344,8 @@ def test_a_row_over_the_time_budget_runs_in_pieces(policy: Policy, ms_per_batch:
     cost = CostModel()
     for shape in (Shape.of([(t, t)] * r) for t in (10, 100, 1000) for r in (1, 2)):
         cost.calibrate(shape, ms_per_batch + 1.0 * shape.tokens)
-    queue = make_queue(policy, 100_000, 64, time=TimeBudget(100, cost, max_split_tokens))
+    by_layer = max_split_tokens < 0  # marked negative above
+    queue = make_queue(policy, 100_000, 64, time=TimeBudget(100, cost, abs(max_split_tokens), by_layer))
     length = sum(int(n[1:]) for n in expected)
     queue.append([Entry(list(range(length)), 0, Owner(label="L"), 0)])
     assert run_pieces(queue) == expected

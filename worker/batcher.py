@@ -13,7 +13,7 @@ the oldest queued request arrived, takes ``next_batch()``, hands it to ``runner.
 single model thread, and settles what finished. Every batch's measured time refits the cost
 model (``worker.cost``) that the scheduler sizes batches by, fitted first at warm-up. A batch
 that is one row's piece (the scheduler splits a row over the time budget) settles nothing: the
-row advances, its piece's K/V cached as a transient prefix, and waits for its next turn.
+row advances (the runner walks it on, layer by layer: worker/qwen3.py) and waits for its next turn.
 A request may carry a ``Watcher`` (tracing, built above the worker): it hears when its prompts
 were built and when each batch holding its rows started, and each batch's ``BatchStats``
 names the watchers of the requests it served; nothing here knows what they do with it.
@@ -160,11 +160,12 @@ class Batcher:
         # the time budget's yardstick: fitted by warmup(), or handed over already fitted
         info = runner.info()
         self.cost = cost or CostModel(padded=info.attention is Attention.PADDED)
-        budget = (TimeBudget(self.config.max_batch_ms, self.cost, info.max_split_tokens)
+        budget = (TimeBudget(self.config.max_batch_ms, self.cost, info.max_split_tokens, info.pieces_by_layer)
                   if self.config.max_batch_ms > 0 else None)
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
                                 self.config.window, time=budget)
         self.on_batch = on_batch
+        self._walks = info.pieces_by_layer
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._tokenizers = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
@@ -303,7 +304,8 @@ class Batcher:
                 self._settle_failed(batch, exc, started)
                 continue
             seconds = time.perf_counter() - started
-            self.cost.observe(shape, 1000 * seconds)
+            if work.rows or not self._walks:  # a walked piece's time is not a batch's
+                self.cost.observe(shape, 1000 * seconds)
             if work.rows:
                 self._settle(batch, out, started, seconds, expected)
             else:
@@ -427,10 +429,12 @@ def _watchers(groups: set[Any]) -> tuple[Watcher, ...]:
 
 def _to_batch(entries: list[Entry]) -> Batch:
     """The runner's view of queued entries: rows, and each distinct prefix once. A row's piece
-    (it runs alone) is no row: its leading tokens become a transient prefix on what it has."""
+    (it runs alone) is no row: its leading tokens become a transient prefix on what it has,
+    which the runner knows its walk by."""
     if entries[0].piece:
         entry = entries[0]
-        return Batch([], [Prefix(entry.ids[: entry.prefix_len + entry.piece], _prefix_of(entry), transient=True)])
+        return Batch([], [Prefix(entry.ids[: entry.prefix_len + entry.piece], _prefix_of(entry), transient=True)],
+                     piece=entry.ids)
     slots: dict[Prefix, int] = {}  # by identity: one Prefix object per request (or per split row)
     rows = []
     for entry in entries:

@@ -38,18 +38,18 @@ Invariants
   shared prefix is cached); attention also reads the prefix, hence the second bound.
 * Time (with a ``TimeBudget`` whose cost model is fitted): ``estimate_ms(batch) <=
   max_batch_ms``, except a head that alone is over it. Such a row runs alone in *pieces*:
-  each batch computes its next tokens' K/V on top of the last (a prefix of its own, exact as
-  any prefix is), and the batcher advances it, still queued, until what is left fits. A piece
-  is the most that fits the budget, but at least ``PIECE_OVER_FIXED`` times the device's
-  fixed cost of a batch (a CPU streams every weight once a batch; smaller pieces would waste
-  most of it). A row starts pieces only while the runner's cache (``max_split_tokens`` of
-  K/V) can hold it beside every row already in pieces, which go on; else it waits for them,
-  and rows in pieces or within the budget alone lead the batches meanwhile (run whole, it would
-  hold every caller for its whole time; rows in pieces evicting each other's K/V would
-  recompute it, many times over). So the batch in flight, which is all a newly due caller
-  waits for, takes at most about ``max(max_batch_ms, PIECE_OVER_FIXED * fixed cost)``, or,
-  behind a row longer than the cache holds in pieces, that row's own time (the CPU runner
-  makes room for one ``max_length`` row of up to 8,192 tokens: docs/OPERATIONS.md). Each piece is
+  the runner walks it layer by layer, each piece a slice of the row's work (worker/qwen3.py
+  ``walk``: the same computation, blocks of each layer in order, exact as the parity suite
+  holds it), and the batcher advances it, still queued, until what is left fits. A walked
+  piece pays no batch's fixed cost (it reads one or two layers' weights), so it is the most
+  that fits the budget; a runner whose pieces are batches of their own (``pieces_by_layer``
+  false) gets pieces of at least ``PIECE_OVER_FIXED`` times a batch's fixed cost (a CPU streams
+  every weight once a batch; smaller pieces would waste most of it). A row starts pieces only
+  while the rows in pieces, it included, fit what the runner holds of them
+  (``max_split_tokens``: two ``max_length`` rows); else it waits for them, and rows in pieces
+  or within the budget alone lead the batches meanwhile (run whole, it would hold every caller
+  for its whole time). So the batch in flight, which is all a newly due caller waits for,
+  takes about ``max_batch_ms`` at most, as the cost model estimates it. Each piece is
   charged to its request's and tenant's clocks like a row, so the fair order puts every other
   due request between the pieces of a long row, and between one call's long rows.
 * Fair share (``FairQueue``): the head of every batch is the first row of the fair order
@@ -127,12 +127,14 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class TimeBudget:
-    """What one batch may take (``max_batch_ms``, as ``cost`` estimates it), and the longest
-    row that may run in pieces to keep to it (0: none; the runner's cache holds the pieces)."""
+    """What one batch may take (``max_batch_ms``, as ``cost`` estimates it), and the tokens of
+    rows in pieces the runner holds at once to keep to it (0: none). ``pieces_by_layer``: the
+    runner walks a piece layer by layer (worker/qwen3.py), so it pays no batch's fixed cost."""
 
     max_batch_ms: float
     cost: CostModel
     max_split_tokens: int = 0
+    pieces_by_layer: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_ms <= 0:
@@ -151,12 +153,12 @@ class _Budget:
 
     def piece(self, head: Entry, held: int = 0) -> int:
         """Tokens of ``head`` to run now: 0 (all of it) unless it alone is over the time budget
-        and may be split: the runner's cache can hold its K/V beside the ``held`` tokens of the
-        other rows in pieces (else they would evict each other's and recompute them). Then the
-        row is cut into equal pieces of at least the most that fit the budget, but never of so
-        few tokens that a batch's fixed cost is over a fifth of the piece's time (a CPU streams
-        every weight once a batch: pieces of a few tokens would run at a fraction of its rate;
-        judged by the warm-up fit, which saw the whole range)."""
+        and may be split: the runner holds it beside the ``held`` tokens of the other rows in
+        pieces. Then the row is cut into equal pieces of the most that fit the budget: walked by
+        layer, a piece pays no batch's fixed cost; otherwise never of so few tokens that a
+        batch's fixed cost is over a fifth of the piece's time (a CPU streams every weight once
+        a batch: pieces of a few tokens would run at a fraction of its rate; judged by the
+        warm-up fit, which saw the whole range)."""
         time = self.time
         if (time is None or not time.cost.calibrated or len(head.ids) + held > time.max_split_tokens
                 or self.in_time(Shape.of([(head.cost, len(head.ids))]))):  # the whole row, whatever piece it last ran
@@ -165,15 +167,17 @@ class _Budget:
         def ms(k: int, at_warmup: bool = False) -> float:
             return time.cost.estimate_ms(Shape.of([(k, head.prefix_len + k)]), at_warmup=at_warmup)
 
-        fits = _first(head.cost, lambda k: ms(k) > time.max_batch_ms) - 1
-        efficient = _first(head.cost, lambda k: ms(k, True) >= PIECE_OVER_FIXED * ms(1, True))
+        skipped = time.cost.coefficients()["batch"] if time.pieces_by_layer else 0.0
+        fits = max(1, _first(head.cost, lambda k: ms(k) > time.max_batch_ms + skipped) - 1)
+        efficient = 1 if time.pieces_by_layer else _first(
+            head.cost, lambda k: ms(k, True) >= PIECE_OVER_FIXED * ms(1, True))
         # as few pieces as keep each within the budget, or as many as keep each efficient
         pieces = -(-head.cost // fits) if fits >= efficient else head.cost // efficient
         return -(-head.cost // pieces) if pieces > 1 else 0
 
     def waits(self, head: Entry, held: int) -> bool:
         """Whether ``head`` must wait for the rows in pieces: alone over the time budget, and
-        the runner's cache holds its pieces, but not beside the ``held`` tokens of theirs."""
+        the runner holds its pieces, but not beside the ``held`` tokens of theirs."""
         time = self.time
         return (time is not None and time.cost.calibrated and held > 0
                 and len(head.ids) <= time.max_split_tokens < len(head.ids) + held
@@ -218,8 +222,8 @@ class _QueueBase:
 
     def _fill(self, candidates: list[Entry], tiers: list[int] | None = None,
               early: list[bool] | None = None) -> list[Entry]:
-        """``budget.fill``, told what the rows already in pieces hold in the runner's cache: a
-        row in pieces goes on; another starts its pieces only if the cache holds them all."""
+        """``budget.fill``, told what the rows already in pieces hold in the runner: a
+        row in pieces goes on; another starts its pieces only if the runner holds them all."""
         self._in_pieces = {k: e for k, e in self._in_pieces.items() if not e.owner.cancelled}
         in_pieces = sum(len(e.ids) for e in self._in_pieces.values())
         first = self._runnable(candidates, in_pieces)
@@ -239,10 +243,10 @@ class _QueueBase:
 
     def _runnable(self, candidates: list[Entry], held: int) -> int:
         """The first candidate that may lead a batch now: 0, unless the head is a row that
-        must run in pieces and the cache cannot hold them beside the rows already in pieces
+        must run in pieces and the runner cannot hold them beside the rows already in pieces
         (run whole instead, it would hold every caller for its whole time); then a row in
         pieces, which goes on, or a row within the time budget alone. No other long row starts
-        pieces meanwhile, so the cache only frees until the head's turn comes. None such: the
+        pieces meanwhile, so the runner's room only frees until the head's turn comes. None such: the
         head (it runs rather than never)."""
         if id(candidates[0]) in self._in_pieces or not self.budget.waits(candidates[0], held):
             return 0

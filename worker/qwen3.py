@@ -10,7 +10,10 @@ numbers and skips everything a reranker does not need:
   and passed to ``score`` as per-layer K/V; each row's positions continue from its own
   prefix length;
 * the last layer computes queries, attention and MLP for the last position only, and the
-  head is the two LM-head rows for ``yes`` and ``no``: no vocabulary-sized logits anywhere.
+  head is the two LM-head rows for ``yes`` and ``no``: no vocabulary-sized logits anywhere;
+* a row too long for one batch's time is *walked* (``begin``, ``walk``, ``finish``): layer by
+  layer, each layer in blocks of its tokens, so the batches it is split across each run a
+  slice of it and it holds only two layers' activations and one layer's K/V in between.
 
 The module list, norms, projections, MLPs and rotary frequencies are the checkpoint's, so
 this stays exact for every Qwen3 size (0.6B, 4B, 8B).
@@ -18,7 +21,9 @@ this stays exact for every Qwen3 size (0.6B, 4B, 8B).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -74,6 +79,13 @@ class Qwen3Scorer:
         # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
         # built for the first batch's exact size only (dynamo's default specializes first
         # and recompiles on the second size).
+        # a walk's yardstick (``walk``): a token at position t costs a layer ``1 + t / pair_tokens``
+        # (its dense work, and attention over t keys as a dense token's share), the last layer's
+        # K/V alone ``kv_share`` of it
+        dense = sum(p.numel() for p in self.layers[0].parameters())
+        self.pair_tokens: float = dense / (2 * self.heads * self.head_dim)
+        attn = self.layers[0].self_attn
+        self.kv_share: float = (attn.k_proj.weight.numel() + attn.v_proj.weight.numel()) / dense
         self.compiled = False
         self._kv_part: Any = _kv_part
         self._q_part: Any = _q_part
@@ -124,6 +136,82 @@ class Qwen3Scorer:
         diff: torch.Tensor = yes_no[:, 0] - yes_no[:, 1]
         return diff
 
+    def begin(self, ids: list[int], past: KV | None) -> Walk:
+        """A row's walk, before its first block: ``ids`` continue ``past`` (None: no prefix)."""
+        x = self.model.embed_tokens(to_device(torch.tensor(ids, dtype=torch.long), self.device))
+        length = 0 if past is None else past.shape[2]
+        kv = x.new_empty((2, length + len(ids), self.kv_heads, self.head_dim))
+        if past is not None:
+            kv[:, :length] = past[0]
+        return Walk(len(ids), len(self.layers) - 1, past, length, x, torch.empty_like(x), kv)
+
+    def walk(self, state: Walk, done: int) -> None:
+        """Walk on until the row has had the work of its first ``done`` own tokens run whole
+        (layers 0 .. L-2 in full, then the last one's K/V, weighted as ``pair_tokens`` says),
+        whole blocks at a time; the row's very last step is ``finish``'s."""
+        weigh = self._token_work
+        total = (len(self.layers) - 1) * weigh(state, 0, state.own) + self.kv_share * (state.own - 1)
+        target = total * min(1.0, weigh(state, 0, done) / weigh(state, 0, state.own))
+        with torch.inference_mode(), sdpa_kernel(self.attention.backends):
+            while state.work < target and state.unwalked:
+                end = self._block_end(state, target - state.work)
+                state.work += self._step(state, end)
+
+    def finish(self, state: Walk) -> float:
+        """The rest of the walk, and the row's ``logit_yes - logit_no``."""
+        with torch.inference_mode(), sdpa_kernel(self.attention.backends):
+            while state.unwalked:
+                self._step(state, state.own - 1 if state.layer == state.last else state.own)
+            x = self._walk_block(state, state.own - 1, state.own, only_last=True)
+        yes_no = self.model.norm(x).float() @ self.yes_no.T
+        return float(yes_no[0, 0] - yes_no[0, 1])
+
+    def _token_work(self, state: Walk, start: int, end: int) -> float:
+        """A layer's work on own tokens [start, end), in dense tokens."""
+        a, b = state.past_len + start, state.past_len + end
+        return (b - a) + (b * b - a * a) / (2 * self.pair_tokens)
+
+    def _block_end(self, state: Walk, need: float) -> int:
+        """Where the block from ``state.done`` ends so that it does about ``need`` work."""
+        if state.layer == state.last:
+            return min(state.own - 1, state.done + max(1, math.ceil(need / self.kv_share)))
+        a, p = state.past_len + state.done, self.pair_tokens
+        end = math.ceil(math.sqrt((p + a) ** 2 + 2 * p * need) - p) - state.past_len
+        return min(state.own, max(state.done + 1, end))
+
+    def _step(self, state: Walk, end: int) -> float:
+        """Own tokens [done, end) through the current layer (the last: their K/V only); the
+        layer, once done, hands its output on. The work done, as ``walk`` weighs it."""
+        start, layer = state.done, state.layer
+        if layer == state.last:
+            self._walk_block(state, start, end, only_last=None)
+            work = self.kv_share * (end - start)
+        else:
+            state.y[start:end] = self._walk_block(state, start, end, only_last=False)
+            work = self._token_work(state, start, end)
+        state.done = end
+        if end == state.own and layer < state.last:
+            state.x, state.y, state.layer, state.done = state.y, state.x, layer + 1, 0
+            if state.past is not None:
+                state.kv[:, :state.past_len] = state.past[layer + 1]
+        return work
+
+    def _walk_block(self, state: Walk, start: int, end: int, only_last: bool | None) -> torch.Tensor:
+        """One block of the current layer: its K/V into the layer's, then (``only_last`` not
+        None) its attention over every earlier key and the MLP."""
+        before = state.past_len + start
+        past = [state.kv[None, :, :before]] if before else []
+        pasts = Pasts.of(past, [0 if before else -1], self.device)
+        x = state.x[start:end]
+        layout = self.attention.layout([end - start], pasts, self.device)
+        cos, sin = self._rotary(layout.positions, x.dtype)
+        layer = self.layers[state.layer]
+        h, k, v = self._kv_part(layer, x, cos, sin, self.kv_heads, self.head_dim)
+        state.kv[0, before:before + end - start], state.kv[1, before:before + end - start] = k, v
+        if only_last is None:
+            return x
+        return self._attend_and_mix(layer, x, h, k, v, cos, sin, layout, pasts, 0, only_last=only_last)
+
     def _embed(self, tokens: list[list[int]], pasts: Pasts) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
         """The packed tokens' embeddings, rotary tables and the attention's layout."""
         layout = self.attention.layout([len(t) for t in tokens], pasts, self.device)
@@ -149,6 +237,28 @@ class Qwen3Scorer:
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos() * self.rope_scale, emb.sin() * self.rope_scale
         return cos.to(dtype)[:, None, :], sin.to(dtype)[:, None, :]
+
+
+@dataclass(eq=False, slots=True)
+class Walk:
+    """A row being walked (``Qwen3Scorer.begin``): where it stands, and what it holds between
+    the batches it is split across: two layers' activations and the current layer's K/V."""
+
+    own: int  # the row's own tokens (after its prefix)
+    last: int  # the model's last layer
+    past: KV | None  # the prefix's K/V, every layer
+    past_len: int
+    x: torch.Tensor  # [own, hidden]: the current layer's input
+    y: torch.Tensor  # [own, hidden]: its output, as far as ``done``
+    kv: torch.Tensor  # [2, past_len + own, kv_heads, dim]: the current layer's keys and values
+    layer: int = 0
+    done: int = 0  # own tokens through the current layer
+    work: float = 0.0  # as ``Qwen3Scorer.walk`` weighs it
+
+    @property
+    def unwalked(self) -> bool:
+        """Whether blocks are left before the last layer's last token (``finish``'s)."""
+        return self.layer < self.last or self.done < self.own - 1
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The model runner: loads a Qwen3-Reranker checkpoint and scores batches synchronously.
 
 ``ModelRunner.score`` is the only code that touches the model, and it runs on the batcher's
-single model thread: it owns the prefix K/V cache without locks. Tokenization lives in
+single model thread: it owns the prefix K/V cache, and the walks of rows split across batches
+(worker/qwen3.py), without locks. Tokenization lives in
 ``PromptBuilder`` and runs on other threads, before work reaches the queue.
 """
 
@@ -19,7 +20,7 @@ import torch
 from worker import precision as cpu_precision
 from worker.attention import KV, VarlenAttention, check_attention, check_varlen_kernel
 from worker.prompt import PromptBuilder
-from worker.qwen3 import Qwen3Scorer
+from worker.qwen3 import Qwen3Scorer, Walk
 from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
 
 log = logging.getLogger(__name__)
@@ -69,16 +70,8 @@ class PrefixCache:
             _, (_, dropped) = self._entries.popitem(last=False)
             self.bytes -= dropped
 
-    def drop(self, key: Prefix) -> None:
-        hit = self._entries.pop(key, None)
-        if hit is not None:
-            self.bytes -= hit[1]
-
     def __len__(self) -> int:
         return len(self._entries)
-
-
-MAX_ROOM_TOKENS = 8192  # the CPU cache's room for one row in pieces: the default max_length
 
 
 class ModelRunner:  # implements worker.types.Runner
@@ -98,11 +91,12 @@ class ModelRunner:  # implements worker.types.Runner
         self.scorer = Qwen3Scorer(model, self.builder.yes_id, self.builder.no_id, compile=compile,
                                   attention=attention or Attention.for_device(device.type))
         self.dtype = next(model.parameters()).dtype
-        # on a CPU, room beside the shared prefixes for one row of max_length in pieces, so no
-        # row is too long to split within the time budget (worker/queue.py; a GPU runs it whole
-        # fast), up to MAX_ROOM_TOKENS: a longer row in pieces held 12 GB (docs/PERFORMANCE.md)
-        room = self._kv_bytes() * min(max_length, MAX_ROOM_TOKENS) if device.type == Device.CPU else 0
-        self.cache = PrefixCache(prefix_cache_mb * 2**20 + room)
+        self.cache = PrefixCache(prefix_cache_mb * 2**20)
+        # rows split across batches (worker/queue.py), walked layer by layer, by their latest
+        # piece; the least recently walked go past two max_length rows (a cancelled row's walk
+        # is dropped so; a walk not found is begun again: slower, never wrong)
+        self._walks: OrderedDict[Prefix, Walk] = OrderedDict()
+        self.walk_tokens = 2 * max_length
 
     @classmethod
     def load(cls, model_id: str, *, device: str | None = None, dtype: DType | str | None = None,
@@ -139,16 +133,11 @@ class ModelRunner:  # implements worker.types.Runner
         return cls(model, tokenizer, model_id=model_id, max_length=max_length,
                    prefix_cache_mb=prefix_cache_mb, compile=compile, attention=attention)
 
-    def _kv_bytes(self) -> int:
-        """One token's K/V, every layer."""
-        s = self.scorer
-        return int(len(s.layers) * 2 * s.kv_heads * s.head_dim * self.dtype.itemsize)
-
     def info(self) -> RunnerInfo:
         s = self.scorer
         return RunnerInfo(model=self.model_id, max_length=self.builder.max_length,
                           dtype=DType(str(self.dtype).removeprefix("torch.")), device=Device(s.device.type),
-                          attention=s.attention.kind, max_split_tokens=self.cache.max_bytes // self._kv_bytes())
+                          attention=s.attention.kind, max_split_tokens=self.walk_tokens, pieces_by_layer=True)
 
     def warmup(self) -> None:
         """Run each code path once (prefill, prefix reuse, plain rows); on a GPU also a few
@@ -168,6 +157,7 @@ class ModelRunner:  # implements worker.types.Runner
         lone = Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
         try:
             self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
+            self._walk_once(prompts.sequences[1], prompts.shared_len)
         except Exception as exc:  # noqa: BLE001 - whatever the compiler raises: the eager path is exact
             if not scorer.compiled:
                 raise
@@ -176,6 +166,7 @@ class ModelRunner:  # implements worker.types.Runner
                         str(exc).splitlines()[0][:200] if str(exc) else "")
             scorer.compile(on=False)
             self.score_rows([*items, Item(prompts.sequences[0], 0), lone])
+            self._walk_once(prompts.sequences[1], prompts.shared_len)
         self.score_rows(items[:1])
         if self.scorer.device.type == Device.CUDA:
             for rows, length in ((8, 128), (32, 256), (64, 512)):
@@ -192,12 +183,59 @@ class ModelRunner:  # implements worker.types.Runner
 
     @torch.inference_mode()
     def score(self, batch: Batch) -> BatchScores:
+        if batch.piece:  # a row's leading piece: its walk goes on, and waits for the next
+            return BatchScores([], [], 0, prefill_tokens=self._walk(batch.prefixes[0], list(batch.piece)))
+        walked = [i for i, row in enumerate(batch.rows) if row.prefix >= 0 and batch.prefixes[row.prefix].transient]
+        if not walked:
+            return self._score(batch)
+        others = [i for i in range(len(batch.rows)) if i not in walked]
+        out = self._score(_sub_batch(batch, others))
+        logits, computed = iter(out.logits), iter(out.computed)
+        ends = {i: self._finish(batch.prefixes[batch.rows[i].prefix], batch.rows[i].ids) for i in walked}
+        return BatchScores([ends[i][0] if i in ends else next(logits) for i in range(len(batch.rows))],
+                           [ends[i][1] if i in ends else next(computed) for i in range(len(batch.rows))],
+                           out.padded_tokens + sum(e[1] for e in ends.values()), out.prefill_tokens)
+
+    def _walk(self, piece: Prefix, ids: list[int]) -> int:
+        """Walk the row ``ids`` on through its leading ``piece``; the tokens it computed."""
+        base = piece.base
+        walk = self._walks.pop(base, None) if base is not None else None
+        spent = 0
+        if walk is None:
+            walk, spent = self._begin(piece, ids)
+        self.scorer.walk(walk, len(piece.ids) - (len(ids) - walk.own))
+        self._walks[piece] = walk
+        while sum(w.own for w in self._walks.values()) > self.walk_tokens:
+            self._walks.popitem(last=False)
+        return spent + len(piece.ids) - (0 if base is None else len(base.ids))
+
+    def _finish(self, piece: Prefix, ids: list[int]) -> tuple[float, int]:
+        """The logit of a row walked through ``piece``, and the tokens its last batch computed."""
+        walk = self._walks.pop(piece, None) or self._begin(piece, ids)[0]
+        return self.scorer.finish(walk), len(ids) - len(piece.ids)
+
+    def _begin(self, piece: Prefix, ids: list[int]) -> tuple[Walk, int]:
+        """A walk of ``ids`` from the non-transient prefix under ``piece`` (its request's, or
+        none), and the tokens that prefix's K/V cost if it was not cached."""
+        root: Prefix | None = piece
+        while root is not None and root.transient:
+            root = root.base
+        if root is None:
+            return self.scorer.begin(ids, None), 0
+        kvs, spent = self._prefix_kv([root])
+        return self.scorer.begin(ids[len(root.ids):], kvs[0]), spent[0]
+
+    def _walk_once(self, ids: list[int], prefix_len: int) -> None:
+        """Warm-up: a row in two pieces, walked (the compiled parts see a walk's shapes)."""
+        system = self.builder.system
+        first = Prefix(ids[: prefix_len + 2], base=system, transient=True)
+        self.score(Batch([], [first], piece=ids))
+        self.score(Batch([Row(ids, 0)], [first]))
+
+    def _score(self, batch: Batch) -> BatchScores:
         kvs, spent = self._prefix_kv(batch.prefixes)
-        if not batch.rows:  # a row's leading piece: its K/V, cached for the rest of the row
+        if not batch.rows:  # prefixes alone: computed and cached
             return BatchScores([], [], 0, prefill_tokens=sum(spent))
-        for piece in batch.prefixes:
-            if piece.transient:  # the row continues from it now, and nothing else will
-                self.cache.drop(piece)
         tails = [row.ids[batch.prefix_len(row):] for row in batch.rows]
         computed = [len(t) for t in tails]
         first_row: dict[int, int] = {}
@@ -262,12 +300,18 @@ class ModelRunner:  # implements worker.types.Runner
             return
         skip = 0 if base is None else len(base.ids)
         kvs = self.scorer.prefill([p.ids[skip:] for p in prefixes], past=None if base is None else known[base])
-        if base is not None and base.transient:  # a row's earlier piece: the new one carries it on.
-            self.cache.drop(base)  # dropped first: cached beside the new one, it would evict what others share
         for p, kv in zip(prefixes, kvs):
             self.cache.put(p, kv)
             known[p] = kv
             spent[charge[p]] += len(p.ids) - skip
+
+
+def _sub_batch(batch: Batch, keep: list[int]) -> Batch:
+    """The rows ``keep`` of ``batch``, with the prefixes they use."""
+    slots: dict[int, int] = {}
+    rows = [Row(r.ids, -1 if r.prefix < 0 else slots.setdefault(r.prefix, len(slots)))
+            for r in (batch.rows[i] for i in keep)]
+    return Batch(rows, [batch.prefixes[p] for p in slots])
 
 
 @dataclass(frozen=True, slots=True)

@@ -145,7 +145,8 @@ class Prefix:
     ids: list[int]
     base: Prefix | None = None  # a prefix these ids start with: computed first, and only the rest on top
     # a row's own leading piece (worker/queue.py splits a row over the time budget across
-    # batches): used once, by the row's next piece or the row itself, then dropped
+    # batches): the runner's handle on the row's walk (never cached), used once, by the row's
+    # next piece or the row itself
     transient: bool = False
 
 
@@ -161,6 +162,9 @@ class Batch:
 
     rows: Sequence[Row]
     prefixes: Sequence[Prefix] = ()
+    # a row's ids, where the batch runs only its leading piece (``prefixes[0]``, transient: the
+    # row's ids so far) and scores nothing; the row's last batch holds it as a row on its piece
+    piece: Sequence[int] = ()
 
     def prefix_len(self, row: Row) -> int:
         return 0 if row.prefix < 0 else len(self.prefixes[row.prefix].ids)
@@ -173,9 +177,11 @@ class RunnerInfo:
     dtype: DType
     device: Device
     attention: Attention
-    # the longest prompt whose K/V the prefix cache holds: a row over the time budget may be run
-    # in pieces up to this length (each piece's K/V waits in the cache for the next); 0: never
+    # the tokens of rows split across batches the runner holds at once: a row over the time
+    # budget may run in pieces while the rows in pieces, it included, fit (0: never split)
     max_split_tokens: int = 0
+    # pieces run layer by layer (worker/qwen3.py ``walk``): a piece pays no batch's fixed cost
+    pieces_by_layer: bool = False
 
 
 @dataclass(frozen=True, slots=True)
