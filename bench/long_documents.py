@@ -92,12 +92,16 @@ async def child(args: argparse.Namespace) -> dict[str, object]:
                               compile=None if args.compile == "auto" else args.compile == "on")
     info = runner.info()
     batches: list[BatchStats] = []
-    batcher = Batcher(runner, runner.builder, BatcherConfig.for_device(info.device), on_batch=batches.append)
+    config = BatcherConfig.for_device(info.device)
+    if args.max_batch_ms is not None:  # 0: no time budget, nothing split (the row runs whole)
+        config = dataclasses.replace(config, max_batch_ms=args.max_batch_ms)
+    batcher = Batcher(runner, runner.builder, config, on_batch=batches.append)
     batcher.start()
     await batcher.warmup()  # as the server does: runner warm-up, then the time budget's calibration
     row: dict[str, object] = dict(path=args.child, doc_tokens=args.length, max_length=max_length,
                                   dtype=str(runner.dtype).removeprefix("torch."), compiled=runner.scorer.compiled,
                                   attention=str(info.attention), max_split_tokens=info.max_split_tokens,
+                                  max_batch_ms=config.max_batch_ms,
                                   warm_rss_gb=vm_hwm_gb())
     try:
         if args.child == "base":
@@ -146,6 +150,7 @@ def run_child(args: argparse.Namespace, path: str, length: int) -> dict[str, obj
            "--whole-max-length", str(args.whole_max_length), "--chunked-max-length", str(args.chunked_max_length),
            "--small-max-length", str(args.small_max_length), "--compile", args.compile,
            "--neighbour-after-s", str(args.neighbour_after_s), "--seed", str(args.seed)]
+    cmd += ["--max-batch-ms", str(args.max_batch_ms)] if args.max_batch_ms is not None else []
     cmd += ["--device", args.device] if args.device else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
@@ -199,6 +204,8 @@ def main() -> int:
                         help="send the short call this long after the long one (0: none)")
     parser.add_argument("--child-timeout-s", type=float, default=900.0, help="kill a path that takes longer")
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--max-batch-ms", type=float, default=None,
+                        help="the batcher's time budget (default: as served; 0: none, a long row runs whole)")
     parser.add_argument("--json", default=None, help="also write the results here (after each path)")
     parser.add_argument("--child", choices=PATHS, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--length", type=int, default=0, help=argparse.SUPPRESS)
