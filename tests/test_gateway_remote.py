@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -116,3 +117,37 @@ async def test_gateway_passes_the_chunk_cap_on_and_brings_each_documents_chunks_
     assert calls[9].json()["meta"]["warnings"] == ["max_chunks_per_doc 9 is more than this server scores; "
                                                    "clamped to 4"]
     assert [r.documents for r in records] == [2, 2, 2]
+
+
+async def test_gateway_names_each_calls_key_to_the_backend_as_its_tenant(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The scale-out topology: the backends have no keys, so the gateway names the caller's key
+    in ``x-rerank-on-behalf-of`` and the backend's scheduler shares by it, as one server would
+    (a backend that saw one tenant would let a flooding key stall every other)."""
+    db = str(tmp_path / "edge.sqlite3")
+    keys = [await asyncio.to_thread(create_key, db, capsys) for _ in range(2)]
+    async with running_app(FakeRunner(max_length=512), model="backend-model") as backend:
+        seen: list[str] = []
+        scored = backend.engine.score
+
+        async def recording(query: Any, tenant: str, priority: int) -> Any:
+            seen.append(tenant)
+            return await scored(query, tenant, priority)
+
+        backend.engine.score = recording  # type: ignore[method-assign]
+        args = cli.build_parser().parse_args(
+            ["gateway", "--backend", target(backend), "--host", "127.0.0.1", "--http-port", "0", "--db", db,
+             "--connect-timeout-s", "10"])
+        gateway = await start(args)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port(gateway)}", timeout=30) as http:
+                for key in (*keys, keys[0]):
+                    reply = await http.post("/v1/rerank", json={"query": "q", "documents": ["a", "b"]},
+                                            headers={"Authorization": f"Bearer {key}"})
+                    assert reply.status_code == 200
+            records = await gateway.core.ledger.records()
+        finally:
+            await gateway.stop(0)
+    billed = [r.key_id for r in records]
+    assert len(set(billed)) == 2 and "anonymous" not in billed
+    assert seen == billed  # each call's tenant at the backend is the key it was billed to
