@@ -82,10 +82,11 @@ class Qwen3Scorer:
         # a walk's yardstick (``walk``): a token at position t costs a layer ``1 + t / pair_tokens``
         # (its dense work, and attention over t keys as a dense token's share), the last layer's
         # K/V alone ``kv_share`` of it
-        dense = sum(p.numel() for p in self.layers[0].parameters())
+        # (from the config: a split-precision layer's modules hold their weights in parts)
+        hidden, kv = config.hidden_size, 2 * config.hidden_size * self.kv_heads * self.head_dim
+        dense = 2 * hidden * self.heads * self.head_dim + kv + 3 * hidden * config.intermediate_size
         self.pair_tokens: float = dense / (2 * self.heads * self.head_dim)
-        attn = self.layers[0].self_attn
-        self.kv_share: float = (attn.k_proj.weight.numel() + attn.v_proj.weight.numel()) / dense
+        self.kv_share: float = kv / dense
         self.compiled = False
         self._kv_part: Any = _kv_part
         self._q_part: Any = _q_part
