@@ -175,6 +175,34 @@ def test_the_chunk_cap_is_part_of_what_was_asked() -> None:
     assert len({body(None), body(1), body(3)}) == 3
 
 
+# Pinned, computed before the prompt options travelled as one value: the idempotency records
+# stored in databases hold these digests, so every body here must keep hashing to them.
+PINNED_FINGERPRINTS = [
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], max_chunks_per_doc=1)]),
+     "8cef955aed692ed858b08c6e15c7580272feb8b9c786a5291de6d46650c9136b"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], max_chunks_per_doc=3)]),
+     "15e2520db05f42eb54991cccbaa7245be47a9414e4c181b8b862b4561b5f5414"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], max_document_tokens=7)]),
+     "f3209a0b40a9959618bb4815ffd88873522584e5ab35e497688d7b56544275c9"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], truncation=Truncation.NONE)]),
+     "fec565a96db61da436ba268b1c2a0dbbe176afc4ee0267201ef04e42566dd8b8"),
+    (RerankCall([RerankQuery(query="long read", documents=["x" * 40, "\u65e5\u672c"], instruction="", top_n=1,
+                             truncation=Truncation.NONE, max_document_tokens=512, max_chunks_per_doc=1000)],
+                model="qwen3-reranker-0.6b"),
+     "0ef9a3d7b29ec7c60f68d78d65c02a4fdb071119bd4449037ebed4427c3a9fca"),
+    (RerankCall([RerankQuery(query="a", documents=["1"], max_chunks_per_doc=2),
+                 RerankQuery(query="b", documents=["2", "3"], max_document_tokens=1, return_documents=True),
+                 RerankQuery(query="c", documents=["4"])], priority=9, idempotency_key="k"),
+     "67deee73b9e90502b0a4fd64ccc7a45c769e6a7e9608b3e0b18eaca9db7ed5fc"),
+]
+
+
+@pytest.mark.parametrize(("call", "digest"), PINNED_FINGERPRINTS)
+def test_every_prompt_option_hashes_as_it_always_did(call: RerankCall, digest: str) -> None:
+    """Each prompt option alone, all of them, and a batch mixing them: pinned digests (above)."""
+    assert call.fingerprint() == digest
+
+
 @pytest.mark.parametrize(("auth", "tenant"), [
     (None, "key_a"),  # no keys here: the front that called names whose share it spends
     (OneKey(), "key-7"),  # a keyed caller is its own tenant, whatever it claims
