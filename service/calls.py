@@ -11,7 +11,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 
-from worker.types import Truncation as Truncation  # the core's word too: the fronts take it from here
+# the core's words too: the fronts take them from here
+from worker.types import MAX_DOCUMENT_TOKENS as MAX_DOCUMENT_TOKENS
+from worker.types import Truncation as Truncation
 
 MAX_CHUNKS_PER_DOC = 1000  # what --max-chunks-per-doc may be set to, at most
 
@@ -44,7 +46,6 @@ PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORI
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
-MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 

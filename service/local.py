@@ -11,7 +11,7 @@ from service.errors import Code, ServiceError, from_worker
 from service.seams import ModelInfo
 from worker.batcher import Batcher  # no torch: the runner behind it is built by the caller
 from worker.prompt import PREFIX, SUFFIX, format_body
-from worker.types import ScoreRequest, ScoreResult, Watcher, WorkerError
+from worker.types import PromptOptions, ScoreRequest, ScoreResult, Watcher, WorkerError
 
 
 class BatcherEngine:
@@ -49,9 +49,8 @@ def score_request(q: RerankQuery, tenant: str, priority: int, watcher: Watcher |
     """The worker's request for one query of a call; its documents are not copied. The core
     has settled the chunk cap (``RerankCore``); a query handed here without one is not chunked.
     ``watcher``: what hears its steps in the worker (``service.tracing.CallWatch``, when traced)."""
-    return ScoreRequest(q.query, q.documents, q.instruction, q.truncation, tenant=tenant, priority=priority,
-                        max_document_tokens=q.max_document_tokens, max_chunks=q.max_chunks_per_doc or 1,
-                        watcher=watcher)
+    options = PromptOptions(q.truncation, q.max_document_tokens, q.max_chunks_per_doc or 1)
+    return ScoreRequest(q.query, q.documents, q.instruction, options, tenant=tenant, priority=priority, watcher=watcher)
 
 
 def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:

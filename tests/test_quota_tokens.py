@@ -18,7 +18,7 @@ from service.seams import Principal
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.prompt import PromptBuilder
-from worker.types import Truncation
+from worker.types import PromptOptions
 
 TEXTS = ["short", "a longer document about rerankers and the documents they rank " * 20,
          "東京の天気は晴れです。" * 30, "emoji 🦀🦀 and \x00 nul", "  spaces\n\n\tand tabs  ", "x" * 5000]
@@ -36,7 +36,7 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 def test_estimate_bounds_the_real_prompt_tokens(tokenizer: Any, instruction: str | None, max_length: int) -> None:
     builder = PromptBuilder(tokenizer, max_length)
     for query in ("what is a reranker", "ラーメン " * 40):
-        prompts = builder.build(query, TEXTS, instruction, Truncation.END)
+        prompts = builder.build(query, TEXTS, instruction)
         real = [len(ids) for ids in prompts.sequences]
         bounds = [estimate_prompt_tokens([RerankQuery(query, [doc], instruction)], max_length) for doc in TEXTS]
         assert all(r <= b <= max_length for r, b in zip(real, bounds)), (real, bounds)
@@ -52,7 +52,7 @@ def test_estimate_bounds_every_chunks_tokens(tokenizer: Any, max_length: int, ma
     a document's bytes fit one chunk, it is the unchunked estimate."""
     builder = PromptBuilder(tokenizer, max_length)
     query = "what is a reranker"
-    prompts = builder.build(query, TEXTS, None, Truncation.END, max_chunks=max_chunks)
+    prompts = builder.build(query, TEXTS, None, PromptOptions(max_chunks=max_chunks))
     rows = iter(prompts.sequences)
     for doc, chunks in zip(TEXTS, prompts.chunks, strict=True):
         real = sum(len(next(rows)) for _ in range(chunks))

@@ -166,7 +166,7 @@ async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None
             await engine.score(RerankQuery("bears", DOCS), "", 0)
         finally:
             await engine.close()
-    assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
+    assert [(r.priority, r.options.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
     # a backend without keys shares its model by the gateway's callers, not as one tenant
     assert [r.tenant for r in seen] == ["key_a", ANONYMOUS.key_id]
 
