@@ -92,8 +92,9 @@ class RemoteEngine:
             # scores only: every document (no top_n), no text echoed, no request id (see above)
             return await self.clients[index].rerank(
                 request.query, request.documents, instruction=request.instruction,
-                truncate=request.truncation is Truncation.END, max_tokens_per_doc=request.max_document_tokens,
-                max_chunks_per_doc=request.max_chunks_per_doc, priority=priority, on_behalf_of=tenant or None,
+                truncate=request.options.truncation is Truncation.END,
+                max_tokens_per_doc=request.options.max_document_tokens,
+                max_chunks_per_doc=request.options.max_chunks, priority=priority, on_behalf_of=tenant or None,
                 idempotent=False, metadata=metadata)
 
     def info(self) -> ModelInfo:

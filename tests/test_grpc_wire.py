@@ -45,7 +45,7 @@ def test_anything_but_bearer_is_refused_saying_why(header: str, says: str) -> No
 ])
 def test_truncation(truncation: pb.Truncation.ValueType, expected: Truncation) -> None:
     call = wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], truncation=truncation), None)
-    assert call.queries[0].truncation is expected
+    assert call.queries[0].options.truncation is expected
 
 
 def test_empty_fields_mean_absent_and_the_request_id_is_the_idempotency_key() -> None:

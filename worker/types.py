@@ -124,6 +124,14 @@ class PromptOptions:
             raise InvalidInput(f"document {i} needs {beside + len(kept)} tokens, {over} or allow truncation")
         return windows[:most], len(windows) > most or len(kept) < len(tokens)
 
+    def most_tokens(self, own: int, beside: int, max_length: int) -> int:
+        """At most the ids of ``windows``' rows for at most ``own`` tokens beside at most ``beside``:
+        each row repeats those, holds at least ``max_length - beside`` of its own (the last may hold
+        fewer) and no more than ``max_length`` in all."""
+        own = min(own, self.max_document_tokens or own)
+        rows = min(self.max_chunks or 1, max(1, -(-own // max(1, max_length - beside))))
+        return min(rows * max_length, rows * beside + own)
+
 
 class Watcher(Protocol):
     """Hears one request's steps in the batcher, for tracing (``service/tracing.py`` makes

@@ -12,7 +12,17 @@ from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.calls import ID_PATTERN, Limits, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply, Truncation
+from service.calls import (
+    ID_PATTERN,
+    Limits,
+    PromptOptions,
+    QueryOutcome,
+    RankedDoc,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+    Truncation,
+)
 from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from service.seams import ModelInfo
@@ -91,11 +101,12 @@ def _query(q: pb.RerankRequest | pb.BatchQuery) -> RerankQuery:
                                                   "TRUNCATION_END or TRUNCATION_NONE")
     # list(): a repeated field decodes a new str at every read, and the core reads each
     # document several times (validate, estimate, tokenize): decode them once, here
-    return RerankQuery(query=q.query, documents=list(q.documents),
+    options = PromptOptions(_TRUNCATION[q.truncation],
+                            q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None,
+                            q.max_chunks_per_doc if q.HasField("max_chunks_per_doc") else None)
+    return RerankQuery(query=q.query, documents=list(q.documents), options=options,
                        instruction=q.instruction if q.HasField("instruction") else None, top_n=q.top_n or None,
-                       return_documents=q.return_documents, truncation=_TRUNCATION[q.truncation],
-                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None,
-                       max_chunks_per_doc=q.max_chunks_per_doc if q.HasField("max_chunks_per_doc") else None)
+                       return_documents=q.return_documents)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:
