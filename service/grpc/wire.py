@@ -31,11 +31,9 @@ from service.seams import ModelInfo
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
 Metadata = Sequence[tuple[str, str | bytes]] | None  # a call's invocation metadata
 
-_TRUNCATION = {
-    pb.TRUNCATION_UNSPECIFIED: Truncation.END,
-    pb.TRUNCATION_END: Truncation.END,
-    pb.TRUNCATION_NONE: Truncation.NONE,
-}
+_TRUNCATION = {pb.TRUNCATION_UNSPECIFIED: Truncation.END, pb.TRUNCATION_END: Truncation.END,
+               pb.TRUNCATION_NONE: Truncation.NONE}
+_WIRE_TRUNCATION = {Truncation.END: pb.TRUNCATION_END, Truncation.NONE: pb.TRUNCATION_NONE}  # and back
 
 
 def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
@@ -44,6 +42,14 @@ def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
 
 def call_from_batch(req: pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
     return _call([_query(q) for q in req.queries], req, metadata)
+
+
+def request_to_score(q: RerankQuery, priority: int) -> pb.RerankRequest:
+    """The other way: what the gateway's engine asks a backend (``service.remote`` says what it leaves out)."""
+    o = q.options
+    return pb.RerankRequest(query=q.query, documents=list(q.documents), instruction=q.instruction,
+                            truncation=_WIRE_TRUNCATION[o.truncation], max_tokens_per_doc=o.max_document_tokens,
+                            max_chunks_per_doc=o.max_chunks, priority=priority)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
