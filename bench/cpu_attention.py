@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.runner import Item, ModelRunner, PrefixCache  # noqa: E402
-from worker.types import Truncation  # noqa: E402
 
 WORDS = "alpha beta gamma delta river city paris france bank loan".split()
 SHAPES = (("tiny", 64, 5, 15), ("even", 32, 40, 50), ("mixed", 16, 20, 300))  # name, rows, words min-max
@@ -36,7 +35,7 @@ STRATEGIES = ("rows", "padded")
 def batch(runner: ModelRunner, rows: int, low: int, high: int, seed: int) -> list[Item]:
     rng = random.Random(seed)
     docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high))) for _ in range(rows)]
-    prompts = runner.builder.build("what is the capital of france", docs, None, Truncation.END)
+    prompts = runner.builder.build("what is the capital of france", docs, None)
     return [Item(ids, prompts.shared_len) for ids in prompts.sequences]
 
 

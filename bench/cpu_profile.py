@@ -84,7 +84,7 @@ def mark_parts(model: nn.Module) -> None:
 
 def batches(runner: ModelRunner, request: Any, config: BatcherConfig) -> Iterator[list[Item]]:
     """The batches the serving queue forms for one request (prefix reuse on)."""
-    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.options)
     queue = FairQueue(config.max_batch_tokens, config.max_batch_size)
     queue.append(Entry(ids, prompts.shared_len, _Owner(), i) for i, ids in enumerate(prompts.sequences))
     while batch := queue.next_batch():

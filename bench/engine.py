@@ -139,7 +139,7 @@ def measure_latency(runner: ModelRunner, config: BatcherConfig, request: ScoreRe
         asyncio.run(run_engine(runner, config, Workload("latency", [request])))
         sync(runner.scorer.device)
         seconds.append(time.perf_counter() - started)
-    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.options)
     tokens = sum(len(s) for s in prompts.sequences)
     row = dict(workload="latency", desc=f"1 request x {len(request.documents)} docs, alone, {reps} runs",
                path="engine", seconds=statistics.median(seconds), docs=len(request.documents),
@@ -160,7 +160,7 @@ def write_profile(runner: ModelRunner, config: BatcherConfig, request: ScoreRequ
     device = runner.scorer.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     runner.cache = PrefixCache(runner.cache.max_bytes)
-    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.options)
     items = [Item(ids, prompts.shared_len if config.prefix_reuse else 0) for ids in prompts.sequences]
     # the runner on this thread, not through the batcher: the profiler sees this thread's ops
     with profile(activities=activities) as prof:
@@ -210,7 +210,7 @@ def measure_engine(runner: ModelRunner, config: BatcherConfig, wl: Workload, nam
                    flops_tok: float) -> tuple[dict, list[list[float]]]:  # type: ignore[type-arg]
     device = runner.scorer.device
     runner.cache = PrefixCache(runner.cache.max_bytes)  # no run may profit from an earlier one's prefixes
-    prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.truncation) for r in wl.requests]
+    prompts = [runner.builder.build(r.query, r.documents, r.instruction, r.options) for r in wl.requests]
     prompt_tokens = sum(len(s) for p in prompts for s in p.sequences)
     docs = sum(len(r.documents) for r in wl.requests)
     sync(device)
@@ -250,7 +250,7 @@ def measure_card(model, tokenizer, wl: Workload, name: str, device: torch.device
 def check_alone(runner: ModelRunner, wl: Workload, name: str, count: int) -> dict:  # type: ignore[type-arg]
     """Largest difference between the engine and each pair run alone, the contract's reference."""
     request = wl.requests[0]
-    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation)
+    prompts = runner.builder.build(request.query, request.documents, request.instruction, request.options)
     engine, _, _ = asyncio.run(run_engine(runner, BatcherConfig.for_device(runner.info().device),
                                           Workload(wl.name, [request])))
     worst_score = 0.0

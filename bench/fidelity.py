@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import WORDS, text_of_tokens  # noqa: E402
 from worker.runner import Item, ModelRunner  # noqa: E402
-from worker.types import Truncation  # noqa: E402
 
 
 def queries(tokenizer: Any, count: int, docs: int, seed: int) -> list[tuple[str, list[str]]]:
@@ -50,7 +49,7 @@ def logits_by_scale(runner: ModelRunner, work: list[tuple[str, list[str]]], scal
     hook = norm.register_forward_pre_hook(lambda mod, args: captured.append(args[0].clone()))
     try:
         for query, docs in work:
-            prompts = runner.builder.build(query, docs, None, Truncation.END)
+            prompts = runner.builder.build(query, docs, None)
             runner.score_rows([Item(ids, prompts.shared_len) for ids in prompts.sequences])
     finally:
         hook.remove()

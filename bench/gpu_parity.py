@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from worker.runner import Item, ModelRunner  # noqa: E402
-from worker.types import Truncation  # noqa: E402
 
 WORDS = "river capital city paris france history code python sort list energy market data model".split()
 
@@ -98,7 +97,7 @@ def main() -> int:
         worst_score = worst_logit = 0.0
         per_query = []
         for qn, (q, ds) in enumerate(zip(queries, docs)):
-            prompts = runner.builder.build(q, ds, None, Truncation.END)
+            prompts = runner.builder.build(q, ds, None)
             items = [Item(s, prompts.shared_len if i % 3 else 0) for i, s in enumerate(prompts.sequences)]
             got = runner.score_rows(items).logits
             if dtype == "float32" and not compiled:

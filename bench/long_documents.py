@@ -52,7 +52,7 @@ from service.config import ServeConfig  # noqa: E402
 from worker.batcher import Batcher, BatcherConfig, BatchStats  # noqa: E402
 from worker.offline import make_random_reranker  # noqa: E402
 from worker.runner import ModelRunner  # noqa: E402
-from worker.types import ScoreRequest  # noqa: E402
+from worker.types import PromptOptions, ScoreRequest  # noqa: E402
 
 PATHS = ("base", "whole", "chunked", "small")
 QUERY = "which passages explain how the capital city grew along the river"
@@ -110,9 +110,8 @@ async def child(args: argparse.Namespace) -> dict[str, object]:
         doc = text_of_tokens(tokenizer, random.Random(args.seed), args.length)
         width = max_length - len(runner.builder.prefix_ids) - len(runner.builder.suffix_ids) - 64
         chunks = 1 if args.child == "whole" else max(1, math.ceil(args.length / max(1, width)) + 1)
-        request = ScoreRequest(QUERY, [doc], max_chunks=chunks, tenant="long")
-        prompts = runner.builder.build(request.query, request.documents, request.instruction, request.truncation,
-                                       max_chunks=chunks)
+        request = ScoreRequest(QUERY, [doc], options=PromptOptions(max_chunks=chunks), tenant="long")
+        prompts = runner.builder.build(request.query, request.documents, request.instruction, request.options)
         alone_started = time.perf_counter()
         await batcher.score(NEIGHBOUR)
         neighbour_alone = time.perf_counter() - alone_started

@@ -358,8 +358,15 @@ class AsyncRerankClient:
                          return_documents=return_documents, truncate=truncate, model=model,
                          request_id=request_id, max_tokens_per_doc=max_tokens_per_doc, priority=priority,
                          idempotent=idempotent, max_chunks_per_doc=max_chunks_per_doc)
-        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(documents), on_behalf_of,
-                                          metadata))
+        return await self.rerank_message(request, timeout_s=timeout_s, on_behalf_of=on_behalf_of, metadata=metadata)
+
+    async def rerank_message(self, request: pb.RerankRequest, *, timeout_s: float | None = None,
+                             on_behalf_of: str | None = None,
+                             metadata: Sequence[tuple[str, str]] = ()) -> RerankResult:
+        """``rerank`` of a ``RerankRequest`` built already, as sent: for a front that translates its
+        own calls (``rerank gateway``); no request id is added."""
+        return _result(await self._invoke(self._stub.Rerank, request, timeout_s, len(request.documents),
+                                          on_behalf_of, metadata))
 
     async def rerank_batch(self, queries: Sequence[Query], *, model: str | None = None,
                            request_id: str | None = None, timeout_s: float | None = None) -> list[RerankResult]:

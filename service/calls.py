@@ -9,9 +9,13 @@ import hashlib
 import json
 import re
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
 
-from worker.types import Truncation as Truncation  # the core's word too: the fronts take it from here
+# the core's words too: the fronts take them from here
+from worker.types import MAX_DOCUMENT_TOKENS as MAX_DOCUMENT_TOKENS
+from worker.types import PromptOptions as PromptOptions
+from worker.types import Truncation as Truncation
 
 MAX_CHUNKS_PER_DOC = 1000  # what --max-chunks-per-doc may be set to, at most
 
@@ -44,7 +48,6 @@ PRIORITY_RULE = f"priority must be an integer from {MIN_PRIORITY} to {MAX_PRIORI
 # Request ids and idempotency keys: visible ASCII only, so they are safe as they travel
 # through headers, log lines and every database's text columns.
 MAX_ID_CHARS = 255
-MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
 ID_PATTERN = re.compile(rf"[\x21-\x7e]{{1,{MAX_ID_CHARS}}}")
 
 
@@ -56,9 +59,7 @@ class RerankQuery:
     query: str
     documents: Sequence[str]
     instruction: str | None = None  # None: the model's default instruction
-    truncation: Truncation = Truncation.END
-    max_document_tokens: int | None = None  # Cohere's max_tokens_per_doc; None: no cut
-    max_chunks_per_doc: int | None = None  # Cohere v1's; None: the server's (``Limits``)
+    options: PromptOptions = PromptOptions()  # truncation, max_tokens_per_doc, max_chunks_per_doc
     top_n: int | None = None  # None or 0: all
     return_documents: bool = False
 
@@ -78,12 +79,21 @@ class RerankCall:
     def fingerprint(self) -> str:
         """Hash of what the caller asked for, to tell a retry from a different call (the
         priority is how to schedule it, not what it is, so a retry may change it)."""
-        body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n,
-                                    q.return_documents, q.truncation.value)
-                                   + (() if q.max_document_tokens is None else (q.max_document_tokens,))
-                                   + (() if q.max_chunks_per_doc is None else ("chunks", q.max_chunks_per_doc))
-                                   for q in self.queries]]
+        body = [self.model or "", [(q.query, list(q.documents), q.instruction, q.top_n, q.return_documents,
+                                    *_asked(q.options)) for q in self.queries]]
         return hashlib.sha256(json.dumps(body, ensure_ascii=True).encode()).hexdigest()
+
+
+# How each prompt option is spelt in a fingerprint, pinned (stored idempotency records must keep
+# matching): its value after a tag, or with None alone; any other after its name. One at None is
+# left out, so a body that names none of a new option hashes as before the option existed.
+_TAGS = {"truncation": None, "max_document_tokens": None, "max_chunks": "chunks"}
+
+
+def _asked(options: PromptOptions) -> list[object]:
+    named = [(_TAGS.get(f.name, f.name), getattr(options, f.name)) for f in fields(options)]
+    return [part for tag, value in named if value is not None
+            for part in ([] if tag is None else [tag]) + [value.value if isinstance(value, Enum) else value]]
 
 
 @dataclass(frozen=True, slots=True)

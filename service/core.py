@@ -39,7 +39,6 @@ from service import tracing
 from service.calls import (
     DEFAULT_PRIORITY,
     ID_PATTERN,
-    MAX_DOCUMENT_TOKENS,
     MAX_ID_CHARS,
     MAX_PRIORITY,
     MIN_PRIORITY,
@@ -169,10 +168,11 @@ class RerankCore:
         clamped to it where it asks for more (with a warning), so the token estimate, the
         limiter and the engine all count the chunks that will run."""
         cap, notes = self.limits.max_chunks_per_doc, []
-        asked = {q.max_chunks_per_doc for q in call.queries if q.max_chunks_per_doc is not None}
+        asked = {q.options.max_chunks for q in call.queries if q.options.max_chunks is not None}
         if any(n > cap for n in asked):
             notes.append(f"max_chunks_per_doc {max(asked)} is more than this server scores; clamped to {cap}")
-        queries = [replace(q, max_chunks_per_doc=min(cap, q.max_chunks_per_doc or cap)) for q in call.queries]
+        queries = [replace(q, options=replace(q.options, max_chunks=min(cap, q.options.max_chunks or cap)))
+                   for q in call.queries]
         return replace(call, queries=queries), notes
 
     async def _score_call(self, principal: Principal, call: RerankCall, estimated_tokens: int,
@@ -242,12 +242,8 @@ def _check_query(q: RerankQuery, lim: Limits, where: str) -> None:
         raise _invalid(f"{where}documents is empty: send at least one document")
     if q.top_n is not None and q.top_n < 0:
         raise _invalid(f"{where}top_n must be positive (or 0/absent for all), got {q.top_n}")
-    if q.max_document_tokens is not None and not 1 <= q.max_document_tokens <= MAX_DOCUMENT_TOKENS:
-        raise _invalid(f"{where}max_tokens_per_doc must be 1-{MAX_DOCUMENT_TOKENS} (or absent for no cut), "
-                       f"got {q.max_document_tokens}")
-    if q.max_chunks_per_doc is not None and q.max_chunks_per_doc < 1:
-        raise _invalid(f"{where}max_chunks_per_doc must be at least 1 (1: no chunking; absent: the server's "
-                       f"default; more than the server's limit is clamped to it), got {q.max_chunks_per_doc}")
+    if (problem := q.options.problem()) is not None:
+        raise _invalid(f"{where}{problem}")
     for i, doc in enumerate(q.documents):
         if len(doc) > lim.max_document_chars:
             raise _invalid(f"{where}documents[{i}] has {len(doc)} characters; the limit is "

@@ -46,34 +46,21 @@ class BatcherEngine:
 
 
 def score_request(q: RerankQuery, tenant: str, priority: int, watcher: Watcher | None = None) -> ScoreRequest:
-    """The worker's request for one query of a call; its documents are not copied. The core
-    has settled the chunk cap (``RerankCore``); a query handed here without one is not chunked.
-    ``watcher``: what hears its steps in the worker (``service.tracing.CallWatch``, when traced)."""
-    return ScoreRequest(q.query, q.documents, q.instruction, q.truncation, tenant=tenant, priority=priority,
-                        max_document_tokens=q.max_document_tokens, max_chunks=q.max_chunks_per_doc or 1,
+    """The worker's request for one query of a call; its documents are not copied. ``watcher``:
+    what hears its steps in the worker (``service.tracing.CallWatch``, when traced)."""
+    return ScoreRequest(q.query, q.documents, q.instruction, q.options, tenant=tenant, priority=priority,
                         watcher=watcher)
 
 
 def estimate_prompt_tokens(queries: Sequence[RerankQuery], max_length: int) -> int:
     """An upper bound of the call's prompt tokens, before anything is tokenized: each prompt's
     UTF-8 bytes (a byte-level BPE token, like every Qwen3 token but the special ones, which
-    are longer, covers at least one byte), each chunk at most ``max_length``. Measured on
-    Qwen3's tokenizer: 3.8x the real count on English prose, 4.2x on code, 4.6x on Japanese,
-    4.8x on one-sentence documents; the limiter refunds the difference."""
+    are longer, covers at least one byte), as the query's options cut and chunk them
+    (``PromptOptions.most_tokens``). Measured on Qwen3's tokenizer: 3.8x the real count on
+    English prose, 4.2x on code, 4.6x on Japanese, 4.8x on one-sentence documents; the limiter
+    refunds the difference."""
     total = 0
     for q in queries:
         fixed = len((PREFIX + format_body(q.query, "", q.instruction) + SUFFIX).encode())
-        for doc in q.documents:
-            # a document cut to N tokens has at most N, whatever its bytes
-            own = min(len(doc.encode()), q.max_document_tokens or len(doc.encode()))
-            total += _chunked_tokens(own, fixed, max_length, q.max_chunks_per_doc or 1)
+        total += sum(q.options.most_tokens(len(doc.encode()), fixed, max_length) for doc in q.documents)
     return total
-
-
-def _chunked_tokens(own: int, fixed: int, max_length: int, max_chunks: int) -> int:
-    """At most: every chunk repeats the template and head (``fixed`` bytes or fewer tokens) and
-    holds a window of at least ``max_length - fixed`` of the document's ``own`` tokens (the
-    last may hold fewer), and no chunk is longer than ``max_length``."""
-    width = max(1, max_length - fixed)
-    chunks = min(max_chunks, max(1, -(-own // width)))
-    return min(chunks * max_length, chunks * fixed + own)

@@ -25,8 +25,9 @@ import grpc
 from clients import AsyncRerankClient, Pacing, RerankError, RerankResult
 from clients import ModelInfo as BackendModel
 from service import tracing
-from service.calls import RerankQuery, Truncation
+from service.calls import RerankQuery
 from service.errors import Code, ServiceError
+from service.grpc.wire import request_to_score
 from service.local import estimate_prompt_tokens
 from service.seams import ModelInfo
 from worker.types import Device, DocScore, DType, ScoreResult
@@ -89,12 +90,9 @@ class RemoteEngine:
         """One backend's answer; traced, the call is a CLIENT span whose ``traceparent`` the
         backend's own span continues."""
         with tracing.client_span(_RERANK_METHOD, self.targets[index]) as metadata:
-            # scores only: every document (no top_n), no text echoed, no request id (see above)
-            return await self.clients[index].rerank(
-                request.query, request.documents, instruction=request.instruction,
-                truncate=request.truncation is Truncation.END, max_tokens_per_doc=request.max_document_tokens,
-                max_chunks_per_doc=request.max_chunks_per_doc, priority=priority, on_behalf_of=tenant or None,
-                idempotent=False, metadata=metadata)
+            # scores only (see above): every document, no text echoed, no request id
+            return await self.clients[index].rerank_message(request_to_score(request, priority),
+                                                            on_behalf_of=tenant or None, metadata=metadata)
 
     def info(self) -> ModelInfo:
         if self.model is None:

@@ -13,7 +13,6 @@ from typing import Protocol
 
 from service.calls import RerankQuery, RerankReply
 from worker.types import Device, DType, ScoreResult
-from worker.types import Truncation as Truncation  # the core's word too: the fronts take it from here
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,6 +20,7 @@ from worker.types import (
     InvalidInput,
     ModelFailure,
     Overloaded,
+    PromptOptions,
     ScoreRequest,
     ShuttingDown,
     Truncation,
@@ -54,7 +55,7 @@ async def test_results_in_input_order_with_fake_scores(blocked) -> None:  # type
     batcher, runner, _ = blocked
     runner.gate.set()
     result = await batcher.score(request(5))
-    prompts = runner.builder.build("q", request(5).documents, None, Truncation.END)
+    prompts = runner.builder.build("q", request(5).documents, None)
     assert [s.index for s in result.scores] == [0, 1, 2, 3, 4]
     assert [s.logit for s in result.scores] == [fake_logit(ids) for ids in prompts.sequences]
     assert result.prompt_tokens == sum(map(len, prompts.sequences))
@@ -153,7 +154,7 @@ async def test_invalid_input_is_raised_before_queueing(blocked) -> None:  # type
     batcher, runner, _ = blocked
     runner.gate.set()
     with pytest.raises(InvalidInput):
-        await batcher.score(ScoreRequest("q", ["word " * 10_000], truncation=Truncation.NONE))
+        await batcher.score(ScoreRequest("q", ["word " * 10_000], options=PromptOptions(Truncation.NONE)))
     assert batcher.queued_docs == 0 and runner.batches == []
 
 
@@ -233,7 +234,7 @@ async def test_what_each_request_shares(reuse: bool) -> None:
     finally:
         await batcher.close()
     many, lone = runner.batches
-    shared = runner.builder.build("q", request(3).documents, None, Truncation.END).shared_len
+    shared = runner.builder.build("q", request(3).documents, None).shared_len
     assert shared > len(runner.builder.prefix_ids) > 0
     assert [prefix for _, prefix in many] == [shared if reuse else 0] * 3
     assert [prefix for _, prefix in lone] == [len(runner.builder.prefix_ids) if reuse else 0]
@@ -282,7 +283,7 @@ async def test_a_small_call_does_not_wait_for_another_keys_large_call(scheduler:
             await asyncio.sleep(0)
         runner.gate.set()
         await asyncio.gather(first, large, small)
-        small_len = runner.builder.build("q", ["short"], None, Truncation.END).sequences[0]
+        small_len = runner.builder.build("q", ["short"], None).sequences[0]
         where = [n for n, rows in enumerate(runner.batches) if (len(small_len), len(runner.builder.prefix_ids))
                  in rows]
         assert where == [small_runs_in_batch]
@@ -476,7 +477,7 @@ async def test_a_quiet_call_waits_for_one_short_batch_behind_a_flood() -> None:
         runner.gate.set()
         await batcher.close()
     assert len(runner.batches[0]) == 2  # not 10: the token budget alone would take them all
-    quiet_row = runner.builder.build("quiet", ["x"], None, Truncation.END).sequences[0]
+    quiet_row = runner.builder.build("quiet", ["x"], None).sequences[0]
     assert len(quiet_row) in [length for length, _ in runner.batches[1]]  # flood rows are 57 tokens
     assert all(length == 57 for rows in runner.batches[2:] for length, _ in rows)
     assert stats[0].estimated_seconds == pytest.approx(0.2, rel=0.01)
@@ -495,10 +496,10 @@ async def test_a_long_documents_chunks_are_rows_of_its_request_and_its_score_is_
     batcher.start()
     try:
         docs = ["short", " ".join(f"w{i}" for i in range(300)), "also short"]
-        result = await batcher.score(ScoreRequest("q", docs, max_chunks=10))
+        result = await batcher.score(ScoreRequest("q", docs, options=PromptOptions(max_chunks=10)))
     finally:
         await batcher.close()
-    prompts = runner.builder.build("q", docs, None, Truncation.END, max_chunks=10)
+    prompts = runner.builder.build("q", docs, None, PromptOptions(max_chunks=10))
     assert prompts.chunks[0] == 1 and prompts.chunks[1] > 2 and len(result.scores) == 3
     rows = [fake_logit(ids) for ids in prompts.sequences]
     long_ = rows[1: 1 + prompts.chunks[1]]
@@ -525,11 +526,12 @@ async def test_a_long_documents_chunks_do_not_stall_another_keys_short_call(sche
     batcher = Batcher(runner, runner.builder, config)
     batcher.start()
     flood_docs = [f"doc {d} " + LONG_DOC for d in range(docs)]
-    rows = sum(runner.builder.build("q", flood_docs, None, Truncation.END, max_chunks=100).chunks)
+    rows = sum(runner.builder.build("q", flood_docs, None, PromptOptions(max_chunks=100)).chunks)
     try:
         first = asyncio.ensure_future(batcher.score(request(1)))
         await entered(runner)  # the model is busy; what follows queues
-        flood = asyncio.ensure_future(batcher.score(ScoreRequest("q", flood_docs, tenant="flood", max_chunks=100)))
+        flood = asyncio.ensure_future(batcher.score(ScoreRequest("q", flood_docs, options=PromptOptions(max_chunks=100),
+                                                                  tenant="flood")))
         while batcher.queued_docs < rows:
             await asyncio.sleep(0)
         small = asyncio.ensure_future(batcher.score(ScoreRequest("q", ["short"], tenant="quiet")))
@@ -541,7 +543,7 @@ async def test_a_long_documents_chunks_do_not_stall_another_keys_short_call(sche
         runner.gate.set()
         await batcher.close()
     assert rows >= 20 * docs and [s.chunks for s in flooded.scores] == [rows // docs] * docs
-    small_len = len(runner.builder.build("q", ["short"], None, Truncation.END).sequences[0])
+    small_len = len(runner.builder.build("q", ["short"], None).sequences[0])
     where = [n for n, batch in enumerate(runner.batches) if (small_len, len(runner.builder.prefix_ids)) in batch]
     # the batch in flight (0), the flood's one turn (it queued first), then the quiet call
     assert where == ([2] if scheduler == "fair" else [len(runner.batches) - 1])

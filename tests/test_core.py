@@ -14,7 +14,7 @@ from service.local import BatcherEngine, score_request
 from service.seams import ANONYMOUS, ModelInfo, Principal
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
-from worker.types import Device, DocScore, DType, ScoreRequest, ScoreResult, Truncation
+from worker.types import Device, DocScore, DType, PromptOptions, ScoreRequest, ScoreResult, Truncation
 
 
 async def test_failing_query_cancels_its_siblings() -> None:
@@ -29,7 +29,7 @@ async def test_failing_query_cancels_its_siblings() -> None:
         blocker = asyncio.ensure_future(core.rerank(RerankCall([RerankQuery("first", ["a"])])))
         assert await asyncio.to_thread(runner.entered.wait, 10)  # the model is busy
         call = RerankCall([RerankQuery("queued", ["b", "c", "d"]),
-                           RerankQuery("too long", ["word " * 500], truncation=Truncation.NONE)])
+                           RerankQuery("too long", ["word " * 500], options=PromptOptions(Truncation.NONE))])
         with pytest.raises(ServiceError) as info:
             await core.rerank(call)
         assert info.value.code is Code.INVALID_ARGUMENT
@@ -69,7 +69,7 @@ async def test_an_invalid_single_query_is_not_named_by_index() -> None:
     core = RerankCore(BatcherEngine(batcher), model_name="fake")
     try:
         with pytest.raises(ServiceError) as info:
-            await core.rerank(RerankCall([RerankQuery("q", ["word " * 500], truncation=Truncation.NONE)]))
+            await core.rerank(RerankCall([RerankQuery("q", ["word " * 500], options=PromptOptions(Truncation.NONE))]))
         assert info.value.message.startswith("document 0 needs "), info.value.message
     finally:
         await batcher.close()
@@ -158,7 +158,7 @@ def test_the_fingerprint_of_a_body_never_changes() -> None:
     plain = RerankCall([RerankQuery(query="q", documents=["a", "b"])])
     full = RerankCall([RerankQuery(query="what is a panda", documents=["bears", "bamboo \u00e9"],
                                    instruction="Judge relevance", top_n=2, return_documents=True,
-                                   truncation=Truncation.NONE, max_document_tokens=16),
+                                   options=PromptOptions(Truncation.NONE, 16)),
                        RerankQuery(query="p", documents=("c",))],
                       model="m", priority=5, request_id="r", idempotency_key="k")
     assert plain.fingerprint() == "3450fbae8c53efdf996fec08c499b7d575b03a63d7a0802baabf6466deae926b"
@@ -169,10 +169,40 @@ def test_the_chunk_cap_is_part_of_what_was_asked() -> None:
     """A call naming max_chunks_per_doc is another body than one naming none (whose digest is
     the one pinned above, from before the field): a retry must not replay the other's reply."""
     def body(n: int | None) -> str:
-        return RerankCall([RerankQuery(query="q", documents=["a", "b"], max_chunks_per_doc=n)]).fingerprint()
+        query = RerankQuery(query="q", documents=["a", "b"], options=PromptOptions(max_chunks=n))
+        return RerankCall([query]).fingerprint()
 
     assert body(None) == "3450fbae8c53efdf996fec08c499b7d575b03a63d7a0802baabf6466deae926b"
     assert len({body(None), body(1), body(3)}) == 3
+
+
+# Pinned, computed before the prompt options travelled as one value: the idempotency records
+# stored in databases hold these digests, so every body here must keep hashing to them.
+PINNED_FINGERPRINTS = [
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], options=PromptOptions(max_chunks=1))]),
+     "8cef955aed692ed858b08c6e15c7580272feb8b9c786a5291de6d46650c9136b"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], options=PromptOptions(max_chunks=3))]),
+     "15e2520db05f42eb54991cccbaa7245be47a9414e4c181b8b862b4561b5f5414"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], options=PromptOptions(max_document_tokens=7))]),
+     "f3209a0b40a9959618bb4815ffd88873522584e5ab35e497688d7b56544275c9"),
+    (RerankCall([RerankQuery(query="q", documents=["a", "b"], options=PromptOptions(Truncation.NONE))]),
+     "fec565a96db61da436ba268b1c2a0dbbe176afc4ee0267201ef04e42566dd8b8"),
+    (RerankCall([RerankQuery(query="long read", documents=["x" * 40, "\u65e5\u672c"], instruction="", top_n=1,
+                             options=PromptOptions(Truncation.NONE, 512, 1000))],
+                model="qwen3-reranker-0.6b"),
+     "0ef9a3d7b29ec7c60f68d78d65c02a4fdb071119bd4449037ebed4427c3a9fca"),
+    (RerankCall([RerankQuery(query="a", documents=["1"], options=PromptOptions(max_chunks=2)),
+                 RerankQuery(query="b", documents=["2", "3"], options=PromptOptions(max_document_tokens=1),
+                             return_documents=True),
+                 RerankQuery(query="c", documents=["4"])], priority=9, idempotency_key="k"),
+     "67deee73b9e90502b0a4fd64ccc7a45c769e6a7e9608b3e0b18eaca9db7ed5fc"),
+]
+
+
+@pytest.mark.parametrize(("call", "digest"), PINNED_FINGERPRINTS)
+def test_every_prompt_option_hashes_as_it_always_did(call: RerankCall, digest: str) -> None:
+    """Each prompt option alone, all of them, and a batch mixing them: pinned digests (above)."""
+    assert call.fingerprint() == digest
 
 
 @pytest.mark.parametrize(("auth", "tenant"), [

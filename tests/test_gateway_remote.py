@@ -84,7 +84,7 @@ async def test_gateway_passes_the_chunk_cap_on_and_brings_each_documents_chunks_
     """The gateway's cap is the backends' (GetModelInfo); a call's cap travels to the backend,
     and each document's chunks and best chunk come back; billing counts documents."""
     from worker.fake import fake_logit
-    from worker.types import Truncation
+    from worker.types import PromptOptions
 
     runner = FakeRunner(max_length=64)
     long_doc = " ".join(f"w{i}" for i in range(200))
@@ -106,7 +106,7 @@ async def test_gateway_passes_the_chunk_cap_on_and_brings_each_documents_chunks_
     assert calls[0].status_code == 400 and "max_chunks_per_doc must be at least 1" in calls[0].json()["detail"]
     for n, want in ((None, 4), (2, 2), (9, 4)):
         body = calls[n].json()
-        prompts = runner.builder.build("q", docs, None, Truncation.END, max_chunks=want)
+        prompts = runner.builder.build("q", docs, None, PromptOptions(max_chunks=want))
         chunk_logits = [fake_logit(ids) for ids in prompts.sequences[1:]]
         (long_,) = [r for r in body["results"] if r["index"] == 1]
         assert (long_["chunks"], long_["best_chunk"], long_["truncated"]) == (

@@ -23,7 +23,7 @@ from service.app import App
 from service.calls import Limits
 from worker.prompt import PromptBuilder
 from worker.runner import ModelRunner
-from worker.types import Batch, BatchScores, RunnerInfo, Truncation
+from worker.types import Batch, BatchScores, PromptOptions, RunnerInfo
 
 MAX_LENGTH = 192
 NO_ID, YES_ID = 2152, 9693
@@ -89,7 +89,7 @@ def reference(tiny_model_dir: Path) -> Reference:
     out = {}
     with torch.inference_mode():
         for qn, (query, instruction) in enumerate(QUERIES):
-            prompts = builder.build(query, DOCUMENTS, instruction, Truncation.END, max_chunks=CHUNKS)
+            prompts = builder.build(query, DOCUMENTS, instruction, PromptOptions(max_chunks=CHUNKS))
             rows = iter(prompts.sequences)
             for dn, chunks in enumerate(prompts.chunks):
                 two = [model(torch.tensor([next(rows)])).logits[0, -1, [NO_ID, YES_ID]] for _ in range(chunks)]

@@ -22,14 +22,13 @@ from service.app import CoreParts
 from service.errors import Code, ServiceError
 from service.seams import Principal
 from worker.fake import FakeRunner, fake_logit
-from worker.types import Truncation
 
 DOCS = ["The giant panda is a bear native to China.", "Paris is the capital of France.",
         "Pandas eat bamboo almost exclusively.", "A tiny note."]
 
 
 def expected_logits(runner: FakeRunner, query: str, docs: Sequence[str], instruction: str | None = None) -> list[float]:
-    prompts = runner.builder.build(query, docs, instruction, Truncation.END)
+    prompts = runner.builder.build(query, docs, instruction)
     return [fake_logit(ids) for ids in prompts.sequences]
 
 

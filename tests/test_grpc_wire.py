@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from rerank.v1 import rerank_pb2 as pb
 
-from service.calls import QueryOutcome, RankedDoc, RerankReply, Timings
+from clients import client
+from service.calls import PromptOptions, QueryOutcome, RankedDoc, RerankQuery, RerankReply, Timings
 from service.errors import Code, ServiceError
 from service.grpc import wire
 from worker.types import Truncation
@@ -45,7 +46,7 @@ def test_anything_but_bearer_is_refused_saying_why(header: str, says: str) -> No
 ])
 def test_truncation(truncation: pb.Truncation.ValueType, expected: Truncation) -> None:
     call = wire.call_from_request(pb.RerankRequest(query="q", documents=["d"], truncation=truncation), None)
-    assert call.queries[0].truncation is expected
+    assert call.queries[0].options.truncation is expected
 
 
 def test_empty_fields_mean_absent_and_the_request_id_is_the_idempotency_key() -> None:
@@ -59,6 +60,24 @@ def test_empty_fields_mean_absent_and_the_request_id_is_the_idempotency_key() ->
     assert (bare.on_behalf_of, full.on_behalf_of) == (None, "key_a")
     assert full.queries[0].instruction == ""  # set but empty is not the default instruction
     assert (full.queries[0].top_n, full.queries[0].return_documents) == (3, True)
+
+
+@pytest.mark.parametrize("options", [PromptOptions(), PromptOptions(max_chunks=2),
+                                     PromptOptions(Truncation.NONE, max_document_tokens=7, max_chunks=3)])
+def test_a_query_goes_to_a_backend_as_the_client_sent_it_and_comes_back_whole(options: PromptOptions) -> None:
+    """The gateway's engine asks a backend with ``wire.request_to_score``: the message the
+    client's ``rerank`` built for it before (no top_n, no text, no request id), and read back
+    by the backend as the same query's scoring part, its prompt options unchanged."""
+    query = RerankQuery("q", ["a", "b"], instruction="i", options=options, top_n=1, return_documents=True)
+    sent = wire.request_to_score(query, 7)
+    assert sent.SerializeToString() == client._rerank_request(
+        "q", ["a", "b"], instruction="i", top_n=None, return_documents=False,
+        truncate=options.truncation is Truncation.END, model=None, request_id=None,
+        max_tokens_per_doc=options.max_document_tokens, priority=7, idempotent=False,
+        max_chunks_per_doc=options.max_chunks).SerializeToString()
+    back = wire.call_from_request(pb.RerankRequest.FromString(sent.SerializeToString()), None)
+    assert back.queries == [RerankQuery("q", ["a", "b"], instruction="i", options=options)]
+    assert back.priority == 7 and back.request_id is None
 
 
 def test_an_unknown_truncation_number_is_refused() -> None:

@@ -18,7 +18,7 @@ import torch
 from worker.batcher import Batcher, BatcherConfig, BatchStats
 from worker.cost import CostModel, Shape
 from worker.runner import ModelRunner
-from worker.types import Batch, BatchScores, Prefix, Row, RunnerInfo, ScoreRequest, Truncation
+from worker.types import Batch, BatchScores, Prefix, PromptOptions, Row, RunnerInfo, ScoreRequest, Truncation
 
 MAX_LENGTH = 1024
 TOL_SCORE = 1e-5
@@ -104,7 +104,7 @@ def expected(runner: ModelRunner, reference_model: torch.nn.Module) -> dict[tupl
     """(query number, document number) -> (reference score, reference log-odds)."""
     out = {}
     for qn, (query, instruction) in enumerate(QUERIES):
-        prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+        prompts = runner.builder.build(query, DOCUMENTS, instruction, PromptOptions(Truncation.NONE))
         for dn, ids in enumerate(prompts.sequences):
             out[qn, dn] = (reference_score(reference_model, ids), reference_logit(reference_model, ids))
     return out
@@ -148,7 +148,7 @@ async def test_concurrent_requests_match_reference(
     orders = [rng.sample(range(len(DOCUMENTS)), len(DOCUMENTS)) for _ in QUERIES]
     try:
         results = await asyncio.gather(*(
-            batcher.score(ScoreRequest(q, [DOCUMENTS[d] for d in order], ins, Truncation.NONE))
+            batcher.score(ScoreRequest(q, [DOCUMENTS[d] for d in order], ins, PromptOptions(Truncation.NONE)))
             for (q, ins), order in zip(QUERIES, orders)))
     finally:
         await batcher.close()
@@ -173,8 +173,9 @@ async def test_single_document_requests_mixed_with_large_ones(
     q0, i0 = QUERIES[0]
     q1, i1 = QUERIES[1]
     try:
-        singles = [batcher.score(ScoreRequest(q1, [DOCUMENTS[d]], i1, Truncation.NONE)) for d in range(6)]
-        big = batcher.score(ScoreRequest(q0, DOCUMENTS, i0, Truncation.NONE))
+        singles = [batcher.score(ScoreRequest(q1, [DOCUMENTS[d]], i1, PromptOptions(Truncation.NONE)))
+                   for d in range(6)]
+        big = batcher.score(ScoreRequest(q0, DOCUMENTS, i0, PromptOptions(Truncation.NONE)))
         *single_results, big_result = await asyncio.gather(*singles, big)
     finally:
         await batcher.close()
@@ -191,7 +192,8 @@ def test_right_padding_bug_would_be_caught(
 ) -> None:
     """Power check: the classic bug (right padding, logits read at the last column) moves
     the short rows' scores far beyond tolerance, so the parity tests above would see it."""
-    prompts = runner.builder.build("capital of France", DOCUMENTS[:2] + DOCUMENTS[10:11], None, Truncation.NONE)
+    prompts = runner.builder.build("capital of France", DOCUMENTS[:2] + DOCUMENTS[10:11], None,
+                                   PromptOptions(Truncation.NONE))
     seqs = prompts.sequences
     width = max(map(len, seqs))
     ids = torch.tensor([s + [151643] * (width - len(s)) for s in seqs])
@@ -223,7 +225,7 @@ def test_prefix_position_bug_would_be_caught(
         return dataclasses.replace(layout, positions=layout.positions - shift)
 
     query, instruction = QUERIES[0]
-    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
+    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, PromptOptions(Truncation.NONE))
     items = [Item(s, prompts.shared_len) for s in prompts.sequences]
     runner.cache = type(runner.cache)(runner.cache.max_bytes)
     monkeypatch.setattr(attention, "layout", restart_positions)
@@ -241,7 +243,7 @@ def test_runner_rows_equal_reference_with_and_without_prefix(
     from worker.runner import Item
 
     query, instruction = QUERIES[2]
-    prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+    prompts = any_runner.builder.build(query, DOCUMENTS, instruction, PromptOptions(Truncation.NONE))
     for reuse in ([False] * 12, [True] * 12, [i % 3 == 0 for i in range(12)]):
         items = [Item(s, prompts.shared_len if r else 0) for s, r in zip(prompts.sequences, reuse)]
         order = list(reversed(range(len(items))))
@@ -261,7 +263,7 @@ def test_the_system_prompt_is_computed_once_for_all_requests(
     runner = any_runner
     runner.cache = type(runner.cache)(runner.cache.max_bytes)
     system = len(runner.builder.prefix_ids)
-    prompts = [runner.builder.build(q, DOCUMENTS, ins, Truncation.NONE) for q, ins in QUERIES]
+    prompts = [runner.builder.build(q, DOCUMENTS, ins, PromptOptions(Truncation.NONE)) for q, ins in QUERIES]
     lone = prompts[0].sequences[1]
     first = runner.score_rows([Item(lone, system)])
     assert (first.computed, first.prefill_tokens) == ([len(lone)], system)  # the system prompt, now
@@ -286,7 +288,7 @@ def test_one_batch_with_several_prefixes_interleaved(
     items, want = [], []
     for dn in range(len(DOCUMENTS)):
         for qn, (query, instruction) in enumerate(QUERIES):
-            prompts = any_runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+            prompts = any_runner.builder.build(query, DOCUMENTS, instruction, PromptOptions(Truncation.NONE))
             items.append(Item(prompts.sequences[dn], 0 if (dn + qn) % 5 == 0 else prompts.shared_len))
             want.append(expected[qn, dn][1])
     any_runner.cache = type(any_runner.cache)(any_runner.cache.max_bytes)
@@ -304,7 +306,7 @@ async def test_truncated_documents_match_the_reference_on_their_cut_ids(
         result = await batcher.score(ScoreRequest("overflow test", docs))
     finally:
         await batcher.close()
-    prompts = runner.builder.build("overflow test", docs, None, Truncation.END)
+    prompts = runner.builder.build("overflow test", docs, None)
     assert [s.truncated for s in result.scores] == [False, True, True]
     for s, ids in zip(result.scores, prompts.sequences):
         assert len(ids) <= MAX_LENGTH
@@ -351,10 +353,10 @@ async def test_chunked_documents_match_the_reference_chunk_by_chunk(
     query, instruction = QUERIES[0]
     docs = [DOCUMENTS[0], LONG_DOCUMENTS[0], DOCUMENTS[1], LONG_DOCUMENTS[1]]
     try:
-        result = await batcher.score(ScoreRequest(query, docs, instruction, Truncation.END, max_chunks=max_chunks))
+        result = await batcher.score(ScoreRequest(query, docs, instruction, PromptOptions(max_chunks=max_chunks)))
     finally:
         await batcher.close()
-    prompts = any_runner.builder.build(query, docs, instruction, Truncation.END, max_chunks=max_chunks)
+    prompts = any_runner.builder.build(query, docs, instruction, PromptOptions(max_chunks=max_chunks))
     assert prompts.chunks[1] > 1 and prompts.chunks[3] > 1 and prompts.chunks[0] == prompts.chunks[2] == 1
     rows = iter(prompts.sequences)
     for s, chunks in zip(result.scores, prompts.chunks, strict=True):
@@ -383,7 +385,8 @@ async def test_documents_under_the_budget_score_identically_with_and_without_chu
         batcher.start()
         try:
             results[max_chunks] = [  # one at a time: the same batches in both runs
-                await batcher.score(ScoreRequest(q, DOCUMENTS, ins, Truncation.NONE, max_chunks=max_chunks))
+                await batcher.score(ScoreRequest(q, DOCUMENTS, ins,
+                                                 PromptOptions(Truncation.NONE, max_chunks=max_chunks)))
                 for q, ins in QUERIES]
         finally:
             await batcher.close()
@@ -408,7 +411,7 @@ def test_cuda_attention_layout_and_other_kernels_give_the_same_scores(
 
     runner = padded_runner
     query, instruction = QUERIES[3]
-    prompts = runner.builder.build(query, DOCUMENTS, instruction, Truncation.NONE)
+    prompts = runner.builder.build(query, DOCUMENTS, instruction, PromptOptions(Truncation.NONE))
     items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
     attention = runner.scorer.attention
     kept = attention.backends, attention.fold
@@ -445,8 +448,8 @@ async def test_compiled_path_matches_reference(
     batcher.start()
     try:
         results = await asyncio.gather(*(
-            batcher.score(ScoreRequest(q, DOCUMENTS, ins, Truncation.NONE)) for q, ins in QUERIES),
-            batcher.score(ScoreRequest(QUERIES[0][0], DOCUMENTS[:1], QUERIES[0][1], Truncation.NONE)))
+            batcher.score(ScoreRequest(q, DOCUMENTS, ins, PromptOptions(Truncation.NONE))) for q, ins in QUERIES),
+            batcher.score(ScoreRequest(QUERIES[0][0], DOCUMENTS[:1], QUERIES[0][1], PromptOptions(Truncation.NONE))))
     finally:
         await batcher.close()
     for qn, result in enumerate(results):
@@ -460,7 +463,7 @@ async def test_compiled_path_matches_reference(
     rng = random.Random(7)
     for step in range(24):
         docs = [" ".join(["word"] * rng.randint(1, 120)) for _ in range(rng.choice([1, 2, 3, 7, 16]))]
-        prompts = compiled.builder.build(f"query {step}", docs, None, Truncation.END)
+        prompts = compiled.builder.build(f"query {step}", docs, None)
         shared = [0, prompts.shared_len, len(compiled.builder.prefix_ids)][step % 3]
         compiled.score_rows([Item(ids, shared) for ids in prompts.sequences])
     assert counters["stats"]["unique_graphs"] == warm_graphs
@@ -487,7 +490,7 @@ def test_untied_head_like_the_8b_checkpoint(tmp_path: Path) -> None:
     runner = ModelRunner.load(str(tmp_path), max_length=MAX_LENGTH)
     reference = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
     assert reference.lm_head.weight.data_ptr() != reference.model.embed_tokens.weight.data_ptr()
-    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:6], None, Truncation.NONE)
+    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:6], None, PromptOptions(Truncation.NONE))
     items = [Item(s, prompts.shared_len) for s in prompts.sequences]
     got = runner.score_rows(items).logits
     want = [reference_logit(reference, s) for s in prompts.sequences]
@@ -520,7 +523,7 @@ def test_other_head_groupings(tmp_path: Path, heads: int, kv_heads: int, layout:
         from worker.attention import VarlenAttention, varlen_reference
 
         runner.scorer.attention = VarlenAttention(varlen_reference, heads, runner.scorer.head_dim)
-    prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], Truncation.NONE)
+    prompts = runner.builder.build(QUERIES[1][0], DOCUMENTS[:8], QUERIES[1][1], PromptOptions(Truncation.NONE))
     items = [Item(s, prompts.shared_len if i % 2 else 0) for i, s in enumerate(prompts.sequences)]
     got = runner.score_rows(items).logits
     want = [reference_logit(model, s) for s in prompts.sequences]
@@ -533,7 +536,7 @@ def test_the_padded_size_reported_is_what_the_attention_pads(runner: ModelRunner
     its padded size is the rows' own tokens; padded attention's is rows x the longest."""
     from worker.runner import Item
 
-    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:5], QUERIES[0][1], Truncation.NONE)
+    prompts = runner.builder.build(QUERIES[0][0], DOCUMENTS[:5], QUERIES[0][1], PromptOptions(Truncation.NONE))
     items = [Item(s, prompts.shared_len) for s in prompts.sequences]
     own = [len(s) - prompts.shared_len for s in prompts.sequences]
     assert len(set(own)) > 1
@@ -548,8 +551,8 @@ def test_a_prefix_that_no_row_continues_changes_nothing(
     """A batch's prefix list may hold one that none of its rows reads: no row may attend to it."""
     runner: ModelRunner = request.getfixturevalue("runner" if strategy == "rows" else "padded_runner")
     query, instruction = QUERIES[0]
-    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, Truncation.NONE)
-    other = runner.builder.build(QUERIES[1][0], DOCUMENTS[:1], QUERIES[1][1], Truncation.NONE)
+    prompts = runner.builder.build(query, DOCUMENTS[:3], instruction, PromptOptions(Truncation.NONE))
+    other = runner.builder.build(QUERIES[1][0], DOCUMENTS[:1], QUERIES[1][1], PromptOptions(Truncation.NONE))
     shared = prompts.shared_len
     with torch.inference_mode():
         kv, stray = runner.scorer.prefill([prompts.sequences[0][:shared], other.sequences[0][:other.shared_len]])
@@ -571,8 +574,8 @@ def test_a_walked_row_is_exact_and_leaves_nothing_behind(
     """A row split across batches is walked layer by layer: its pieces cache no K/V, the runner
     holds its walk until the row's last batch, which scores it (beside an ordinary row) as
     the reference does, and lets it go."""
-    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
-    other = runner.builder.build("capital of France", [DOCUMENTS[3]], None, Truncation.NONE).sequences[0]
+    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, PromptOptions(Truncation.NONE)).sequences[0]
+    other = runner.builder.build("capital of France", [DOCUMENTS[3]], None, PromptOptions(Truncation.NONE)).sequences[0]
     system = runner.builder.system
     runner.score(Batch([Row(ids, 0)], [system]))  # the system prompt is cached, as after warm-up
     before = len(runner.cache)
@@ -592,7 +595,7 @@ def test_a_walk_the_runner_let_go_is_begun_again(runner: ModelRunner, reference_
                                                  lost: str) -> None:
     """Walks past the runner's room go, oldest first (a cancelled row's is dropped so): a row
     whose walk went is walked again from its request's prefix, slower and as exact."""
-    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0]
+    ids = runner.builder.build("capital of France", [DOCUMENTS[10]], None, PromptOptions(Truncation.NONE)).sequences[0]
     first, second = _pieces(runner, ids, 100, 250)
     runner.score(Batch([], [first], piece=ids))
     if lost == "between pieces":
@@ -611,7 +614,8 @@ def test_the_runner_holds_walks_of_two_max_length_rows_at_most(runner: ModelRunn
     assert runner.info().max_split_tokens == runner.walk_tokens >= 2 * runner.builder.max_length
     assert runner.cache.max_bytes == 512 * 2**20
     saved = runner.walk_tokens
-    rows = [runner.builder.build(f"query {n}", [DOCUMENTS[10]], None, Truncation.NONE).sequences[0] for n in range(3)]
+    rows = [runner.builder.build(f"query {n}", [DOCUMENTS[10]], None, PromptOptions(Truncation.NONE)).sequences[0]
+            for n in range(3)]
     runner.walk_tokens = 2 * len(rows[0])
     try:
         firsts = [_pieces(runner, ids, 50)[0] for ids in rows]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from worker import precision
 from worker.precision import Plan, SplitLinear, bf16_matmul, resolve, split_bf16
 from worker.runner import Item, ModelRunner
-from worker.types import Truncation
+from worker.types import PromptOptions, Truncation
 
 CPU = torch.device("cpu")
 
@@ -139,7 +139,7 @@ def test_exact_modes_score_like_the_fp32_reference(bf16_model_dir: Path, mode: s
     runner = ModelRunner.load(str(bf16_model_dir), device="cpu", precision=mode, max_length=512)
     assert isinstance(runner.model.model.layers[0].mlp.down_proj, SplitLinear)
     docs = ["Paris is the capital of France.", "Bananas are yellow.", "rivers " * 120, ""]
-    prompts = runner.builder.build("capital of France", docs, None, Truncation.NONE)
+    prompts = runner.builder.build("capital of France", docs, None, PromptOptions(Truncation.NONE))
     out = runner.score_rows([Item(ids, prompts.shared_len) for ids in prompts.sequences])
     with torch.inference_mode():
         for ids, logit in zip(prompts.sequences, out.logits):
@@ -195,6 +195,6 @@ def test_a_compile_that_cannot_build_falls_back_to_eager(tiny_model_dir: Path, m
         runner.warmup()
     assert not runner.scorer.compiled and "No working C++ compiler" in caplog.text
     eager = ModelRunner.load(str(tiny_model_dir), device="cpu", dtype="float32", max_length=512, compile=False)
-    prompts = runner.builder.build("capital of France", ["Paris.", "Bananas are yellow."], None, Truncation.END)
+    prompts = runner.builder.build("capital of France", ["Paris.", "Bananas are yellow."], None)
     items = [Item(ids, prompts.shared_len) for ids in prompts.sequences]
     assert runner.score_rows(items).logits == eager.score_rows(items).logits

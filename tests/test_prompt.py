@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from worker.prompt import DEFAULT_INSTRUCTION, PREFIX, SUFFIX, PromptBuilder, format_body
-from worker.types import InvalidInput, Truncation
+from worker.types import InvalidInput, PromptOptions, Truncation
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ DOCS = ["Paris is the capital of France.", "", " leading space", "ends with spac
 @pytest.mark.parametrize("instruction", [None, "Find code that implements the query"])
 def test_sequences_match_model_card_and_whole_string(tokenizer, instruction) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 8192)
-    prompts = builder.build("capital of France?", DOCS, instruction, Truncation.END)
+    prompts = builder.build("capital of France?", DOCS, instruction)
     for doc, ids in zip(DOCS, prompts.sequences):
         body = format_body("capital of France?", doc, instruction)
         card = encode(tokenizer, PREFIX) + encode(tokenizer, body) + encode(tokenizer, SUFFIX)
@@ -51,7 +51,7 @@ def test_default_instruction_is_the_contracts() -> None:
 
 def test_shared_prefix_is_common_to_all_documents(tokenizer) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 8192)
-    prompts = builder.build("what is BPE", DOCS, None, Truncation.END)
+    prompts = builder.build("what is BPE", DOCS, None)
     n = prompts.shared_len
     assert n > len(builder.prefix_ids) + 10  # the query and instruction are in it
     assert len({tuple(s[:n]) for s in prompts.sequences}) == 1
@@ -61,7 +61,7 @@ def test_shared_prefix_is_common_to_all_documents(tokenizer) -> None:  # type: i
 def test_long_document_loses_its_tail_only(tokenizer) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 128)
     query = "which document mentions rivers"
-    prompts = builder.build(query, ["short one", "river " * 500], None, Truncation.END)
+    prompts = builder.build(query, ["short one", "river " * 500], None)
     short, long_ = prompts.sequences
     assert prompts.truncated == [False, True]
     assert len(long_) == 128
@@ -76,13 +76,13 @@ def test_long_document_loses_its_tail_only(tokenizer) -> None:  # type: ignore[n
 def test_overflow_is_an_error_when_truncation_is_off(tokenizer) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 128)
     with pytest.raises(InvalidInput, match="document 1 needs .* tokens"):
-        builder.build("q", ["fine", "word " * 500], None, Truncation.NONE)
+        builder.build("q", ["fine", "word " * 500], None, PromptOptions(Truncation.NONE))
 
 
 def test_query_that_cannot_fit_is_an_error(tokenizer) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 128)
     with pytest.raises(InvalidInput, match="shorten the query"):
-        builder.build("very long query " * 100, ["doc"], None, Truncation.END)
+        builder.build("very long query " * 100, ["doc"], None)
 
 
 @pytest.mark.parametrize("truncation", list(Truncation))
@@ -91,14 +91,15 @@ def test_max_document_tokens_cuts_the_document_only(tokenizer, truncation) -> No
     and the cut applies even with truncation 'none' (the caller asked for it)."""
     builder = PromptBuilder(tokenizer, 8192)
     query = "which document mentions rivers"
-    prompts = builder.build(query, ["river " * 50, "short"], None, truncation, 5)
+    prompts = builder.build(query, ["river " * 50, "short"], None, PromptOptions(truncation, 5))
     long_, short = prompts.sequences
     assert prompts.truncated == [True, False]
     head = len(builder.prefix_ids) + len(encode(tokenizer, format_body(query, "")[:-1]))
     assert tokenizer.decode(long_[head: -len(builder.suffix_ids)]) == " river" * 5
     # the same ids as sending the cut document itself: scores will match too
-    assert long_ == builder.build(query, ["river river river river river"], None, truncation).sequences[0]
-    assert short == builder.build(query, ["short"], None, truncation).sequences[0]
+    assert long_ == builder.build(query, ["river river river river river"], None,
+                                  PromptOptions(truncation)).sequences[0]
+    assert short == builder.build(query, ["short"], None, PromptOptions(truncation)).sequences[0]
     assert long_[: prompts.shared_len] == short[: prompts.shared_len]
 
 
@@ -132,7 +133,8 @@ LONG = "The river Seine flows through Paris; its banks are a world heritage site
 def test_chunks_follow_the_rule(tokenizer, max_length, cap, doc_tokens, chunks, truncated) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, max_length)
     query = "where does the Seine flow"
-    prompts = builder.build(query, ["short one", LONG, "also short"], None, Truncation.END, doc_tokens, cap)
+    prompts = builder.build(query, ["short one", LONG, "also short"], None,
+                            PromptOptions(max_document_tokens=doc_tokens, max_chunks=cap))
     expected, dropped = chunk_rule(builder, tokenizer, query, LONG, cap, doc_tokens)
     assert prompts.chunks == [1, chunks, 1] and len(expected) == chunks
     assert prompts.sequences[1: 1 + chunks] == expected
@@ -140,7 +142,7 @@ def test_chunks_follow_the_rule(tokenizer, max_length, cap, doc_tokens, chunks, 
         truncated and doc_tokens is None)
     assert all(len(s) <= max_length for s in prompts.sequences)
     # chunk 0 is exactly the pair that truncation scores; the short documents are untouched
-    alone = builder.build(query, ["short one", LONG, "also short"], None, Truncation.END, doc_tokens)
+    alone = builder.build(query, ["short one", LONG, "also short"], None, PromptOptions(max_document_tokens=doc_tokens))
     assert prompts.sequences[1] == alone.sequences[1]
     assert [prompts.sequences[0], prompts.sequences[-1]] == [alone.sequences[0], alone.sequences[-1]]
     assert prompts.shared_len == alone.shared_len
@@ -149,9 +151,9 @@ def test_chunks_follow_the_rule(tokenizer, max_length, cap, doc_tokens, chunks, 
 
 def test_truncation_none_refuses_only_what_the_chunks_cannot_hold(tokenizer) -> None:  # type: ignore[no-untyped-def]
     builder = PromptBuilder(tokenizer, 128)
-    whole = builder.build("q", [LONG], None, Truncation.NONE, max_chunks=100)
+    whole = builder.build("q", [LONG], None, PromptOptions(Truncation.NONE, max_chunks=100))
     assert whole.chunks == [len(chunk_rule(builder, tokenizer, "q", LONG, 100)[0])] and whole.truncated == [False]
     with pytest.raises(InvalidInput, match=r"document 0 needs \d+ tokens, more than 3 chunks"):
-        builder.build("q", [LONG], None, Truncation.NONE, max_chunks=3)
+        builder.build("q", [LONG], None, PromptOptions(Truncation.NONE, max_chunks=3))
     with pytest.raises(InvalidInput, match="must be at least 1"):
-        builder.build("q", [LONG], None, Truncation.END, max_chunks=0)
+        builder.build("q", [LONG], None, PromptOptions(max_chunks=0))

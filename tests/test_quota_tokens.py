@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from service.billing.ratelimit import KeyRateLimiter
-from service.calls import RerankCall, RerankQuery
+from service.calls import PromptOptions, RerankCall, RerankQuery
 from service.core import RerankCore
 from service.errors import Code, ServiceError
 from service.local import BatcherEngine, estimate_prompt_tokens
@@ -18,7 +18,6 @@ from service.seams import Principal
 from worker.batcher import Batcher, BatcherConfig
 from worker.fake import FakeRunner
 from worker.prompt import PromptBuilder
-from worker.types import Truncation
 
 TEXTS = ["short", "a longer document about rerankers and the documents they rank " * 20,
          "東京の天気は晴れです。" * 30, "emoji 🦀🦀 and \x00 nul", "  spaces\n\n\tand tabs  ", "x" * 5000]
@@ -36,7 +35,7 @@ def tokenizer(tiny_model_dir: Path) -> Any:
 def test_estimate_bounds_the_real_prompt_tokens(tokenizer: Any, instruction: str | None, max_length: int) -> None:
     builder = PromptBuilder(tokenizer, max_length)
     for query in ("what is a reranker", "ラーメン " * 40):
-        prompts = builder.build(query, TEXTS, instruction, Truncation.END)
+        prompts = builder.build(query, TEXTS, instruction)
         real = [len(ids) for ids in prompts.sequences]
         bounds = [estimate_prompt_tokens([RerankQuery(query, [doc], instruction)], max_length) for doc in TEXTS]
         assert all(r <= b <= max_length for r, b in zip(real, bounds)), (real, bounds)
@@ -52,11 +51,12 @@ def test_estimate_bounds_every_chunks_tokens(tokenizer: Any, max_length: int, ma
     a document's bytes fit one chunk, it is the unchunked estimate."""
     builder = PromptBuilder(tokenizer, max_length)
     query = "what is a reranker"
-    prompts = builder.build(query, TEXTS, None, Truncation.END, max_chunks=max_chunks)
+    prompts = builder.build(query, TEXTS, None, PromptOptions(max_chunks=max_chunks))
     rows = iter(prompts.sequences)
     for doc, chunks in zip(TEXTS, prompts.chunks, strict=True):
         real = sum(len(next(rows)) for _ in range(chunks))
-        bound = estimate_prompt_tokens([RerankQuery(query, [doc], max_chunks_per_doc=max_chunks)], max_length)
+        chunked = RerankQuery(query, [doc], options=PromptOptions(max_chunks=max_chunks))
+        bound = estimate_prompt_tokens([chunked], max_length)
         assert real <= bound <= max_chunks * max_length, (doc[:20], real, bound)
         unchunked = estimate_prompt_tokens([RerankQuery(query, [doc])], max_length)
         assert bound == unchunked or max_length < 8192

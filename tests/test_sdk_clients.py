@@ -116,10 +116,10 @@ def test_cohere_fields_reach_the_call() -> None:
     repeat; max_tokens_per_doc is part of what was asked (the idempotency fingerprint)."""
     body = {"query": QUERY, "documents": DOCS, "priority": 3, "max_tokens_per_doc": None}
     call = RerankRequest.model_validate(body).to_call(None, "k")
-    assert call.priority == 3 and call.queries[0].max_document_tokens is None
+    assert call.priority == 3 and call.queries[0].options.max_document_tokens is None
     assert RerankRequest.model_validate({**body, "priority": 9}).to_call(None, "k").fingerprint() == call.fingerprint()
     cut = RerankRequest.model_validate({**body, "max_tokens_per_doc": 12}).to_call(None, "k")
-    assert cut.queries[0].max_document_tokens == 12 and cut.fingerprint() != call.fingerprint()
+    assert cut.queries[0].options.max_document_tokens == 12 and cut.fingerprint() != call.fingerprint()
 
 
 def test_grpc_max_tokens_per_doc_scores_as_http(served: tuple[str, str]) -> None:

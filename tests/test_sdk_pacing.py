@@ -18,7 +18,7 @@ from clients import AsyncRerankClient, Pacing, RerankClient, RerankError
 from service.app import App, CoreParts
 from service.billing.db import open_engine
 from service.billing.ledger import SqlLedger
-from service.calls import RerankCall, RerankQuery, RerankReply
+from service.calls import PromptOptions, RerankCall, RerankQuery, RerankReply
 from service.errors import Code, ServiceError
 from service.local import score_request
 from service.remote import RemoteEngine
@@ -162,11 +162,11 @@ async def test_gateway_passes_priority_and_document_cut_to_the_backend() -> None
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)
-            await engine.score(RerankQuery("bears", DOCS, max_document_tokens=2), "key_a", 7)
+            await engine.score(RerankQuery("bears", DOCS, options=PromptOptions(max_document_tokens=2)), "key_a", 7)
             await engine.score(RerankQuery("bears", DOCS), "", 0)
         finally:
             await engine.close()
-    assert [(r.priority, r.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
+    assert [(r.priority, r.options.max_document_tokens) for r in seen] == [(7, 2), (0, None)]
     # a backend without keys shares its model by the gateway's callers, not as one tenant
     assert [r.tenant for r in seen] == ["key_a", ANONYMOUS.key_id]
 
@@ -186,7 +186,7 @@ async def test_gateway_asks_the_backend_only_for_scores_and_keeps_them_whole() -
 
         app.core.rerank = spy  # type: ignore[method-assign]
         # the last one is chunked, and cut after its 3 chunks (the core settles the cap before an engine)
-        request = RerankQuery("bears", [*DOCS, "word " * 100], max_chunks_per_doc=3)
+        request = RerankQuery("bears", [*DOCS, "word " * 100], options=PromptOptions(max_chunks=3))
         engine = RemoteEngine([target(app)])
         try:
             await engine.connect(timeout_s=5)

@@ -58,7 +58,6 @@ from worker.types import (
     ScoreRequest,
     ScoreResult,
     ShuttingDown,
-    Truncation,
     Watcher,
 )
 
@@ -215,9 +214,8 @@ class Batcher:
         self._admit(len(request.documents), 0, request.tenant)
         loop = asyncio.get_running_loop()
         tokenizing = time.perf_counter()
-        prompts = await loop.run_in_executor(
-            self._tokenizer_for(request), self.builder.build, request.query, request.documents,
-            request.instruction, request.truncation, request.max_document_tokens, request.max_chunks)
+        prompts = await loop.run_in_executor(self._tokenizer_for(request), self.builder.build, request.query,
+                                             request.documents, request.instruction, request.options)
         prefix = self._prefix(prompts)
         group = Group(prompts, prefix, loop.create_future(), [None] * len(prompts.sequences),
                       len(prompts.sequences), tenant=request.tenant, watcher=request.watcher)
@@ -375,7 +373,7 @@ class Batcher:
     def _time_calibration(self, rows: int, tokens: int) -> float:
         """Score ``rows`` rows of ``tokens`` own tokens in all on the system prompt; the fit learns it."""
         system = self.builder.system
-        prompts = self.builder.build("calibration", ["the " * (tokens // rows)] * rows, None, Truncation.END)
+        prompts = self.builder.build("calibration", ["the " * (tokens // rows)] * rows, None)
         started = time.perf_counter()
         self.runner.score(Batch([Row(ids, 0) for ids in prompts.sequences], [system]))
         ms = 1000 * (time.perf_counter() - started)

@@ -26,7 +26,8 @@ pair that truncation would have scored, and every chunk is a pair of its own, sc
 At most ``max_chunks`` windows are kept; tokens past them are dropped (``truncated``), or with
 ``Truncation.NONE`` the request is refused. The document's score is its best chunk's
 (``worker.batcher``). A window boundary may split a word: each window holds the ids the whole
-document tokenized to, never a re-tokenization of a piece of text.
+document tokenized to, never a re-tokenization of a piece of text. ``PromptOptions.windows``
+(worker/types.py, where each such option is declared and checked) applies the cut and the chunks.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from worker.types import InvalidInput, Prefix, Runner, Truncation
+from worker.types import InvalidInput, Prefix, PromptOptions, Runner
 
 PREFIX = (
     "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query "
@@ -80,12 +81,11 @@ class PromptBuilder:
         self.no_id = self._single_id(NO_TOKEN)
 
     def build(self, query: str, documents: Sequence[str], instruction: str | None,
-              truncation: Truncation, max_document_tokens: int | None = None, max_chunks: int = 1) -> Prompts:
-        """``truncation`` decides what a pair over ``max_length`` does once ``max_chunks``
-        windows are used up; ``max_document_tokens`` is a cut the caller asked for, so it
-        applies whatever ``truncation`` says."""
-        if max_chunks < 1:
-            raise InvalidInput(f"max_chunks must be at least 1, not {max_chunks}")
+              options: PromptOptions = PromptOptions()) -> Prompts:
+        """``options``: what the query asks done with a document longer than one pair
+        (``PromptOptions.windows``: cut, chunked, or refused)."""
+        if (problem := options.problem()) is not None:
+            raise InvalidInput(problem)
         head = self._encode([format_head(query, instruction)])[0]
         fixed = len(self.prefix_ids) + len(self.suffix_ids)
         if fixed + len(head) + 1 > self.max_length:
@@ -99,30 +99,12 @@ class PromptBuilder:
         shared = len(head)
         for i, body in enumerate(bodies):
             own = _common_prefix_len(head, body)
-            limit = len(body) if max_document_tokens is None else own + max_document_tokens
-            asked = len(body) > limit
-            windows, dropped = self._windows(body[own:limit], own, max_chunks)
-            if dropped and truncation is Truncation.NONE:
-                raise InvalidInput(self._too_long(i, len(body[:limit]) + fixed, max_chunks))
+            windows, dropped = options.windows(i, body[own:], fixed + own, self.max_length)
             shared = min(shared, own, own + len(windows[0]))
             sequences.extend(self.prefix_ids + body[:own] + w + self.suffix_ids for w in windows)
-            truncated.append(dropped or asked)
+            truncated.append(dropped)
             chunks.append(len(windows))
         return Prompts(sequences, len(self.prefix_ids) + shared, truncated, chunks)
-
-    def _windows(self, tokens: list[int], head: int, max_chunks: int) -> tuple[list[list[int]], bool]:
-        """The document's own tokens in at most ``max_chunks`` consecutive windows that each fit
-        beside the template and the head, and whether any were left over."""
-        width = self.max_length - len(self.prefix_ids) - len(self.suffix_ids) - head
-        windows = [tokens[k: k + width] for k in range(0, max(1, len(tokens)), width)]
-        return windows[:max_chunks], len(windows) > max_chunks
-
-    def _too_long(self, i: int, tokens: int, max_chunks: int) -> str:
-        if max_chunks == 1:
-            return (f"document {i} needs {tokens} tokens, over max_length {self.max_length}; shorten it "
-                    "or allow truncation")
-        return (f"document {i} needs {tokens} tokens, more than {max_chunks} chunks of max_length "
-                f"{self.max_length} hold; shorten it, allow more chunks or allow truncation")
 
     def _encode(self, texts: list[str]) -> list[list[int]]:
         out = self.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)

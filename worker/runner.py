@@ -21,7 +21,7 @@ from worker import precision as cpu_precision
 from worker.attention import KV, VarlenAttention, check_attention, check_varlen_kernel
 from worker.prompt import PromptBuilder
 from worker.qwen3 import Qwen3Scorer, Walk
-from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo, Truncation
+from worker.types import Attention, Batch, BatchScores, Device, DType, Prefix, Row, RunnerInfo
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,7 @@ class ModelRunner:  # implements worker.types.Runner
                                         scorer.kv_heads, scorer.head_dim)
             log.info("variable-length attention kernel checked against the reference: largest "
                      "difference %.2g", worst)
-        prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8],
-                                     None, Truncation.END)
+        prompts = self.builder.build("warm up", ["a short document", "another one, longer " * 8], None)
         items = [Item(ids, prompts.shared_len) for ids in prompts.sequences]
         lone = Item(prompts.sequences[0], len(self.builder.prefix_ids))  # on the system prompt alone
         try:
@@ -171,7 +170,7 @@ class ModelRunner:  # implements worker.types.Runner
         if self.scorer.device.type == Device.CUDA:
             for rows, length in ((8, 128), (32, 256), (64, 512)):
                 doc = "warm " * length
-                shaped = self.builder.build("warm up", [doc] * rows, None, Truncation.END)
+                shaped = self.builder.build("warm up", [doc] * rows, None)
                 self.score_rows([Item(ids, shaped.shared_len) for ids in shaped.sequences])
             torch.cuda.synchronize()
         self.cache = PrefixCache(self.cache.max_bytes)  # warm-up's prefixes are nobody's

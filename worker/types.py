@@ -1,4 +1,4 @@
-"""Values and errors shared by the queue, the batcher and the runner.
+"""Values and errors shared by the queue, the batcher and the runner (and ``PromptOptions``).
 
 Nothing here imports torch, grpc or HTTP: the service layer maps these errors to status
 codes in one table, and tests can build every value by hand.
@@ -90,6 +90,49 @@ class ModelFailure(WorkerError):
     """The model raised while scoring a batch holding this request's documents."""
 
 
+MAX_DOCUMENT_TOKENS = 2**31 - 1  # max_tokens_per_doc is an int32 on the wire
+
+
+@dataclass(frozen=True, slots=True)
+class PromptOptions:
+    """What a query asks done with a long document, declared, checked (``problem``) and applied
+    (``windows``, to each document's own ids: worker/prompt.py) here alone; every layer between a
+    wire format and the builder carries it whole. A new option is None where not asked for."""
+
+    truncation: Truncation = Truncation.END
+    max_document_tokens: int | None = None  # Cohere's max_tokens_per_doc: a cut, before chunking
+    max_chunks: int | None = None  # Cohere's max_chunks_per_doc; None: the server's (the core sets it), else 1
+
+    def problem(self) -> str | None:
+        """What is wrong with the options as asked, in the wire's words; None: nothing."""
+        if self.max_document_tokens is not None and not 1 <= self.max_document_tokens <= MAX_DOCUMENT_TOKENS:
+            return (f"max_tokens_per_doc must be 1-{MAX_DOCUMENT_TOKENS} (or absent for no cut), "
+                    f"got {self.max_document_tokens}")
+        if self.max_chunks is not None and self.max_chunks < 1:
+            return ("max_chunks_per_doc must be at least 1 (1: no chunking; absent: the server's default; more "
+                    f"than the server's limit is clamped to it), got {self.max_chunks}")
+        return None
+
+    def windows(self, i: int, tokens: list[int], beside: int, max_length: int) -> tuple[list[list[int]], bool]:
+        """Document ``i``'s own ``tokens`` in the windows its rows hold beside ``beside`` ids of
+        template and head, and whether any were dropped: cut, or past ``max_chunks`` (NONE: refused)."""
+        kept, most, room = tokens[:self.max_document_tokens], self.max_chunks or 1, max_length - beside
+        windows = [kept[k: k + room] for k in range(0, max(1, len(kept)), room)]
+        if len(windows) > most and self.truncation is Truncation.NONE:
+            over = (f"over max_length {max_length}; shorten it" if most == 1 else
+                    f"more than {most} chunks of max_length {max_length} hold; shorten it, allow more chunks")
+            raise InvalidInput(f"document {i} needs {beside + len(kept)} tokens, {over} or allow truncation")
+        return windows[:most], len(windows) > most or len(kept) < len(tokens)
+
+    def most_tokens(self, own: int, beside: int, max_length: int) -> int:
+        """At most the ids of ``windows``' rows for at most ``own`` tokens beside at most ``beside``:
+        each row repeats those, holds at least ``max_length - beside`` of its own (the last may hold
+        fewer) and no more than ``max_length`` in all."""
+        own = min(own, self.max_document_tokens or own)
+        rows = min(self.max_chunks or 1, max(1, -(-own // max(1, max_length - beside))))
+        return min(rows * max_length, rows * beside + own)
+
+
 class Watcher(Protocol):
     """Hears one request's steps in the batcher, for tracing (``service/tracing.py`` makes
     spans of them; the worker knows nothing else of it). Times are ``time.perf_counter()``
@@ -106,12 +149,10 @@ class ScoreRequest:
     query: str
     documents: Sequence[str]
     instruction: str | None = None  # None: the model's default instruction
-    truncation: Truncation = Truncation.END
+    options: PromptOptions = PromptOptions()  # how its documents become prompts (max_chunks None: 1)
     tenant: str = ""  # who the work is for (the API key id): the scheduler shares by tenant
     priority: int = 0  # lower runs first; see worker/queue.py for the starvation bound
-    max_document_tokens: int | None = None  # cut each document to this many tokens; None: no cut
     watcher: Watcher | None = None  # told of its steps (tracing); None: nobody asks
-    max_chunks: int = 1  # a document over max_length is scored as up to this many chunks (worker/prompt.py)
 
 
 @dataclass(frozen=True, slots=True)

@@ -12,7 +12,17 @@ from dataclasses import asdict
 
 from rerank.v1 import rerank_pb2 as pb
 
-from service.calls import ID_PATTERN, Limits, QueryOutcome, RankedDoc, RerankCall, RerankQuery, RerankReply, Truncation
+from service.calls import (
+    ID_PATTERN,
+    Limits,
+    PromptOptions,
+    QueryOutcome,
+    RankedDoc,
+    RerankCall,
+    RerankQuery,
+    RerankReply,
+    Truncation,
+)
 from service.edge import bearer_token
 from service.errors import Code, ServiceError
 from service.seams import ModelInfo
@@ -21,11 +31,9 @@ from service.seams import ModelInfo
 ON_BEHALF_OF_KEY = "x-rerank-on-behalf-of"
 Metadata = Sequence[tuple[str, str | bytes]] | None  # a call's invocation metadata
 
-_TRUNCATION = {
-    pb.TRUNCATION_UNSPECIFIED: Truncation.END,
-    pb.TRUNCATION_END: Truncation.END,
-    pb.TRUNCATION_NONE: Truncation.NONE,
-}
+_TRUNCATION = {pb.TRUNCATION_UNSPECIFIED: Truncation.END, pb.TRUNCATION_END: Truncation.END,
+               pb.TRUNCATION_NONE: Truncation.NONE}
+_WIRE_TRUNCATION = {Truncation.END: pb.TRUNCATION_END, Truncation.NONE: pb.TRUNCATION_NONE}  # and back
 
 
 def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
@@ -34,6 +42,14 @@ def call_from_request(req: pb.RerankRequest, metadata: Metadata) -> RerankCall:
 
 def call_from_batch(req: pb.RerankBatchRequest, metadata: Metadata) -> RerankCall:
     return _call([_query(q) for q in req.queries], req, metadata)
+
+
+def request_to_score(q: RerankQuery, priority: int) -> pb.RerankRequest:
+    """The other way: what the gateway's engine asks a backend (``service.remote`` says what it leaves out)."""
+    o = q.options
+    return pb.RerankRequest(query=q.query, documents=list(q.documents), instruction=q.instruction,
+                            truncation=_WIRE_TRUNCATION[o.truncation], max_tokens_per_doc=o.max_document_tokens,
+                            max_chunks_per_doc=o.max_chunks, priority=priority)
 
 
 def response_from_reply(reply: RerankReply) -> pb.RerankResponse:
@@ -91,11 +107,12 @@ def _query(q: pb.RerankRequest | pb.BatchQuery) -> RerankQuery:
                                                   "TRUNCATION_END or TRUNCATION_NONE")
     # list(): a repeated field decodes a new str at every read, and the core reads each
     # document several times (validate, estimate, tokenize): decode them once, here
-    return RerankQuery(query=q.query, documents=list(q.documents),
+    options = PromptOptions(_TRUNCATION[q.truncation],
+                            q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None,
+                            q.max_chunks_per_doc if q.HasField("max_chunks_per_doc") else None)
+    return RerankQuery(query=q.query, documents=list(q.documents), options=options,
                        instruction=q.instruction if q.HasField("instruction") else None, top_n=q.top_n or None,
-                       return_documents=q.return_documents, truncation=_TRUNCATION[q.truncation],
-                       max_document_tokens=q.max_tokens_per_doc if q.HasField("max_tokens_per_doc") else None,
-                       max_chunks_per_doc=q.max_chunks_per_doc if q.HasField("max_chunks_per_doc") else None)
+                       return_documents=q.return_documents)
 
 
 def _ranked(results: Sequence[RankedDoc]) -> list[pb.RankedDocument]:

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
 
-from service.calls import RerankCall, RerankQuery, RerankReply, Truncation
+from service.calls import PromptOptions, RerankCall, RerankQuery, RerankReply, Truncation
 from service.errors import Code, ServiceError
 from service.http.schema import JsonInt, RerankRequest, RerankResponse, Version, only_outcome
 
@@ -35,9 +35,9 @@ class _Body(BaseModel):
     query: str = Field(description="The search query; not blank.")
 
 
-def _truncation(cut: bool | None) -> Truncation:
+def _truncation(cut: bool | None) -> PromptOptions:
     """TEI's ``truncate`` and Voyage's ``truncation``: cut the document's tail, or refuse."""
-    return Truncation.END if cut else Truncation.NONE
+    return PromptOptions(Truncation.END if cut else Truncation.NONE)
 
 
 class TeiRequest(_Body):
@@ -55,7 +55,7 @@ class TeiRequest(_Body):
         if self.truncate and self.truncation_direction == "Left":
             raise ServiceError(Code.INVALID_ARGUMENT, "truncation_direction 'Left' is not supported: a long "
                                "document loses its end ('Right'), never the query")
-        query = RerankQuery(query=self.query, documents=self.texts, truncation=_truncation(self.truncate))
+        query = RerankQuery(query=self.query, documents=self.texts, options=_truncation(self.truncate))
         return RerankCall([query], api_key=api_key, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: Version) -> list[TeiResult]:
@@ -82,7 +82,7 @@ class VoyageRequest(_Body):
 
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
         query = RerankQuery(query=self.query, documents=self.documents, top_n=self.top_k,
-                            return_documents=bool(self.return_documents), truncation=_truncation(self.truncation))
+                            return_documents=bool(self.return_documents), options=_truncation(self.truncation))
         return RerankCall([query], api_key=api_key, model=self.model or None, idempotency_key=idempotency_key)
 
     def response(self, reply: RerankReply, api_version: Version) -> VoyageResponse:

@@ -31,6 +31,7 @@ from service.calls import (
     MIN_PRIORITY,
     PRIORITY_RULE,
     Limits,
+    PromptOptions,
     QueryOutcome,
     RerankCall,
     RerankQuery,
@@ -121,9 +122,8 @@ class RerankRequest(BaseModel):
     def to_call(self, api_key: str | None, idempotency_key: str | None) -> RerankCall:
         query = RerankQuery(query=self.query, documents=self.texts(), instruction=self.instruction,
                             top_n=self.top_n, return_documents=bool(self.return_documents),
-                            truncation=Truncation(self.truncation or "end"),
-                            max_document_tokens=self.max_tokens_per_doc,
-                            max_chunks_per_doc=self.max_chunks_per_doc)
+                            options=PromptOptions(Truncation(self.truncation or "end"), self.max_tokens_per_doc,
+                                                  self.max_chunks_per_doc))
         return RerankCall([query], api_key=api_key, model=self.model or None,
                           idempotency_key=idempotency_key,  # "" is refused by the core
                           priority=_priority(self.priority))  # its range too
