@@ -136,6 +136,11 @@ async def child(args: argparse.Namespace) -> dict[str, object]:
             best_chunk=doc_score.best_chunk, score=doc_score.score, truncated=doc_score.truncated,
             batches=len(long_batches), slowest_batch_s=max((b.seconds for b in long_batches), default=0.0),
             neighbour_alone_s=neighbour_alone, neighbour_s=neighbour_s, neighbour_while_long_in_flight=in_flight)
+        pieces = sorted(b.seconds for b in long_batches if not b.padded_tokens)
+        if pieces:  # how a row's pieces kept to the budget, and to the cost model's estimate of each
+            row.update(piece_s_p50=pieces[len(pieces) // 2], piece_s_p90=pieces[9 * len(pieces) // 10],
+                       piece_over_estimate_max=max(b.seconds / b.estimated_seconds for b in long_batches
+                                                   if not b.padded_tokens and b.estimated_seconds > 0))
         return row
     finally:
         await batcher.close()
