@@ -71,6 +71,14 @@ class Qwen3Scorer:
             VarlenAttention(varlen_kernel or flash_varlen, self.heads, self.head_dim) if kind is Attention.VARLEN
             else RowsAttention(self.heads, self.head_dim) if kind is Attention.ROWS
             else PaddedAttention(self.heads, self.kv_heads, self.head_dim, self.device))
+        # a walk's yardstick (``walk``): a token at position t costs a layer ``1 + t / pair_tokens``
+        # (its dense work, and attention over t keys as a dense token's share), the last layer's
+        # K/V alone ``kv_share`` of it; from the config, as a split-precision layer's modules
+        # hold their weights in parts
+        hidden, kv = config.hidden_size, 2 * config.hidden_size * self.kv_heads * self.head_dim
+        dense = 2 * hidden * self.heads * self.head_dim + kv + 3 * hidden * config.intermediate_size
+        self.pair_tokens: float = dense / (2 * self.heads * self.head_dim)
+        self.kv_share: float = kv / dense
         # The per-token work outside attention (norms, projections, rotary, MLP, residuals)
         # runs as three functions of (layer, tensors). With ``compile`` they go through
         # torch.compile with dynamic token counts: one graph serves all layers and batch
@@ -79,14 +87,6 @@ class Qwen3Scorer:
         # ``dynamic=True``: the token count is symbolic from the first call, so no graph is
         # built for the first batch's exact size only (dynamo's default specializes first
         # and recompiles on the second size).
-        # a walk's yardstick (``walk``): a token at position t costs a layer ``1 + t / pair_tokens``
-        # (its dense work, and attention over t keys as a dense token's share), the last layer's
-        # K/V alone ``kv_share`` of it
-        # (from the config: a split-precision layer's modules hold their weights in parts)
-        hidden, kv = config.hidden_size, 2 * config.hidden_size * self.kv_heads * self.head_dim
-        dense = 2 * hidden * self.heads * self.head_dim + kv + 3 * hidden * config.intermediate_size
-        self.pair_tokens: float = dense / (2 * self.heads * self.head_dim)
-        self.kv_share: float = kv / dense
         self.compiled = False
         self._kv_part: Any = _kv_part
         self._q_part: Any = _q_part
