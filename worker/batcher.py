@@ -164,7 +164,7 @@ class Batcher:
         self.queue = make_queue(self.config.scheduler, self.config.max_batch_tokens, self.config.max_batch_size,
                                 self.config.window, time=budget)
         self.on_batch = on_batch
-        self._walks = info.pieces_by_layer
+        self._pieces_by_layer = info.pieces_by_layer
         self._wake = asyncio.Event()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="model")
         self._tokenizers = ThreadPoolExecutor(self.config.tokenizer_threads, thread_name_prefix="tokenize")
@@ -302,7 +302,7 @@ class Batcher:
                 self._settle_failed(batch, exc, started)
                 continue
             seconds = time.perf_counter() - started
-            if work.rows or not self._walks:  # a walked piece's time is not a batch's
+            if work.rows or not self._pieces_by_layer:  # a walked piece's time is not a batch's
                 self.cost.observe(shape, 1000 * seconds)
             if work.rows:
                 self._settle(batch, out, started, seconds, expected)
