@@ -150,9 +150,9 @@ class Qwen3Scorer:
         """Walk on until the row has had the work of its first ``done`` own tokens run whole
         (layers 0 .. L-2 in full, then the last one's K/V, weighted as ``pair_tokens`` says),
         whole blocks at a time; the row's very last step is ``finish``'s."""
-        weigh = self._token_work
-        total = (len(self.layers) - 1) * weigh(state, 0, state.own) + self.kv_share * (state.own - 1)
-        target = total * min(1.0, weigh(state, 0, done) / weigh(state, 0, state.own))
+        layer = self._token_work(state, 0, state.own)
+        total = state.last * layer + self.kv_share * (state.own - 1)
+        target = total * min(1.0, self._token_work(state, 0, done) / layer)
         with torch.inference_mode(), sdpa_kernel(self.attention.backends):
             while state.work < target and state.unwalked:
                 end = self._block_end(state, target - state.work)
